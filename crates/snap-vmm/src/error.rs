@@ -1,0 +1,96 @@
+//! The error type of VM operations.
+
+use crate::image::ImageError;
+use crate::memory::MemoryError;
+use crate::state::StateError;
+use crate::vcpu::VcpuError;
+
+/// Why a VM configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No vCPUs were asked for.
+    #[error("a VM needs at least one vCPU, 0 requested")]
+    ZeroVcpus,
+    /// More vCPUs than the VMM supports.
+    #[error("{requested} vCPUs requested, at most {max} are supported")]
+    TooManyVcpus {
+        /// Requested count.
+        requested: u32,
+        /// Supported maximum.
+        max: u32,
+    },
+    /// The memory size cannot be given.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The memory size is below what the boot layout needs.
+    #[error("guest memory size {requested} bytes is below the minimum of {min} bytes")]
+    MemoryTooSmall {
+        /// Requested size.
+        requested: u64,
+        /// Minimum size.
+        min: u64,
+    },
+    /// The memory size is beyond the boot identity map.
+    #[error("guest memory size {requested} bytes is above the supported maximum of {max} bytes")]
+    MemoryAboveIdentityMap {
+        /// Requested size.
+        requested: u64,
+        /// Supported maximum.
+        max: u64,
+    },
+    /// Test guest parameters that do not fit the VM.
+    #[error("test guest parameters: {0}")]
+    GuestParams(String),
+}
+
+/// Errors of VM operations. Messages chain into one readable line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmError {
+    /// The configuration was refused before anything was created.
+    #[error("invalid VM configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?): {0}")]
+    KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{op}: {source}")]
+    Kvm {
+        /// The ioctl or step that failed.
+        op: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU ioctl failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Guest memory could not be created or written.
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// The operation needs the VM paused (or stopped) first.
+    #[error("the VM is running: pause it first")]
+    NotPaused,
+    /// The guest stopped on its own; it runs again only after a restore.
+    #[error("the guest has stopped ({0:?}): restore a snapshot to run it again")]
+    Stopped(crate::vm::VmExit),
+    /// An earlier restore failed part-way, so the VM must not run again.
+    #[error("the VM cannot run: {0}")]
+    Failed(String),
+    /// A saved state does not fit this VM or is inconsistent.
+    #[error("saved state: {0}")]
+    State(#[from] StateError),
+    /// A memory image could not be read or written.
+    #[error("memory image: {0}")]
+    Image(#[from] ImageError),
+    /// The serial device state could not be loaded.
+    #[error("serial device state: {0}")]
+    Serial(String),
+    /// A vCPU thread could not be started.
+    #[error("cannot start vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// Waiting for the guest took longer than allowed.
+    #[error("timed out waiting for the guest")]
+    Timeout,
+}

@@ -1,0 +1,341 @@
+//! Guest memory: one memfd, mapped shared into the VMM and into the guest's physical address space.
+//!
+//! Guest physical memory below [`MMIO_GAP_START`] maps file offsets one to one; whatever does not fit
+//! below the gap continues at [`MMIO_GAP_END`] (4 GiB), so the in-kernel LAPIC and IOAPIC windows and the
+//! TSS page never overlap RAM. The memfd is the single backing store, so memory can later be shared,
+//! mapped privately or registered with userfaultfd by offset.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::ptr::NonNull;
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 4096;
+/// Start of the hole below 4 GiB left for device windows (LAPIC, IOAPIC, TSS).
+pub const MMIO_GAP_START: u64 = 3 << 30;
+/// End of the hole below 4 GiB: memory continues here.
+pub const MMIO_GAP_END: u64 = 4 << 30;
+
+/// Errors from creating or accessing guest memory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// The requested size is zero.
+    #[error("guest memory size must not be zero")]
+    ZeroSize,
+    /// The requested size is not a multiple of the page size.
+    #[error("guest memory size {0} bytes is not a multiple of the 4096-byte page size")]
+    NotPageAligned(u64),
+    /// The requested size exceeds what this host can back.
+    #[error(
+        "guest memory size {requested} bytes exceeds what this host can give ({available} bytes of RAM)"
+    )]
+    TooLarge {
+        /// Requested size in bytes.
+        requested: u64,
+        /// Physical memory of the host in bytes.
+        available: u64,
+    },
+    /// An access fell outside guest memory or across the MMIO gap.
+    #[error("guest physical range {gpa:#x}+{len:#x} is not inside guest memory")]
+    OutOfRange {
+        /// Guest physical address of the access.
+        gpa: u64,
+        /// Length of the access.
+        len: u64,
+    },
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Os {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// One contiguous range of guest physical memory and where it lives in the backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// Guest physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset of the first byte in the memfd (and in the VMM mapping).
+    pub offset: u64,
+}
+
+/// Guest memory: owns the memfd and its shared mapping, released on drop.
+pub struct GuestMemory {
+    file: File,
+    base: NonNull<u8>,
+    size: u64,
+    regions: Vec<MemoryRegion>,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value for its whole life; every access
+// goes through bounds-checked copies, so moving or sharing the owner between threads is sound.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above; concurrent guest writes can only make a copy observe a mix of old and new bytes.
+unsafe impl Sync for GuestMemory {}
+
+/// Physical memory of this host in bytes.
+pub fn host_memory_bytes() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
+}
+
+/// The guest physical regions for `size` bytes of memory.
+pub fn layout_regions(size: u64) -> Vec<MemoryRegion> {
+    let low = size.min(MMIO_GAP_START);
+    let mut regions = vec![MemoryRegion {
+        gpa: 0,
+        len: low,
+        offset: 0,
+    }];
+    if size > low {
+        regions.push(MemoryRegion {
+            gpa: MMIO_GAP_END,
+            len: size - low,
+            offset: low,
+        });
+    }
+    regions
+}
+
+fn os_err(op: &'static str) -> MemoryError {
+    MemoryError::Os {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+impl GuestMemory {
+    /// Checks that `size` is a size this host can give a guest.
+    ///
+    /// # Errors
+    /// [`MemoryError::ZeroSize`], [`MemoryError::NotPageAligned`] or [`MemoryError::TooLarge`].
+    pub fn validate_size(size: u64) -> Result<(), MemoryError> {
+        if size == 0 {
+            return Err(MemoryError::ZeroSize);
+        }
+        if size % PAGE_SIZE != 0 {
+            return Err(MemoryError::NotPageAligned(size));
+        }
+        let available = host_memory_bytes();
+        if size > available {
+            return Err(MemoryError::TooLarge {
+                requested: size,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates `size` bytes of zeroed guest memory backed by a new memfd.
+    ///
+    /// Pages are allocated only when first touched, so a large guest costs nothing up front.
+    ///
+    /// # Errors
+    /// The size checks of [`GuestMemory::validate_size`], or the OS error of memfd_create, ftruncate or mmap.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::validate_size(size)?;
+        // SAFETY: the name is a valid NUL-terminated string; the flags are valid for memfd_create.
+        let fd = unsafe { libc::memfd_create(c"snap-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(os_err("memfd_create"));
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(|source| MemoryError::Os {
+            op: "ftruncate guest memory",
+            source,
+        })?;
+        // SAFETY: mapping a valid fd of at least `size` bytes at an address the kernel picks; the
+        // result is checked for MAP_FAILED before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(os_err("mmap guest memory"));
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| os_err("mmap guest memory"))?;
+        Ok(Self {
+            file,
+            base,
+            size,
+            regions: layout_regions(size),
+        })
+    }
+
+    /// Size of guest memory in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The guest physical regions, in address order.
+    pub fn regions(&self) -> &[MemoryRegion] {
+        &self.regions
+    }
+
+    /// The backing memfd.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Host address of the byte at `offset` in the backing file (for KVM memory slots).
+    pub fn host_address(&self, offset: u64) -> u64 {
+        debug_assert!(offset <= self.size);
+        self.base.as_ptr() as u64 + offset
+    }
+
+    /// Highest guest physical address plus one.
+    pub fn end_gpa(&self) -> u64 {
+        self.regions.last().map_or(0, |r| r.gpa + r.len)
+    }
+
+    fn offset_of(&self, gpa: u64, len: u64) -> Result<u64, MemoryError> {
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa.checked_add(len).is_some_and(|e| e <= r.gpa + r.len))
+            .map(|r| r.offset + (gpa - r.gpa))
+            .ok_or(MemoryError::OutOfRange { gpa, len })
+    }
+
+    /// Copies `buf.len()` bytes of guest memory at `gpa` into `buf`.
+    ///
+    /// # Errors
+    /// [`MemoryError::OutOfRange`] if the range is not inside one region.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let off = self.offset_of(gpa, buf.len() as u64)?;
+        // SAFETY: off..off+len lies inside the mapping (checked by offset_of) and `buf` is a
+        // distinct host buffer; a concurrent guest write can only change which bytes are read.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.as_ptr().add(off as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    ///
+    /// # Errors
+    /// [`MemoryError::OutOfRange`] if the range is not inside one region.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let off = self.offset_of(gpa, data.len() as u64)?;
+        // SAFETY: off..off+len lies inside the mapping (checked by offset_of) and `data` is a
+        // distinct host buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.base.as_ptr().add(off as usize),
+                data.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes the whole memory image (file offset order) to `out`.
+    ///
+    /// Call it while no vCPU runs, or the image may mix bytes from different instants.
+    ///
+    /// # Errors
+    /// The error of `out`.
+    pub fn write_image(&self, out: &mut impl Write) -> std::io::Result<()> {
+        // SAFETY: the whole mapping is valid for reads for `size` bytes while `self` lives; the
+        // caller keeps vCPUs from writing concurrently (see above).
+        let bytes = unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.size as usize) };
+        out.write_all(bytes)
+    }
+
+    /// Replaces the whole memory image with `size()` bytes read from `input`.
+    ///
+    /// Call it while no vCPU runs.
+    ///
+    /// # Errors
+    /// The error of `input`, including `UnexpectedEof` if it holds fewer bytes.
+    pub fn read_image(&self, input: &mut impl Read) -> std::io::Result<()> {
+        // SAFETY: the whole mapping is valid for writes for `size` bytes while `self` lives, and no
+        // other Rust reference to it exists (all other access copies through raw pointers).
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.size as usize) };
+        input.read_exact(bytes)
+    }
+
+    /// A copy of the whole memory image (for tests and comparisons of small guests).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.size as usize);
+        self.write_image(&mut v)
+            .expect("writing to a Vec cannot fail");
+        v
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: base/size describe the mapping created in `new`, unmapped exactly once here.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.size as usize);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_skip_the_mmio_gap() {
+        assert_eq!(layout_regions(1 << 30).len(), 1);
+        let r = layout_regions(16 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1].gpa, MMIO_GAP_END);
+        assert_eq!(r[1].offset, MMIO_GAP_START);
+        assert_eq!(r[0].len + r[1].len, 16 << 30);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(GuestMemory::new(0), Err(MemoryError::ZeroSize)));
+        assert!(matches!(
+            GuestMemory::new(4097),
+            Err(MemoryError::NotPageAligned(4097))
+        ));
+        let huge = host_memory_bytes() + (1 << 30);
+        assert!(matches!(
+            GuestMemory::new(huge),
+            Err(MemoryError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn reads_and_writes_are_bounds_checked_and_cross_the_gap() {
+        let m = GuestMemory::new(3 * (1 << 30) + (2 << 20)).unwrap();
+        m.write(MMIO_GAP_END + 4096, b"high").unwrap();
+        let mut b = [0u8; 4];
+        m.read(MMIO_GAP_END + 4096, &mut b).unwrap();
+        assert_eq!(&b, b"high");
+        assert!(matches!(
+            m.write(MMIO_GAP_START, b"x"),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.read(m.end_gpa() - 2, &mut b),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+    }
+}

@@ -1,0 +1,692 @@
+//! A running KVM microVM: memory, vCPU threads, the UART, and pause / resume / save / restore.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip, kvm_run,
+    kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::boot::{self, BootImage, MAX_IDENTITY_GIB, MAX_VCPUS, MIN_MEMORY};
+use crate::error::{ConfigError, VmError};
+use crate::image::MemoryImage;
+use crate::memory::{GuestMemory, MMIO_GAP_END, MMIO_GAP_START};
+use crate::serial::{COM1_BASE, COM1_GSI, COM1_PORTS, SerialDevice, SerialOutput};
+use crate::state::{IrqchipState, StateError, VmConfig, VmState};
+use crate::vcpu::{self, VcpuCaps};
+
+/// I/O port the guest writes its exit status to (32-bit) when it has finished.
+pub const PORT_EXIT: u16 = 0xf4;
+/// I/O port the guest's first instruction writes to, marking that guest code runs.
+pub const PORT_BOOT_MARK: u16 = 0xf5;
+/// Where KVM puts the TSS pages it needs (inside the MMIO gap, never RAM).
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// Why the guest stopped on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to [`PORT_EXIT`].
+    Finished(u32),
+    /// A vCPU executed HLT with no way to wake up.
+    Halted {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    Shutdown {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// KVM could not emulate an instruction (KVM_EXIT_INTERNAL_ERROR).
+    InternalError {
+        /// The vCPU.
+        vcpu: u32,
+        /// KVM's sub-error code.
+        suberror: u32,
+        /// Guest RIP at the exit.
+        rip: u64,
+    },
+    /// VM entry failed (KVM_EXIT_FAIL_ENTRY).
+    EntryFailed {
+        /// The vCPU.
+        vcpu: u32,
+        /// Hardware failure reason.
+        reason: u64,
+    },
+    /// KVM_RUN failed or returned an exit this VMM does not handle.
+    Fault {
+        /// The vCPU.
+        vcpu: u32,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Where the VM is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    /// vCPUs are parked (a new or restored VM starts here).
+    Paused,
+    /// vCPUs run guest code.
+    Running,
+    /// The guest stopped on its own; vCPUs are parked.
+    Stopped(VmExit),
+    /// A restore failed part-way; the VM must not run again.
+    Failed(String),
+}
+
+struct Gate {
+    state: RunState,
+    parked: Vec<bool>,
+    exited: Vec<bool>,
+    threads: Vec<libc::pthread_t>,
+    quit: bool,
+}
+
+struct Shared {
+    gate: Mutex<Gate>,
+    cond: Condvar,
+    memory: GuestMemory,
+    serial: Mutex<SerialDevice>,
+    first_instruction: OnceLock<Instant>,
+}
+
+impl Shared {
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn serial(&self) -> MutexGuard<'_, SerialDevice> {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Kicks every live vCPU thread but `except` out of KVM_RUN. Called with the gate held, so no
+    /// thread can exit (and be joined) meanwhile.
+    fn kick(gate: &Gate, except: Option<usize>) {
+        for (i, &t) in gate.threads.iter().enumerate() {
+            if Some(i) != except && !gate.exited[i] {
+                // SAFETY: `t` is the pthread of a vCPU thread that has not exited (checked under
+                // the gate lock, which it takes before exiting), so the handle is valid.
+                unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+            }
+        }
+    }
+
+    /// Records that the guest stopped and parks the other vCPUs.
+    fn stop(&self, index: usize, exit: VmExit) {
+        let mut g = self.gate();
+        if !matches!(g.state, RunState::Stopped(_) | RunState::Failed(_)) {
+            tracing::debug!(vcpu = index, ?exit, "guest stopped");
+            g.state = RunState::Stopped(exit);
+        }
+        Self::kick(&g, Some(index));
+        self.cond.notify_all();
+    }
+
+    fn wait_parked<'a>(&'a self, mut g: MutexGuard<'a, Gate>) -> MutexGuard<'a, Gate> {
+        while !g.parked.iter().all(|&p| p) {
+            g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g
+    }
+}
+
+/// A KVM virtual machine with its vCPU threads.
+pub struct Vm {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    config: VmConfig,
+    shared: Arc<Shared>,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    threads: Vec<JoinHandle<()>>,
+    serial_irq: EventFd,
+    output: SerialOutput,
+    /// Serialises control operations (pause, resume, save, restore) on this VM.
+    control: Mutex<()>,
+}
+
+/// Checks that a VM of this shape can be created on this host.
+///
+/// # Errors
+/// The [`ConfigError`] saying what is wrong.
+pub fn validate_config(config: &VmConfig) -> Result<(), ConfigError> {
+    if config.vcpus == 0 {
+        return Err(ConfigError::ZeroVcpus);
+    }
+    if config.vcpus > MAX_VCPUS {
+        return Err(ConfigError::TooManyVcpus {
+            requested: config.vcpus,
+            max: MAX_VCPUS,
+        });
+    }
+    GuestMemory::validate_size(config.memory_bytes)?;
+    if config.memory_bytes < MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall {
+            requested: config.memory_bytes,
+            min: MIN_MEMORY,
+        });
+    }
+    let max = (MAX_IDENTITY_GIB << 30) - (MMIO_GAP_END - MMIO_GAP_START);
+    if config.memory_bytes > max {
+        return Err(ConfigError::MemoryAboveIdentityMap {
+            requested: config.memory_bytes,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn kvm_op<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::Kvm { op, source })
+}
+
+fn vcpu_caps(kvm: &Kvm, vcpu: &VcpuFd) -> Result<&'static VcpuCaps, VmError> {
+    static CAPS: OnceLock<VcpuCaps> = OnceLock::new();
+    if let Some(c) = CAPS.get() {
+        return Ok(c);
+    }
+    let caps = kvm_op("probing MSRs", VcpuCaps::probe(kvm, vcpu))?;
+    Ok(CAPS.get_or_init(|| caps))
+}
+
+impl Vm {
+    /// Creates a VM, loads `image` and sets every vCPU at the program entry in long mode. The VM
+    /// starts paused: call [`Vm::resume`] to run it.
+    ///
+    /// # Errors
+    /// [`VmError::Config`] for a configuration this host cannot run (nothing is created), or the
+    /// KVM / memory error that stopped creation.
+    pub fn create(config: VmConfig, image: &BootImage) -> Result<Self, VmError> {
+        let (kvm, vm_fd, memory) = Self::create_machine(&config)?;
+        boot::load(&memory, image)?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
+        let output = SerialOutput::default();
+        let serial = SerialDevice::new(clone_fd(&serial_irq)?, output.clone());
+        let vcpus = (0..config.vcpus)
+            .map(|i| {
+                let fd = kvm_op("KVM_CREATE_VCPU", vm_fd.create_vcpu(u64::from(i)))?;
+                vcpu::setup_boot(&kvm, &fd, i)?;
+                Ok(fd)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        Self::start_threads(
+            kvm, vm_fd, config, memory, serial, serial_irq, output, vcpus,
+        )
+    }
+
+    /// Builds a new VM from a saved state and its memory image. The VM starts paused.
+    ///
+    /// Nothing runs until everything is loaded and checked: on any error the half-built VM is
+    /// dropped and the error says what was wrong.
+    ///
+    /// # Errors
+    /// [`VmError::State`] / [`VmError::Image`] for bad input, or the KVM error.
+    pub fn restore(state: &VmState, image: &MemoryImage) -> Result<Self, VmError> {
+        state.check()?;
+        image.expect_size(state.config.memory_bytes)?;
+        let config = state.config;
+        let (kvm, vm_fd, memory) = Self::create_machine(&config)?;
+        image.load_into(&memory)?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
+        let output = SerialOutput::default();
+        let serial =
+            SerialDevice::from_state(&state.serial, clone_fd(&serial_irq)?, output.clone())
+                .map_err(VmError::Serial)?;
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|s| {
+                let fd = kvm_op("KVM_CREATE_VCPU", vm_fd.create_vcpu(u64::from(s.index)))?;
+                vcpu::restore(&fd, s, true)?;
+                Ok(fd)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        restore_vm_devices(&vm_fd, state)?;
+        Self::start_threads(
+            kvm, vm_fd, config, memory, serial, serial_irq, output, vcpus,
+        )
+    }
+
+    fn create_machine(config: &VmConfig) -> Result<(Kvm, VmFd, GuestMemory), VmError> {
+        validate_config(config)?;
+        vcpu::install_kick_handler().map_err(|e| VmError::Thread(e.into()))?;
+        let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+        let vm_fd = kvm_op("KVM_CREATE_VM", kvm.create_vm())?;
+        let memory = GuestMemory::new(config.memory_bytes)?;
+        kvm_op("KVM_SET_TSS_ADDR", vm_fd.set_tss_address(TSS_ADDR))?;
+        kvm_op("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
+        for (slot, r) in memory.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.gpa,
+                memory_size: r.len,
+                userspace_addr: memory.host_address(r.offset),
+            };
+            // SAFETY: the region lies inside `memory`'s mapping, which lives in `Shared` for as
+            // long as the VM fd (the VM is torn down, threads joined, before memory is unmapped).
+            kvm_op("KVM_SET_USER_MEMORY_REGION", unsafe {
+                vm_fd.set_user_memory_region(region)
+            })?;
+        }
+        Ok((kvm, vm_fd, memory))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_threads(
+        kvm: Kvm,
+        vm_fd: VmFd,
+        config: VmConfig,
+        memory: GuestMemory,
+        serial: SerialDevice,
+        serial_irq: EventFd,
+        output: SerialOutput,
+        vcpus: Vec<VcpuFd>,
+    ) -> Result<Self, VmError> {
+        kvm_op("KVM_IRQFD", vm_fd.register_irqfd(&serial_irq, COM1_GSI))?;
+        let n = vcpus.len();
+        let shared = Arc::new(Shared {
+            gate: Mutex::new(Gate {
+                state: RunState::Paused,
+                parked: vec![false; n],
+                exited: vec![true; n],
+                threads: Vec::with_capacity(n),
+                quit: false,
+            }),
+            cond: Condvar::new(),
+            memory,
+            serial: Mutex::new(serial),
+            first_instruction: OnceLock::new(),
+        });
+        let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
+        let mut vm = Self {
+            kvm,
+            vm_fd,
+            config,
+            shared,
+            vcpus,
+            threads: Vec::with_capacity(n),
+            serial_irq,
+            output,
+            control: Mutex::new(()),
+        };
+        for i in 0..n {
+            let shared = Arc::clone(&vm.shared);
+            let fd = Arc::clone(&vm.vcpus[i]);
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu_thread(i, &shared, &fd))
+                .map_err(VmError::Thread)?;
+            let mut g = vm.shared.gate();
+            g.threads.push(handle.as_pthread_t());
+            g.exited[i] = false;
+            drop(g);
+            vm.threads.push(handle);
+        }
+        let g = vm.shared.wait_parked(vm.shared.gate());
+        drop(g);
+        Ok(vm)
+    }
+
+    /// The VM's shape.
+    pub fn config(&self) -> VmConfig {
+        self.config
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.shared.memory
+    }
+
+    /// Everything the guest wrote to its serial port.
+    pub fn serial_output(&self) -> &SerialOutput {
+        &self.output
+    }
+
+    /// When a vCPU first executed the guest program's first instruction, if one has.
+    pub fn first_instruction_at(&self) -> Option<Instant> {
+        self.shared.first_instruction.get().copied()
+    }
+
+    /// Waits until guest code has started running (see [`Vm::first_instruction_at`]).
+    ///
+    /// # Errors
+    /// [`VmError::Timeout`] if it did not within `timeout`.
+    pub fn wait_first_instruction(&self, timeout: Duration) -> Result<Instant, VmError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.gate();
+        loop {
+            if let Some(t) = self.first_instruction_at() {
+                return Ok(t);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::Timeout);
+            }
+            g = self
+                .shared
+                .cond
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The current run state.
+    pub fn run_state(&self) -> RunState {
+        self.shared.gate().state.clone()
+    }
+
+    fn control(&self) -> MutexGuard<'_, ()> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lets the vCPUs run guest code. A no-op on a running VM.
+    ///
+    /// # Errors
+    /// [`VmError::Stopped`] if the guest has stopped on its own (restore a snapshot into the VM
+    /// to run it again), [`VmError::Failed`] if an earlier restore left the VM unusable.
+    pub fn resume(&self) -> Result<(), VmError> {
+        let _c = self.control();
+        let mut g = self.shared.gate();
+        match &g.state {
+            RunState::Failed(why) => return Err(VmError::Failed(why.clone())),
+            RunState::Stopped(exit) => return Err(VmError::Stopped(exit.clone())),
+            RunState::Paused | RunState::Running => {}
+        }
+        g.state = RunState::Running;
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Stops every vCPU and returns once all of them are out of KVM_RUN and parked.
+    /// On a VM that is already paused or stopped it returns at once.
+    pub fn pause(&self) {
+        let _c = self.control();
+        let mut g = self.shared.gate();
+        if g.state == RunState::Running {
+            g.state = RunState::Paused;
+            Shared::kick(&g, None);
+        }
+        drop(self.shared.wait_parked(g));
+    }
+
+    /// Waits until the guest stops on its own and every vCPU is parked.
+    ///
+    /// # Errors
+    /// [`VmError::Timeout`] if that did not happen within `timeout`; [`VmError::NotPaused`] is never
+    /// returned here.
+    pub fn wait_for_exit(&self, timeout: Duration) -> Result<VmExit, VmError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.gate();
+        loop {
+            if let RunState::Stopped(exit) = &g.state {
+                if g.parked.iter().all(|&p| p) {
+                    return Ok(exit.clone());
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::Timeout);
+            }
+            g = self
+                .shared
+                .cond
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn require_parked(&self) -> Result<(), VmError> {
+        let g = self.shared.gate();
+        if g.state == RunState::Running || !g.parked.iter().all(|&p| p) {
+            return Err(VmError::NotPaused);
+        }
+        Ok(())
+    }
+
+    fn lock_vcpu(&self, i: usize) -> MutexGuard<'_, VcpuFd> {
+        self.vcpus[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves the complete state of every vCPU and device (not memory). The VM must be paused.
+    ///
+    /// # Errors
+    /// [`VmError::NotPaused`], or the KVM error naming the ioctl that failed.
+    pub fn save(&self) -> Result<VmState, VmError> {
+        let _c = self.control();
+        self.save_locked()
+    }
+
+    fn save_locked(&self) -> Result<VmState, VmError> {
+        self.require_parked()?;
+        let caps = vcpu_caps(&self.kvm, &self.lock_vcpu(0))?;
+        let vcpus = (0..self.vcpus.len())
+            .map(|i| vcpu::save(i as u32, &self.lock_vcpu(i), caps))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chip = |chip_id| {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            kvm_op("KVM_GET_IRQCHIP", self.vm_fd.get_irqchip(&mut c)).map(|()| c)
+        };
+        Ok(VmState {
+            config: self.config,
+            vcpus,
+            clock: kvm_op("KVM_GET_CLOCK", self.vm_fd.get_clock())?,
+            irqchip: IrqchipState {
+                pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+                pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+                ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            },
+            serial: self.shared.serial().state(),
+        })
+    }
+
+    /// Reverts this VM to a saved state and memory image. The VM must be paused and stays paused.
+    ///
+    /// Everything is checked before anything changes: a state or image that does not fit, or
+    /// whose checksum fails, leaves the VM exactly as it was. If a KVM ioctl fails part-way, the
+    /// VM's previous state is loaded back; only an I/O failure while copying memory leaves the VM
+    /// [`RunState::Failed`], so it never runs on half-loaded memory.
+    ///
+    /// # Errors
+    /// [`VmError::NotPaused`], [`VmError::State`], [`VmError::Image`], or the KVM error.
+    pub fn restore_in_place(&self, state: &VmState, image: &MemoryImage) -> Result<(), VmError> {
+        let _c = self.control();
+        self.require_parked()?;
+        state.check()?;
+        if state.config != self.config {
+            return Err(StateError::ConfigMismatch {
+                saved: state.config,
+                this: self.config,
+            }
+            .into());
+        }
+        image.expect_size(self.config.memory_bytes)?;
+        image.verify()?;
+        let previous = self.save_locked()?;
+        if let Err(e) = self.load_devices(state) {
+            if let Err(undo) = self.load_devices(&previous) {
+                self.fail(format!(
+                    "restore failed ({e}) and undoing it failed ({undo})"
+                ));
+            }
+            return Err(e);
+        }
+        if let Err(e) = image.load_into(&self.shared.memory) {
+            self.fail(format!("memory image load failed part-way: {e}"));
+            return Err(e.into());
+        }
+        let mut g = self.shared.gate();
+        if !matches!(g.state, RunState::Failed(_)) {
+            g.state = RunState::Paused;
+        }
+        Ok(())
+    }
+
+    fn load_devices(&self, state: &VmState) -> Result<(), VmError> {
+        for (i, s) in state.vcpus.iter().enumerate() {
+            vcpu::restore(&self.lock_vcpu(i), s, false)?;
+        }
+        restore_vm_devices(&self.vm_fd, state)?;
+        let serial = SerialDevice::from_state(
+            &state.serial,
+            clone_fd(&self.serial_irq)?,
+            self.output.clone(),
+        )
+        .map_err(VmError::Serial)?;
+        *self.shared.serial() = serial;
+        Ok(())
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!(reason = %why, "VM can no longer run");
+        self.shared.gate().state = RunState::Failed(why);
+    }
+}
+
+fn clone_fd(fd: &EventFd) -> Result<EventFd, VmError> {
+    fd.try_clone().map_err(|e| VmError::Serial(e.to_string()))
+}
+
+fn restore_vm_devices(vm_fd: &VmFd, state: &VmState) -> Result<(), VmError> {
+    for chip in [
+        &state.irqchip.pic_master,
+        &state.irqchip.pic_slave,
+        &state.irqchip.ioapic,
+    ] {
+        kvm_op("KVM_SET_IRQCHIP", vm_fd.set_irqchip(chip))?;
+    }
+    let mut clock = state.clock;
+    // Only the clock value is restored; KVM refuses flags it reports but does not take.
+    clock.flags = 0;
+    kvm_op("KVM_SET_CLOCK", vm_fd.set_clock(&clock))
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        {
+            let mut g = self.shared.gate();
+            g.quit = true;
+            Shared::kick(&g, None);
+            self.shared.cond.notify_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = self.vm_fd.unregister_irqfd(&self.serial_irq, COM1_GSI);
+    }
+}
+
+/// Body of a vCPU thread: park while the VM is not running, otherwise run the vCPU and handle exits.
+fn vcpu_thread(index: usize, shared: &Shared, fd: &Mutex<VcpuFd>) {
+    let page: *mut kvm_run = fd.lock().unwrap_or_else(|e| e.into_inner()).get_kvm_run();
+    vcpu::set_thread_run_page(page);
+    'outer: loop {
+        // Cleared before the state check: a kick after the check leaves it set, so KVM_RUN
+        // returns at once instead of entering the guest.
+        vcpu::clear_immediate_exit();
+        {
+            let mut g = shared.gate();
+            loop {
+                if g.quit {
+                    break 'outer;
+                }
+                if g.state == RunState::Running {
+                    g.parked[index] = false;
+                    break;
+                }
+                if !g.parked[index] {
+                    g.parked[index] = true;
+                    shared.cond.notify_all();
+                }
+                g = shared.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let exit = {
+            let mut vcpu = fd.lock().unwrap_or_else(|e| e.into_inner());
+            run_once(index as u32, &mut vcpu, shared)
+        };
+        if let Some(exit) = exit {
+            shared.stop(index, exit);
+        }
+    }
+    vcpu::set_thread_run_page(std::ptr::null_mut());
+    let mut g = shared.gate();
+    g.parked[index] = true;
+    g.exited[index] = true;
+    shared.cond.notify_all();
+}
+
+/// Runs the vCPU until one exit and handles it; returns the reason if the guest stopped.
+fn run_once(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> Option<VmExit> {
+    let fault = |message: String| {
+        Some(VmExit::Fault {
+            vcpu: index,
+            message,
+        })
+    };
+    match vcpu.run() {
+        Ok(VcpuExit::IoOut(port, data)) => match port {
+            p if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&p) => {
+                shared.serial().write(p, data[0]);
+                None
+            }
+            PORT_EXIT => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                Some(VmExit::Finished(u32::from_le_bytes(v)))
+            }
+            PORT_BOOT_MARK => {
+                if shared.first_instruction.set(Instant::now()).is_ok() {
+                    let _g = shared.gate();
+                    shared.cond.notify_all();
+                }
+                None
+            }
+            _ => None,
+        },
+        Ok(VcpuExit::IoIn(port, data)) => {
+            if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port) {
+                data[0] = shared.serial().read(port);
+            } else {
+                data.fill(0xff);
+            }
+            None
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            data.fill(0xff);
+            None
+        }
+        Ok(VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::IrqWindowOpen) => None,
+        Ok(VcpuExit::Hlt) => Some(VmExit::Halted { vcpu: index }),
+        Ok(VcpuExit::Shutdown) => Some(VmExit::Shutdown { vcpu: index }),
+        Ok(VcpuExit::InternalError) => {
+            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the
+            // `internal` member of the union.
+            let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+            let rip = vcpu.get_regs().map_or(0, |r| r.rip);
+            Some(VmExit::InternalError {
+                vcpu: index,
+                suberror,
+                rip,
+            })
+        }
+        Ok(VcpuExit::FailEntry(reason, _)) => Some(VmExit::EntryFailed {
+            vcpu: index,
+            reason,
+        }),
+        Ok(other) => fault(format!("unhandled exit {other:?}")),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+        Err(e) => fault(format!("KVM_RUN failed: {e}")),
+    }
+}

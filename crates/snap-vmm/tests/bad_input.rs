@@ -1,0 +1,277 @@
+//! Bad input gets a typed error naming the problem, never a panic, and never a VM running on
+//! half-loaded state: a failed revert leaves the VM exactly as it was.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use snap_core::{FormatErrorKind, HEADER_LEN};
+use snap_vmm::error::ConfigError;
+use snap_vmm::image::ImageError;
+use snap_vmm::memory::{MemoryError, host_memory_bytes};
+use snap_vmm::snapshot::{self, MEMORY_FILE, STATE_FILE};
+use snap_vmm::state::StateError;
+use snap_vmm::{RunState, TestGuest, Vm, VmConfig, VmError};
+
+fn create(memory_bytes: u64, vcpus: u32) -> Result<Vm, VmError> {
+    let config = VmConfig {
+        memory_bytes,
+        vcpus,
+    };
+    let image = TestGuest {
+        working_set_pages: 1,
+        ..Default::default()
+    }
+    .boot_image(&VmConfig {
+        memory_bytes: 32 << 20,
+        vcpus: 1,
+    })
+    .unwrap();
+    Vm::create(config, &image)
+}
+
+#[test]
+fn bad_configurations_are_refused_before_anything_is_created() {
+    // Config checks come before /dev/kvm is opened, so these run everywhere.
+    assert!(matches!(
+        create(32 << 20, 0),
+        Err(VmError::Config(ConfigError::ZeroVcpus))
+    ));
+    assert!(matches!(
+        create(32 << 20, 1000),
+        Err(VmError::Config(ConfigError::TooManyVcpus {
+            requested: 1000,
+            ..
+        }))
+    ));
+    let e = create((32 << 20) + 100, 1).err().unwrap();
+    assert!(
+        matches!(
+            e,
+            VmError::Config(ConfigError::Memory(MemoryError::NotPageAligned(_)))
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("not a multiple of the 4096-byte page size"),
+        "{e}"
+    );
+    let too_big = (host_memory_bytes() + (1 << 30)) & !4095;
+    let e = create(too_big, 1).err().unwrap();
+    assert!(
+        matches!(
+            e,
+            VmError::Config(ConfigError::Memory(MemoryError::TooLarge { .. }))
+        ),
+        "{e}"
+    );
+    assert!(matches!(
+        create(1 << 20, 1),
+        Err(VmError::Config(ConfigError::MemoryTooSmall { .. }))
+    ));
+    let config = VmConfig {
+        memory_bytes: 8 << 20,
+        vcpus: 1,
+    };
+    let huge_ws = TestGuest {
+        working_set_pages: 1 << 20,
+        ..Default::default()
+    };
+    assert!(matches!(
+        huge_ws.boot_image(&config),
+        Err(ConfigError::GuestParams(_))
+    ));
+}
+
+#[test]
+fn sixteen_gib_of_guest_memory_runs() {
+    if !kvm_available("sixteen_gib_of_guest_memory_runs") {
+        return;
+    }
+    let (_, guest) = small(1);
+    let config = VmConfig {
+        memory_bytes: 16 << 30,
+        vcpus: 1,
+    };
+    let vm = boot(config, &guest);
+    run_to_end(&vm);
+    assert_complete_output(&vm.serial_output().text(), &guest);
+    assert_eq!(
+        vm.memory().regions().len(),
+        2,
+        "memory continues above the 4 GiB gap"
+    );
+}
+
+/// A VM paused mid-run with a snapshot of it in `dir`, plus the output length at the snapshot.
+fn snapshotted(dir: &Path) -> (Vm, TestGuest) {
+    let (config, guest) = small(1);
+    let vm = boot(config, &guest);
+    pause_after(&vm, 5);
+    snapshot::save(&vm, dir).unwrap();
+    (vm, guest)
+}
+
+fn rewrite(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    f(&mut bytes);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn format_kind(e: &VmError) -> FormatErrorKind {
+    match e {
+        VmError::State(StateError::File(f)) => *f.format_error().expect("a format error").kind(),
+        other => panic!("expected a state file format error, got {other:?}"),
+    }
+}
+
+/// Reverting to a broken snapshot fails, and the VM then continues exactly as if nothing had
+/// been tried: its output and memory match an untouched run.
+fn assert_revert_refused_and_vm_intact(vm: &Vm, guest: &TestGuest, dir: &Path) -> VmError {
+    let memory_before = vm.memory().to_vec();
+    let err = snapshot::revert(vm, dir).unwrap_err();
+    assert_eq!(vm.run_state(), RunState::Paused);
+    assert_same_memory(&vm.memory().to_vec(), &memory_before);
+    run_to_end(vm);
+    assert_complete_output(&vm.serial_output().text(), guest);
+    err
+}
+
+#[test]
+fn truncated_state_file_is_refused() {
+    if !kvm_available("truncated_state_file_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, guest) = snapshotted(dir.path());
+    let path = dir.path().join(STATE_FILE);
+    rewrite(&path, |b| b.truncate(b.len() / 2));
+    let e = snapshot::restore(dir.path()).err().unwrap();
+    assert!(
+        matches!(
+            format_kind(&e),
+            FormatErrorKind::Truncated {
+                what: "payload",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains(STATE_FILE),
+        "error names the file: {e}"
+    );
+    let e = assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+    assert!(matches!(format_kind(&e), FormatErrorKind::Truncated { .. }));
+}
+
+#[test]
+fn corrupted_state_file_is_refused() {
+    if !kvm_available("corrupted_state_file_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, guest) = snapshotted(dir.path());
+    let path = dir.path().join(STATE_FILE);
+    rewrite(&path, |b| {
+        let i = b.len() - 100;
+        b[i] ^= 0x40;
+    });
+    let e = snapshot::restore(dir.path()).err().unwrap();
+    assert!(
+        matches!(format_kind(&e), FormatErrorKind::PayloadChecksum { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("checksum"), "{e}");
+    let e = assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+    assert!(matches!(
+        format_kind(&e),
+        FormatErrorKind::PayloadChecksum { .. }
+    ));
+}
+
+#[test]
+fn wrong_version_state_file_is_refused() {
+    if !kvm_available("wrong_version_state_file_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, guest) = snapshotted(dir.path());
+    let path = dir.path().join(STATE_FILE);
+    rewrite(&path, |b| {
+        b[8..12].copy_from_slice(&99u32.to_le_bytes());
+        let crc = snap_core::crc32c(&b[..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+    });
+    let e = snapshot::restore(dir.path()).err().unwrap();
+    assert!(
+        matches!(
+            format_kind(&e),
+            FormatErrorKind::UnsupportedVersion { found: 99, .. }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("version 99"), "{e}");
+    assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+}
+
+#[test]
+fn corrupted_or_truncated_memory_image_is_refused() {
+    if !kvm_available("corrupted_or_truncated_memory_image_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, guest) = snapshotted(dir.path());
+    let path = dir.path().join(MEMORY_FILE);
+    let original = std::fs::read(&path).unwrap();
+    // A flipped bit deep in guest memory: only the checksum can tell.
+    rewrite(&path, |b| b[HEADER_LEN + (5 << 20) + 17] ^= 1);
+    let e = snapshot::restore(dir.path()).err().unwrap();
+    assert!(
+        matches!(e, VmError::Image(ImageError::Checksum { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains(MEMORY_FILE), "{e}");
+    let e = assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+    assert!(
+        matches!(e, VmError::Image(ImageError::Checksum { .. })),
+        "{e}"
+    );
+
+    std::fs::write(&path, &original[..original.len() - 4096]).unwrap();
+    let e = snapshot::restore(dir.path()).err().unwrap();
+    match &e {
+        VmError::Image(ImageError::Header { source, .. }) => assert!(
+            matches!(
+                source.kind(),
+                FormatErrorKind::Truncated {
+                    what: "payload",
+                    ..
+                }
+            ),
+            "{e}"
+        ),
+        other => panic!("expected a truncated image, got {other}"),
+    }
+}
+
+#[test]
+fn state_for_another_vm_shape_is_refused() {
+    if !kvm_available("state_for_another_vm_shape_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_vm, _) = snapshotted(dir.path());
+    let (config, guest) = small(2);
+    let other = boot(config, &guest);
+    other.pause();
+    let e = snapshot::revert(&other, dir.path()).unwrap_err();
+    assert!(
+        matches!(e, VmError::State(StateError::ConfigMismatch { .. })),
+        "{e}"
+    );
+    run_to_end(&other);
+    assert_complete_output(&other.serial_output().text(), &guest);
+}

@@ -1,0 +1,170 @@
+//! Continuation and revert on real KVM: a VM restored from a snapshot continues exactly as the
+//! original did, in serial output and in every byte of guest memory.
+
+mod common;
+
+use common::*;
+use snap_vmm::{Vm, VmError, VmExit, snapshot};
+
+/// Runs to a snapshot point, saves, lets the original finish, restores into a new VM and runs it
+/// to the end: output after the snapshot and final memory must be identical.
+fn continuation(vcpus: u32, test: &str) {
+    if !kvm_available(test) {
+        return;
+    }
+    let (config, guest) = small(vcpus);
+    let vm = boot(config, &guest);
+    let cut = pause_after(&vm, 8);
+    let dir = tempfile::tempdir().unwrap();
+    snapshot::save(&vm, dir.path()).unwrap();
+    run_to_end(&vm);
+    let original = vm.serial_output().bytes();
+    assert_complete_output(&String::from_utf8_lossy(&original), &guest);
+    let original_memory = vm.memory().to_vec();
+
+    let restored = snapshot::restore(dir.path()).unwrap();
+    assert_eq!(restored.config(), config);
+    run_to_end(&restored);
+    let after = restored.serial_output().bytes();
+    assert!(
+        after.len() > 20,
+        "restored guest printed too little: {after:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&after),
+        String::from_utf8_lossy(&original[cut..]),
+        "restored VM's output diverged"
+    );
+    assert_same_memory(&restored.memory().to_vec(), &original_memory);
+}
+
+#[test]
+fn continuation_one_vcpu() {
+    continuation(1, "continuation_one_vcpu");
+}
+
+#[test]
+fn continuation_two_vcpus() {
+    continuation(2, "continuation_two_vcpus");
+}
+
+/// Saves, runs on to the end, reverts the same VM and runs again: the lines after the snapshot
+/// repeat exactly and memory ends identical.
+fn revert(vcpus: u32, test: &str) {
+    if !kvm_available(test) {
+        return;
+    }
+    let (config, guest) = small(vcpus);
+    let vm = boot(config, &guest);
+    let cut = pause_after(&vm, 5);
+    let dir = tempfile::tempdir().unwrap();
+    snapshot::save(&vm, dir.path()).unwrap();
+    run_to_end(&vm);
+    let first = vm.serial_output().bytes();
+    let first_memory = vm.memory().to_vec();
+
+    snapshot::revert(&vm, dir.path()).unwrap();
+    let mark = vm.serial_output().len();
+    run_to_end(&vm);
+    let all = vm.serial_output().bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&all[mark..]),
+        String::from_utf8_lossy(&first[cut..]),
+        "reverted VM's output diverged"
+    );
+    assert_same_memory(&vm.memory().to_vec(), &first_memory);
+
+    // And a second revert of the same snapshot repeats once more.
+    snapshot::revert(&vm, dir.path()).unwrap();
+    let mark = vm.serial_output().len();
+    run_to_end(&vm);
+    assert_eq!(vm.serial_output().bytes()[mark..], first[cut..]);
+}
+
+#[test]
+fn revert_one_vcpu() {
+    revert(1, "revert_one_vcpu");
+}
+
+#[test]
+fn revert_two_vcpus() {
+    revert(2, "revert_two_vcpus");
+}
+
+/// The guest's output is a pure function of its parameters: two fresh runs agree, and a
+/// different seed gives different hashes.
+#[test]
+fn guest_is_deterministic() {
+    if !kvm_available("guest_is_deterministic") {
+        return;
+    }
+    let (config, guest) = small(2);
+    let a = boot(config, &guest);
+    run_to_end(&a);
+    let b = boot(config, &guest);
+    run_to_end(&b);
+    assert_complete_output(&a.serial_output().text(), &guest);
+    assert_eq!(a.serial_output().text(), b.serial_output().text());
+    assert_same_memory(&a.memory().to_vec(), &b.memory().to_vec());
+    let other = snap_vmm::TestGuest {
+        seed: guest.seed + 1,
+        ..guest
+    };
+    let c = boot(config, &other);
+    run_to_end(&c);
+    assert_ne!(a.serial_output().text(), c.serial_output().text());
+}
+
+/// Pause parks every vCPU; save while running is refused; resume continues the same run.
+#[test]
+fn pause_and_resume_keep_the_run_intact() {
+    if !kvm_available("pause_and_resume_keep_the_run_intact") {
+        return;
+    }
+    let (config, guest) = small(2);
+    let vm = boot(config, &guest);
+    assert!(matches!(vm.save(), Err(snap_vmm::VmError::NotPaused)));
+    for lines in [3, 6, 9] {
+        pause_after(&vm, lines);
+        assert_eq!(vm.run_state(), snap_vmm::RunState::Paused);
+        let len = vm.serial_output().len();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(vm.serial_output().len(), len, "a paused VM printed");
+        vm.resume().unwrap();
+    }
+    run_to_end(&vm);
+    let reference = boot(config, &guest);
+    run_to_end(&reference);
+    assert_eq!(vm.serial_output().text(), reference.serial_output().text());
+}
+
+/// A restore into a new VM while the original keeps running: two VMs from one snapshot.
+#[test]
+fn restore_twice_from_one_snapshot() {
+    if !kvm_available("restore_twice_from_one_snapshot") {
+        return;
+    }
+    let (config, guest) = small(1);
+    let vm = boot(config, &guest);
+    let cut = pause_after(&vm, 4);
+    let dir = tempfile::tempdir().unwrap();
+    snapshot::save(&vm, dir.path()).unwrap();
+    let (state, image) = snapshot::open(dir.path()).unwrap();
+    let a = Vm::restore(&state, &image).unwrap();
+    let b = Vm::restore(&state, &image).unwrap();
+    a.resume().unwrap();
+    b.resume().unwrap();
+    run_to_end(&vm);
+    // a and b already run: wait for them without resuming again.
+    for clone in [&a, &b] {
+        assert_eq!(clone.wait_for_exit(TIMEOUT).unwrap(), VmExit::Finished(0));
+    }
+    // A finished guest is not resumed by mistake.
+    assert!(matches!(
+        a.resume(),
+        Err(VmError::Stopped(VmExit::Finished(0)))
+    ));
+    let tail = &vm.serial_output().bytes()[cut..];
+    assert_eq!(a.serial_output().bytes(), tail);
+    assert_eq!(b.serial_output().bytes(), tail);
+}
