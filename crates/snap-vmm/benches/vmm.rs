@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -258,7 +259,29 @@ fn read_fresh(path: &std::path::Path, len: usize) -> Duration {
     t.elapsed()
 }
 
-fn bench_save_restore(iters: usize, vcpus: u32, memory: u64) {
+/// Fills guest memory beyond the test guest's own pages with incompressible bytes, as a guest that
+/// has used all its memory would have.
+fn fill_memory(vm: &Vm) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let start = 16u64 << 20;
+    for r in vm.memory().regions() {
+        let mut gpa = r.gpa.max(start);
+        while gpa + chunk.len() as u64 <= r.gpa + r.len {
+            vm.memory().write(gpa, &chunk).unwrap();
+            gpa += chunk.len() as u64;
+        }
+    }
+}
+
+fn bench_save_restore(iters: usize, vcpus: u32, memory: u64, full: bool) {
     let config = VmConfig {
         memory_bytes: memory,
         vcpus,
@@ -268,10 +291,21 @@ fn bench_save_restore(iters: usize, vcpus: u32, memory: u64) {
     vm.serial_output()
         .wait_for_lines(3, Duration::from_secs(30));
     vm.pause();
+    if full {
+        fill_memory(&vm);
+    }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
     let plain = dir.path().join("plain");
-    let payload = vm.memory().to_vec();
+    // The baseline moves the bytes the image file holds: all of memory when full, else the
+    // pages the guest touched (untouched pages are holes in memory and in the image).
+    snapshot::save(&vm, &snap).unwrap();
+    let allocated = std::fs::metadata(snap.join(snapshot::MEMORY_FILE))
+        .unwrap()
+        .blocks()
+        * 512;
+    let mut payload = vm.memory().to_vec();
+    payload.truncate(allocated as usize);
     let (mut state_save, mut full_save, mut base_write) = (vec![], vec![], vec![]);
     let (mut full_restore, mut revert, mut base_read) = (vec![], vec![], vec![]);
     for _ in 0..iters {
@@ -294,26 +328,30 @@ fn bench_save_restore(iters: usize, vcpus: u32, memory: u64) {
         base_read.push(read_fresh(&plain, payload.len()));
     }
     let mib = memory >> 20;
-    println!(
-        "| save vCPU + device state, {vcpus} vCPU (median) | {} | | | |",
-        us(median(&mut state_save))
-    );
+    let what = if full { "full" } else { "sparse" };
+    let moved = format!("{:.1}", payload.len() as f64 / f64::from(1 << 20));
+    if !full {
+        println!(
+            "| save vCPU + device state, {vcpus} vCPU (median) | {} | | | |",
+            us(median(&mut state_save))
+        );
+    }
     row(
-        &format!("snapshot save (state + {mib} MiB image, fsync), {vcpus} vCPU"),
+        &format!("snapshot save (state + {mib} MiB {what} image, fsync), {vcpus} vCPU"),
         median(&mut full_save),
-        &format!("write + fsync {mib} MiB"),
+        &format!("write + fsync {moved} MiB"),
         median(&mut base_write),
     );
     row(
-        &format!("restore into a new VM, {mib} MiB, {vcpus} vCPU"),
+        &format!("restore into a new VM, {mib} MiB {what}, {vcpus} vCPU"),
         median(&mut full_restore),
-        &format!("read {mib} MiB into fresh memory"),
+        &format!("read {moved} MiB into fresh memory"),
         median(&mut base_read),
     );
     row(
-        &format!("revert in place (verify + load), {mib} MiB, {vcpus} vCPU"),
+        &format!("revert in place (verify + load), {mib} MiB {what}, {vcpus} vCPU"),
         median(&mut revert),
-        &format!("read {mib} MiB into fresh memory"),
+        &format!("read {moved} MiB into fresh memory"),
         median(&mut base_read),
     );
 }
@@ -337,7 +375,9 @@ fn main() {
     for vcpus in [1, 4] {
         bench_pause(iters * 3, vcpus, memory, bare);
     }
-    for vcpus in [1, 4] {
-        bench_save_restore(iters.div_ceil(3), vcpus, memory);
+    for full in [false, true] {
+        for vcpus in [1, 4] {
+            bench_save_restore(iters.div_ceil(3), vcpus, memory, full);
+        }
     }
 }

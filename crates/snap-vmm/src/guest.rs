@@ -63,7 +63,11 @@ impl TestGuest {
                 self.working_set_pages
             ));
         }
-        let room = vm.memory_bytes.min(MMIO_GAP_START).saturating_sub(WORKING_SET_BASE) / PAGE_SIZE;
+        let room = vm
+            .memory_bytes
+            .min(MMIO_GAP_START)
+            .saturating_sub(WORKING_SET_BASE)
+            / PAGE_SIZE;
         if self.working_set_pages > room {
             return bad(format!(
                 "working set of {} pages does not fit: {} MiB of memory leaves room for {room}",

@@ -6,8 +6,8 @@
 //! mapped privately or registered with userfaultfd by offset.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
 /// Size of a guest page.
@@ -249,38 +249,65 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Writes the whole memory image (file offset order) to `out`.
-    ///
-    /// Call it while no vCPU runs, or the image may mix bytes from different instants.
-    ///
-    /// # Errors
-    /// The error of `out`.
-    pub fn write_image(&self, out: &mut impl Write) -> std::io::Result<()> {
-        // SAFETY: the whole mapping is valid for reads for `size` bytes while `self` lives; the
-        // caller keeps vCPUs from writing concurrently (see above).
-        let bytes = unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.size as usize) };
-        out.write_all(bytes)
-    }
-
-    /// Replaces the whole memory image with `size()` bytes read from `input`.
-    ///
-    /// Call it while no vCPU runs.
+    /// Copies `data` into memory at file offset `offset` through the mapping (no system call;
+    /// pages not yet present are faulted in).
     ///
     /// # Errors
-    /// The error of `input`, including `UnexpectedEof` if it holds fewer bytes.
-    pub fn read_image(&self, input: &mut impl Read) -> std::io::Result<()> {
-        // SAFETY: the whole mapping is valid for writes for `size` bytes while `self` lives, and no
-        // other Rust reference to it exists (all other access copies through raw pointers).
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.size as usize) };
-        input.read_exact(bytes)
+    /// [`MemoryError::OutOfRange`] if the range is outside memory.
+    pub fn write_at_offset(&self, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(MemoryError::OutOfRange {
+                gpa: offset,
+                len: data.len() as u64,
+            });
+        }
+        // SAFETY: offset..offset+len lies inside the mapping (checked above) and `data` is a
+        // distinct host buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.base.as_ptr().add(offset as usize),
+                data.len(),
+            );
+        }
+        Ok(())
     }
 
-    /// A copy of the whole memory image (for tests and comparisons of small guests).
+    /// Frees `len` bytes of memory at file offset `offset`: they read as zero again and stop
+    /// using host memory (fallocate PUNCH_HOLE on the memfd).
+    ///
+    /// # Errors
+    /// [`MemoryError::OutOfRange`] or the OS error.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(MemoryError::OutOfRange { gpa: offset, len });
+        }
+        // SAFETY: fallocate on our own memfd with valid mode flags; the range was checked. The
+        // mapping stays valid: punched pages read back as zero.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r != 0 {
+            return Err(os_err("fallocate(PUNCH_HOLE) guest memory"));
+        }
+        Ok(())
+    }
+
+    /// A copy of the whole memory image in file-offset order (for tests and comparisons of small
+    /// guests). Pages never touched read as zero without being allocated.
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.size as usize);
-        self.write_image(&mut v)
-            .expect("writing to a Vec cannot fail");
+        let mut v = vec![0u8; self.size as usize];
+        self.file
+            .read_exact_at(&mut v, 0)
+            .expect("reading our own memfd within its size");
         v
     }
 }
@@ -320,6 +347,17 @@ mod tests {
             GuestMemory::new(huge),
             Err(MemoryError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn discard_zeroes_memory() {
+        let m = GuestMemory::new(8 << 20).unwrap();
+        m.write(0x10_0000, &[7u8; 8192]).unwrap();
+        m.discard(0x10_0000, 4096).unwrap();
+        let v = m.to_vec();
+        assert!(v[0x10_0000..0x10_1000].iter().all(|&b| b == 0));
+        assert!(v[0x10_1000..0x10_2000].iter().all(|&b| b == 7));
+        assert!(m.discard(8 << 20, 4096).is_err());
     }
 
     #[test]

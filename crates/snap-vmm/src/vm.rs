@@ -231,7 +231,7 @@ impl Vm {
         image.expect_size(state.config.memory_bytes)?;
         let config = state.config;
         let (kvm, vm_fd, memory) = Self::create_machine(&config)?;
-        image.load_into(&memory)?;
+        image.load_into_fresh(&memory)?;
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
         let output = SerialOutput::default();
         let serial =
@@ -258,8 +258,6 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
         let vm_fd = kvm_op("KVM_CREATE_VM", kvm.create_vm())?;
         let memory = GuestMemory::new(config.memory_bytes)?;
-        kvm_op("KVM_SET_TSS_ADDR", vm_fd.set_tss_address(TSS_ADDR))?;
-        kvm_op("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
         for (slot, r) in memory.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -274,6 +272,10 @@ impl Vm {
                 vm_fd.set_user_memory_region(region)
             })?;
         }
+        // Memory slots go in before the in-kernel irqchip exists: once it does, every slot
+        // change waits for an expedited SRCU grace period (measured here: 7 ms instead of 0.1 ms).
+        kvm_op("KVM_SET_TSS_ADDR", vm_fd.set_tss_address(TSS_ADDR))?;
+        kvm_op("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
         Ok((kvm, vm_fd, memory))
     }
 
