@@ -32,7 +32,8 @@ pub struct TestGuest {
     pub seed: u64,
     /// Pages in the working set, split evenly between vCPUs.
     pub working_set_pages: u64,
-    /// Words each vCPU writes per tick.
+    /// Pages each vCPU mutates per tick: each mutation writes one pseudo-random word into one
+    /// pseudo-randomly chosen page of its slice (a page may be chosen twice).
     pub mutations_per_tick: u64,
     /// Ticks to run before finishing.
     pub ticks: u64,
@@ -107,10 +108,70 @@ impl TestGuest {
         })
     }
 
-    /// The line the guest prints after tick `t` (for checking output shape in tests).
-    pub fn is_tick_line(line: &str) -> bool {
-        line.starts_with("tick ") && line.contains(" hash ")
+    /// What the guest computes, computed on the host: its whole serial output and the final
+    /// contents of its working set, for a VM with `vcpus` vCPUs. Tests compare a real run with it.
+    pub fn model(&self, vcpus: u32) -> GuestModel {
+        let ncpu = u64::from(vcpus.max(1));
+        let pages = self.working_set_pages / ncpu;
+        let mut working_set = vec![0u8; (self.working_set_pages * PAGE_SIZE) as usize];
+        let mut rng: Vec<u64> = (0..ncpu)
+            .map(
+                |c| match self.seed ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(c + 1) {
+                    0 => 1,
+                    r => r,
+                },
+            )
+            .collect();
+        let mut hash: Vec<u64> = (0..ncpu).map(|c| mix(FNV_OFFSET, c)).collect();
+        let mut output = String::new();
+        let mut combined = FNV_OFFSET;
+        for t in 1..=self.ticks {
+            for c in 0..ncpu as usize {
+                for _ in 0..self.mutations_per_tick {
+                    let r = next_random(&mut rng[c]);
+                    let page = r % pages;
+                    let word = (r >> 40) % (PAGE_SIZE / 8);
+                    let value = next_random(&mut rng[c]);
+                    let at = ((c as u64 * pages + page) * PAGE_SIZE + word * 8) as usize;
+                    working_set[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                    hash[c] = mix(mix(mix(hash[c], page), word), value);
+                }
+            }
+            combined = hash.iter().fold(FNV_OFFSET, |h, &v| mix(h, v));
+            output.push_str(&format!("tick {t} hash {combined:016x}\n"));
+        }
+        output.push_str(&format!("done {} hash {combined:016x}\n", self.ticks));
+        GuestModel {
+            output,
+            working_set,
+        }
     }
+}
+
+/// The test guest's behaviour computed on the host (see [`TestGuest::model`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestModel {
+    /// Everything the guest prints in a full run.
+    pub output: String,
+    /// The working set at the end of the run, starting at [`WORKING_SET_BASE`].
+    pub working_set: Vec<u8>,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+fn mix(h: u64, v: u64) -> u64 {
+    (h ^ v).wrapping_mul(FNV_PRIME)
+}
+
+/// xorshift64*, as in guest/main.c.
+fn next_random(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
 #[cfg(test)]
