@@ -36,6 +36,9 @@ const CHUNK: usize = 1 << 20;
 /// Holes shorter than this between two data runs are read as data: a system call costs more
 /// than reading a few zero pages from the page cache (here, tens of microseconds each).
 const MERGE_GAP: u64 = 256 << 10;
+/// Runs of data at least this long go into fresh memory with one pwrite (no page fault per
+/// page); shorter runs are copied through the mapping (no system call).
+const WRITE_SYSCALL_MIN: usize = 64 << 10;
 /// Page size used to skip zero pages when loading.
 const PAGE: usize = 4096;
 
@@ -406,8 +409,17 @@ impl MemoryImage {
                     }
                     let from = start * PAGE;
                     let to = (i * PAGE).min(bytes.len());
-                    mem.write_at_offset(at + from as u64, &bytes[from..to])
-                        .map_err(mem_err)?;
+                    let (run, run_at) = (&bytes[from..to], at + from as u64);
+                    if run.len() >= WRITE_SYSCALL_MIN {
+                        mem.file()
+                            .write_all_at(run, run_at)
+                            .map_err(|source| ImageError::Io {
+                                path: self.path.clone(),
+                                source,
+                            })?;
+                    } else {
+                        mem.write_at_offset(run_at, run).map_err(mem_err)?;
+                    }
                 }
                 Ok(())
             },
