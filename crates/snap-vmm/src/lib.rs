@@ -5,12 +5,36 @@
 //! the in-kernel interrupt controllers and a 16550 UART. [`Vm::pause`] parks every vCPU;
 //! [`Vm::save`] returns a plain [`VmState`]; [`Vm::restore`] builds a new VM from a state and a
 //! memory image, and [`Vm::restore_in_place`] reverts an existing one.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use snap_vmm::{TestGuest, Vm, VmConfig, VmExit, snapshot};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = VmConfig { memory_bytes: 64 << 20, vcpus: 2 };
+//! let guest = TestGuest::default();
+//! let vm = Vm::create(config, &guest.boot_image(&config)?)?;
+//! vm.resume()?;
+//! vm.serial_output().wait_for_lines(10, Duration::from_secs(60));
+//! vm.pause();
+//! snapshot::save(&vm, "/tmp/snap".as_ref())?; // vm.state + memory.img
+//! vm.resume()?;
+//! assert_eq!(vm.wait_for_exit(Duration::from_secs(60))?, VmExit::Finished(0));
+//!
+//! // A new VM that continues from the snapshot exactly as the original did.
+//! let clone = snapshot::restore("/tmp/snap".as_ref())?;
+//! clone.resume()?;
+//! clone.wait_for_exit(Duration::from_secs(60))?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod boot;
 pub mod error;
 pub mod guest;
 pub mod image;
 pub mod memory;
+mod run;
 pub mod serial;
 pub mod snapshot;
 pub mod state;

@@ -1,0 +1,233 @@
+//! The vCPU threads: the run gate that parks and releases them, and the loop that runs a vCPU and
+//! handles its exits (UART, exit port, boot mark, faults).
+
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::memory::GuestMemory;
+use crate::serial::{COM1_BASE, COM1_PORTS, SerialDevice};
+use crate::vcpu;
+
+/// I/O port the guest writes its exit status to (32-bit) when it has finished.
+pub const PORT_EXIT: u16 = 0xf4;
+/// I/O port the guest's first instruction writes to, marking that guest code runs.
+pub const PORT_BOOT_MARK: u16 = 0xf5;
+
+/// Why the guest stopped on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to [`PORT_EXIT`].
+    Finished(u32),
+    /// A vCPU executed HLT with no way to wake up.
+    Halted {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    Shutdown {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// KVM could not emulate an instruction (KVM_EXIT_INTERNAL_ERROR).
+    InternalError {
+        /// The vCPU.
+        vcpu: u32,
+        /// KVM's sub-error code.
+        suberror: u32,
+        /// Guest RIP at the exit.
+        rip: u64,
+    },
+    /// VM entry failed (KVM_EXIT_FAIL_ENTRY).
+    EntryFailed {
+        /// The vCPU.
+        vcpu: u32,
+        /// Hardware failure reason.
+        reason: u64,
+    },
+    /// KVM_RUN failed or returned an exit this VMM does not handle.
+    Fault {
+        /// The vCPU.
+        vcpu: u32,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Where the VM is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    /// vCPUs are parked (a new or restored VM starts here).
+    Paused,
+    /// vCPUs run guest code.
+    Running,
+    /// The guest stopped on its own; vCPUs are parked.
+    Stopped(VmExit),
+    /// A restore failed part-way; the VM must not run again.
+    Failed(String),
+}
+
+/// What the VM and its vCPU threads agree on, under one lock.
+pub(crate) struct Gate {
+    pub(crate) state: RunState,
+    pub(crate) parked: Vec<bool>,
+    pub(crate) exited: Vec<bool>,
+    pub(crate) threads: Vec<libc::pthread_t>,
+    pub(crate) quit: bool,
+}
+
+/// State shared by a VM and its vCPU threads.
+pub(crate) struct Shared {
+    pub(crate) gate: Mutex<Gate>,
+    pub(crate) cond: Condvar,
+    pub(crate) memory: GuestMemory,
+    pub(crate) serial: Mutex<SerialDevice>,
+    pub(crate) first_instruction: OnceLock<Instant>,
+}
+
+impl Shared {
+    pub(crate) fn gate(&self) -> MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn serial(&self) -> MutexGuard<'_, SerialDevice> {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Kicks every live vCPU thread but `except` out of KVM_RUN. Called with the gate held, so no
+    /// thread can exit (and be joined) meanwhile.
+    pub(crate) fn kick(gate: &Gate, except: Option<usize>) {
+        for (i, &t) in gate.threads.iter().enumerate() {
+            if Some(i) != except && !gate.exited[i] {
+                // SAFETY: `t` is the pthread of a vCPU thread that has not exited (checked under
+                // the gate lock, which it takes before exiting), so the handle is valid.
+                unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+            }
+        }
+    }
+
+    /// Records that the guest stopped and parks the other vCPUs.
+    pub(crate) fn stop(&self, index: usize, exit: VmExit) {
+        let mut g = self.gate();
+        if !matches!(g.state, RunState::Stopped(_) | RunState::Failed(_)) {
+            tracing::debug!(vcpu = index, ?exit, "guest stopped");
+            g.state = RunState::Stopped(exit);
+        }
+        Self::kick(&g, Some(index));
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn wait_parked<'a>(&'a self, mut g: MutexGuard<'a, Gate>) -> MutexGuard<'a, Gate> {
+        while !g.parked.iter().all(|&p| p) {
+            g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g
+    }
+}
+
+/// Body of a vCPU thread: park while the VM is not running, otherwise run the vCPU and handle exits.
+pub(crate) fn vcpu_thread(index: usize, shared: &Shared, fd: &Mutex<VcpuFd>) {
+    let page: *mut kvm_run = fd.lock().unwrap_or_else(|e| e.into_inner()).get_kvm_run();
+    vcpu::set_thread_run_page(page);
+    'outer: loop {
+        // Cleared before the state check: a kick after the check leaves it set, so KVM_RUN
+        // returns at once instead of entering the guest.
+        vcpu::clear_immediate_exit();
+        {
+            let mut g = shared.gate();
+            loop {
+                if g.quit {
+                    break 'outer;
+                }
+                if g.state == RunState::Running {
+                    g.parked[index] = false;
+                    break;
+                }
+                if !g.parked[index] {
+                    g.parked[index] = true;
+                    shared.cond.notify_all();
+                }
+                g = shared.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let exit = {
+            let mut vcpu = fd.lock().unwrap_or_else(|e| e.into_inner());
+            run_once(index as u32, &mut vcpu, shared)
+        };
+        if let Some(exit) = exit {
+            shared.stop(index, exit);
+        }
+    }
+    vcpu::set_thread_run_page(std::ptr::null_mut());
+    let mut g = shared.gate();
+    g.parked[index] = true;
+    g.exited[index] = true;
+    shared.cond.notify_all();
+}
+
+/// Runs the vCPU until one exit and handles it; returns the reason if the guest stopped.
+fn run_once(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> Option<VmExit> {
+    let fault = |message: String| {
+        Some(VmExit::Fault {
+            vcpu: index,
+            message,
+        })
+    };
+    match vcpu.run() {
+        Ok(VcpuExit::IoOut(port, data)) => match port {
+            p if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&p) => {
+                shared.serial().write(p, data[0]);
+                None
+            }
+            PORT_EXIT => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                Some(VmExit::Finished(u32::from_le_bytes(v)))
+            }
+            PORT_BOOT_MARK => {
+                if shared.first_instruction.set(Instant::now()).is_ok() {
+                    let _g = shared.gate();
+                    shared.cond.notify_all();
+                }
+                None
+            }
+            _ => None,
+        },
+        Ok(VcpuExit::IoIn(port, data)) => {
+            if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port) {
+                data[0] = shared.serial().read(port);
+            } else {
+                data.fill(0xff);
+            }
+            None
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            data.fill(0xff);
+            None
+        }
+        Ok(VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::IrqWindowOpen) => None,
+        Ok(VcpuExit::Hlt) => Some(VmExit::Halted { vcpu: index }),
+        Ok(VcpuExit::Shutdown) => Some(VmExit::Shutdown { vcpu: index }),
+        Ok(VcpuExit::InternalError) => {
+            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the
+            // `internal` member of the union.
+            let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+            let rip = vcpu.get_regs().map_or(0, |r| r.rip);
+            Some(VmExit::InternalError {
+                vcpu: index,
+                suberror,
+                rip,
+            })
+        }
+        Ok(VcpuExit::FailEntry(reason, _)) => Some(VmExit::EntryFailed {
+            vcpu: index,
+            reason,
+        }),
+        Ok(other) => fault(format!("unhandled exit {other:?}")),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+        Err(e) => fault(format!("KVM_RUN failed: {e}")),
+    }
+}
