@@ -2,7 +2,7 @@
 //! handles its exits (UART, exit port, boot mark, faults).
 
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -117,6 +117,30 @@ impl Shared {
         }
         Self::kick(&g, Some(index));
         self.cond.notify_all();
+    }
+
+    /// Waits on the gate until `ready` returns a value, or `timeout` passes (None).
+    pub(crate) fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&Gate) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.gate();
+        loop {
+            if let Some(v) = ready(&g) {
+                return Some(v);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = self
+                .cond
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     pub(crate) fn wait_parked<'a>(&'a self, mut g: MutexGuard<'a, Gate>) -> MutexGuard<'a, Gate> {

@@ -249,23 +249,9 @@ impl Vm {
     /// # Errors
     /// [`VmError::Timeout`] if it did not within `timeout`.
     pub fn wait_first_instruction(&self, timeout: Duration) -> Result<Instant, VmError> {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.shared.gate();
-        loop {
-            if let Some(t) = self.first_instruction_at() {
-                return Ok(t);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(VmError::Timeout);
-            }
-            g = self
-                .shared
-                .cond
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.shared
+            .wait_until(timeout, |_| self.first_instruction_at())
+            .ok_or(VmError::Timeout)
     }
 
     /// The current run state.
@@ -313,25 +299,12 @@ impl Vm {
     /// [`VmError::Timeout`] if that did not happen within `timeout`; [`VmError::NotPaused`] is never
     /// returned here.
     pub fn wait_for_exit(&self, timeout: Duration) -> Result<VmExit, VmError> {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.shared.gate();
-        loop {
-            if let RunState::Stopped(exit) = &g.state {
-                if g.parked.iter().all(|&p| p) {
-                    return Ok(exit.clone());
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(VmError::Timeout);
-            }
-            g = self
-                .shared
-                .cond
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.shared
+            .wait_until(timeout, |g| match &g.state {
+                RunState::Stopped(exit) if g.parked.iter().all(|&p| p) => Some(exit.clone()),
+                _ => None,
+            })
+            .ok_or(VmError::Timeout)
     }
 
     fn require_parked(&self) -> Result<(), VmError> {
