@@ -27,9 +27,11 @@
 
 pub mod checksum;
 pub mod format;
+pub mod id;
 
 pub use checksum::{crc32c, crc32c_append};
 pub use format::{
     Decoded, FileError, FileErrorKind, FileOp, FormatError, FormatErrorKind, FormatSpec,
     HEADER_LEN, HeaderInfo,
 };
+pub use id::{Id, ParseIdError};
