@@ -4,6 +4,7 @@
 //! dirty ring, plus the VMM's own writes) says which pages changed since the last snapshot, and
 //! memory layers store full and diff snapshots of memory as chains of compressed, checked files.
 
+pub mod dirty;
 pub mod memory;
 
 pub use memory::GuestMemory;

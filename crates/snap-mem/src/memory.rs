@@ -10,6 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
+use crate::dirty::bitmap::{AtomicPageBitmap, PageBitmap};
+
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
 /// Start of the hole below 4 GiB left for device windows (LAPIC, IOAPIC, TSS).
@@ -67,11 +69,15 @@ pub struct MemoryRegion {
 }
 
 /// Guest memory: owns the memfd and its shared mapping, released on drop.
+///
+/// Every write the VMM makes through this type is marked in a page bitmap, so that dirty-page
+/// tracking sees the VMM's writes as well as the guest's.
 pub struct GuestMemory {
     file: File,
     base: NonNull<u8>,
     size: u64,
     regions: Vec<MemoryRegion>,
+    vmm_writes: AtomicPageBitmap,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value for its whole life; every access
@@ -176,6 +182,7 @@ impl GuestMemory {
             base,
             size,
             regions: layout_regions(size),
+            vmm_writes: AtomicPageBitmap::new(size / PAGE_SIZE),
         })
     }
 
@@ -237,6 +244,7 @@ impl GuestMemory {
     /// [`MemoryError::OutOfRange`] if the range is not inside one region.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         let off = self.offset_of(gpa, data.len() as u64)?;
+        self.vmm_writes.mark_bytes(off, data.len() as u64);
         // SAFETY: off..off+len lies inside the mapping (checked by offset_of) and `data` is a
         // distinct host buffer.
         unsafe {
@@ -264,6 +272,7 @@ impl GuestMemory {
                 len: data.len() as u64,
             });
         }
+        self.vmm_writes.mark_bytes(offset, data.len() as u64);
         // SAFETY: offset..offset+len lies inside the mapping (checked above) and `data` is a
         // distinct host buffer.
         unsafe {
@@ -298,7 +307,24 @@ impl GuestMemory {
         if r != 0 {
             return Err(os_err("fallocate(PUNCH_HOLE) guest memory"));
         }
+        self.vmm_writes.mark_bytes(offset, len);
         Ok(())
+    }
+
+    /// Marks `len` bytes at file offset `offset` as written by the VMM, for writes that bypass
+    /// this type (pwrite on [`GuestMemory::file`]).
+    pub fn mark_written(&self, offset: u64, len: u64) {
+        self.vmm_writes.mark_bytes(offset, len);
+    }
+
+    /// Moves the pages the VMM wrote since the last call into `into`.
+    pub fn take_vmm_writes(&self, into: &mut PageBitmap) {
+        self.vmm_writes.take_into(into);
+    }
+
+    /// Forgets the VMM's writes so far (after a restore made memory equal to a snapshot).
+    pub fn clear_vmm_writes(&self) {
+        self.vmm_writes.clear();
     }
 
     /// A copy of the whole memory image in file-offset order (for tests and comparisons of small
@@ -347,6 +373,23 @@ mod tests {
             GuestMemory::new(huge),
             Err(MemoryError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn vmm_writes_are_marked() {
+        let m = GuestMemory::new(8 << 20).unwrap();
+        m.write(0x5000, &[1; 10]).unwrap();
+        m.write_at_offset(0x10_0ff0, &[1; 32]).unwrap();
+        m.discard(0x20_0000, 8192).unwrap();
+        let mut b = PageBitmap::for_memory(m.size());
+        m.take_vmm_writes(&mut b);
+        assert_eq!(
+            b.iter().collect::<Vec<_>>(),
+            vec![5, 0x100, 0x101, 0x200, 0x201]
+        );
+        let mut again = PageBitmap::for_memory(m.size());
+        m.take_vmm_writes(&mut again);
+        assert!(again.is_empty());
     }
 
     #[test]

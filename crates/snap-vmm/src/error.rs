@@ -87,6 +87,12 @@ pub enum VmError {
     /// The serial device state could not be loaded.
     #[error("serial device state: {0}")]
     Serial(String),
+    /// Dirty-page tracking failed or is not available as asked.
+    #[error("dirty tracking: {0}")]
+    Dirty(#[from] snap_mem::dirty::DirtyError),
+    /// Dirty pages were asked for on a VM created without dirty tracking.
+    #[error("this VM was created without dirty-page tracking")]
+    DirtyTrackingOff,
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -411,6 +411,7 @@ impl MemoryImage {
                     let to = (i * PAGE).min(bytes.len());
                     let (run, run_at) = (&bytes[from..to], at + from as u64);
                     if run.len() >= WRITE_SYSCALL_MIN {
+                        mem.mark_written(run_at, run.len() as u64);
                         mem.file()
                             .write_all_at(run, run_at)
                             .map_err(|source| ImageError::Io {

@@ -47,6 +47,7 @@ pub use guest::TestGuest;
 pub use image::{MemoryImage, write_memory_image};
 pub use serial::SerialOutput;
 pub use snap_mem::GuestMemory;
+pub use snap_mem::dirty::{DirtyTracking, PageBitmap};
 pub use state::{VmConfig, VmState};
 pub use vcpu::VcpuState;
-pub use vm::{RunState, Vm, VmExit};
+pub use vm::{RunState, Vm, VmExit, VmOptions};

@@ -1,15 +1,16 @@
 //! The vCPU threads: the run gate that parks and releases them, and the loop that runs a vCPU and
 //! handles its exits (UART, exit port, boot mark, faults).
 
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{KVM_EXIT_DIRTY_RING_FULL, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::memory::GuestMemory;
 use crate::serial::{COM1_BASE, COM1_PORTS, SerialDevice};
 use crate::vcpu;
+use snap_mem::dirty::DirtyTracker;
 
 /// I/O port the guest writes its exit status to (32-bit) when it has finished.
 pub const PORT_EXIT: u16 = 0xf4;
@@ -85,6 +86,7 @@ pub(crate) struct Shared {
     pub(crate) memory: GuestMemory,
     pub(crate) serial: Mutex<SerialDevice>,
     pub(crate) first_instruction: OnceLock<Instant>,
+    pub(crate) tracker: Option<Arc<DirtyTracker>>,
 }
 
 impl Shared {
@@ -250,6 +252,14 @@ fn run_once(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> Option<VmExit> {
             vcpu: index,
             reason,
         }),
+        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+            let ring = shared.tracker.as_ref().and_then(|t| t.log().as_ring());
+            match ring.map(|r| r.on_ring_full()) {
+                Some(Ok(())) => None,
+                Some(Err(e)) => fault(format!("collecting a full dirty ring: {e}")),
+                None => fault("dirty ring full without a dirty ring".into()),
+            }
+        }
         Ok(other) => fault(format!("unhandled exit {other:?}")),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
         Err(e) => fault(format!("KVM_RUN failed: {e}")),

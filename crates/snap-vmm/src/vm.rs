@@ -6,8 +6,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip,
-    kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_irqchip, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -15,12 +15,15 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::boot::{self, BootImage, MAX_IDENTITY_GIB, MAX_VCPUS, MIN_MEMORY};
 use crate::error::{ConfigError, VmError};
 use crate::image::MemoryImage;
-use crate::memory::{GuestMemory, MMIO_GAP_END, MMIO_GAP_START};
+use crate::memory::{GuestMemory, MMIO_GAP_END, MMIO_GAP_START, layout_regions};
 use crate::run::{Gate, Shared, vcpu_thread};
 pub use crate::run::{PORT_BOOT_MARK, PORT_EXIT, RunState, VmExit};
 use crate::serial::{COM1_GSI, SerialDevice, SerialOutput};
 use crate::state::{IrqchipState, StateError, VmConfig, VmState};
 use crate::vcpu::{self, VcpuCaps};
+use snap_mem::dirty::{
+    DirtyLog, DirtyTracker, DirtyTracking, KvmDirtyBitmap, KvmDirtyRing, PageBitmap,
+};
 
 /// Where KVM puts the TSS pages it needs (inside the MMIO gap, never RAM).
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -28,7 +31,7 @@ const TSS_ADDR: usize = 0xfffb_d000;
 /// A KVM virtual machine with its vCPU threads.
 pub struct Vm {
     kvm: Kvm,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     config: VmConfig,
     shared: Arc<Shared>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
@@ -83,74 +86,46 @@ fn vcpu_caps(kvm: &Kvm, vcpu: &VcpuFd) -> Result<&'static VcpuCaps, VmError> {
     Ok(CAPS.get_or_init(|| caps))
 }
 
-impl Vm {
-    /// Creates a VM, loads `image` and sets every vCPU at the program entry in long mode. The VM
-    /// starts paused: call [`Vm::resume`] to run it.
-    ///
-    /// # Errors
-    /// [`VmError::Config`] for a configuration this host cannot run (nothing is created), or the
-    /// KVM / memory error that stopped creation.
-    pub fn create(config: VmConfig, image: &BootImage) -> Result<Self, VmError> {
-        let (kvm, vm_fd, memory) = Self::create_machine(&config)?;
-        boot::load(&memory, image)?;
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
-        let output = SerialOutput::default();
-        let serial = SerialDevice::new(clone_fd(&serial_irq)?, output.clone());
-        let vcpus = (0..config.vcpus)
-            .map(|i| {
-                let fd = kvm_op("KVM_CREATE_VCPU", vm_fd.create_vcpu(u64::from(i)))?;
-                vcpu::setup_boot(&kvm, &fd, i)?;
-                Ok(fd)
-            })
-            .collect::<Result<Vec<_>, VmError>>()?;
-        Self::start_threads(
-            kvm, vm_fd, config, memory, serial, serial_irq, output, vcpus,
-        )
-    }
+/// What a VM is made of before its vCPU threads start.
+struct Machine {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemory,
+    tracker: Option<Arc<DirtyTracker>>,
+}
 
-    /// Builds a new VM from a saved state and its memory image. The VM starts paused.
-    ///
-    /// Nothing runs until everything is loaded and checked: on any error the half-built VM is
-    /// dropped and the error says what was wrong.
-    ///
-    /// # Errors
-    /// [`VmError::State`] / [`VmError::Image`] for bad input, or the KVM error.
-    pub fn restore(state: &VmState, image: &MemoryImage) -> Result<Self, VmError> {
-        state.check()?;
-        image.expect_size(state.config.memory_bytes)?;
-        let config = state.config;
-        let (kvm, vm_fd, memory) = Self::create_machine(&config)?;
-        image.load_into_fresh(&memory)?;
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
-        let output = SerialOutput::default();
-        let serial =
-            SerialDevice::from_state(&state.serial, clone_fd(&serial_irq)?, output.clone())
-                .map_err(VmError::Serial)?;
-        let vcpus = state
-            .vcpus
-            .iter()
-            .map(|s| {
-                let fd = kvm_op("KVM_CREATE_VCPU", vm_fd.create_vcpu(u64::from(s.index)))?;
-                vcpu::restore(&fd, s, true)?;
-                Ok(fd)
-            })
-            .collect::<Result<Vec<_>, VmError>>()?;
-        restore_vm_devices(&vm_fd, state)?;
-        Self::start_threads(
-            kvm, vm_fd, config, memory, serial, serial_irq, output, vcpus,
-        )
-    }
-
-    fn create_machine(config: &VmConfig) -> Result<(Kvm, VmFd, GuestMemory), VmError> {
+impl Machine {
+    fn new(config: &VmConfig, options: &VmOptions) -> Result<Self, VmError> {
         validate_config(config)?;
         vcpu::install_kick_handler().map_err(|e| VmError::Thread(e.into()))?;
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
-        let vm_fd = kvm_op("KVM_CREATE_VM", kvm.create_vm())?;
+        let vm_fd = Arc::new(kvm_op("KVM_CREATE_VM", kvm.create_vm())?);
+        let regions = layout_regions(config.memory_bytes);
+        // Dirty tracking is switched on before memory slots (manual protection) and vCPUs (rings)
+        // exist, as KVM requires.
+        let log: Option<Box<dyn DirtyLog>> = match options.dirty_tracking {
+            DirtyTracking::Off => None,
+            DirtyTracking::Bitmap => Some(Box::new(KvmDirtyBitmap::enable(
+                Arc::clone(&vm_fd),
+                &regions,
+            )?)),
+            DirtyTracking::Ring { entries } => Some(Box::new(KvmDirtyRing::enable(
+                Arc::clone(&vm_fd),
+                &regions,
+                entries,
+            )?)),
+        };
+        let tracker = log.map(|l| Arc::new(DirtyTracker::new(l, config.memory_bytes)));
         let memory = GuestMemory::new(config.memory_bytes)?;
+        let flags = if tracker.is_some() {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, r) in memory.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: r.gpa,
                 memory_size: r.len,
                 userspace_addr: memory.host_address(r.offset),
@@ -165,20 +140,127 @@ impl Vm {
         // change waits for an expedited SRCU grace period (measured here: 7 ms instead of 0.1 ms).
         kvm_op("KVM_SET_TSS_ADDR", vm_fd.set_tss_address(TSS_ADDR))?;
         kvm_op("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
-        Ok((kvm, vm_fd, memory))
+        Ok(Self {
+            kvm,
+            vm_fd,
+            memory,
+            tracker,
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start_threads(
-        kvm: Kvm,
-        vm_fd: VmFd,
+    fn create_vcpu(&self, index: u32) -> Result<VcpuFd, VmError> {
+        let fd = kvm_op("KVM_CREATE_VCPU", self.vm_fd.create_vcpu(u64::from(index)))?;
+        if let Some(ring) = self.tracker.as_ref().and_then(|t| t.log().as_ring()) {
+            ring.attach_vcpu(&fd)?;
+        }
+        Ok(fd)
+    }
+}
+
+/// How a VM runs, beyond its shape: not part of its saved state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmOptions {
+    /// How the guest's dirty pages are tracked (default: the KVM dirty bitmap).
+    pub dirty_tracking: DirtyTracking,
+}
+
+impl Vm {
+    /// Creates a VM with default [`VmOptions`], loads `image` and sets every vCPU at the program
+    /// entry in long mode. The VM starts paused: call [`Vm::resume`] to run it.
+    ///
+    /// # Errors
+    /// [`VmError::Config`] for a configuration this host cannot run (nothing is created), or the
+    /// KVM / memory error that stopped creation.
+    pub fn create(config: VmConfig, image: &BootImage) -> Result<Self, VmError> {
+        Self::create_with(config, image, &VmOptions::default())
+    }
+
+    /// As [`Vm::create`], with `options`.
+    ///
+    /// # Errors
+    /// As [`Vm::create`]; [`VmError::Dirty`] if the host cannot track dirty pages as asked.
+    pub fn create_with(
         config: VmConfig,
-        memory: GuestMemory,
+        image: &BootImage,
+        options: &VmOptions,
+    ) -> Result<Self, VmError> {
+        let machine = Machine::new(&config, options)?;
+        boot::load(&machine.memory, image)?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
+        let output = SerialOutput::default();
+        let serial = SerialDevice::new(clone_fd(&serial_irq)?, output.clone());
+        let vcpus = (0..config.vcpus)
+            .map(|i| {
+                let fd = machine.create_vcpu(i)?;
+                vcpu::setup_boot(&machine.kvm, &fd, i)?;
+                Ok(fd)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        Self::start_threads(machine, config, serial, serial_irq, output, vcpus)
+    }
+
+    /// Builds a new VM (default [`VmOptions`]) from a saved state and its memory image. The VM
+    /// starts paused.
+    ///
+    /// Nothing runs until everything is loaded and checked: on any error the half-built VM is
+    /// dropped and the error says what was wrong.
+    ///
+    /// # Errors
+    /// [`VmError::State`] / [`VmError::Image`] for bad input, or the KVM error.
+    pub fn restore(state: &VmState, image: &MemoryImage) -> Result<Self, VmError> {
+        Self::restore_with(state, image, &VmOptions::default())
+    }
+
+    /// As [`Vm::restore`], with `options`.
+    ///
+    /// # Errors
+    /// As [`Vm::restore`].
+    pub fn restore_with(
+        state: &VmState,
+        image: &MemoryImage,
+        options: &VmOptions,
+    ) -> Result<Self, VmError> {
+        state.check()?;
+        image.expect_size(state.config.memory_bytes)?;
+        let config = state.config;
+        let machine = Machine::new(&config, options)?;
+        image.load_into_fresh(&machine.memory)?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
+        let output = SerialOutput::default();
+        let serial =
+            SerialDevice::from_state(&state.serial, clone_fd(&serial_irq)?, output.clone())
+                .map_err(VmError::Serial)?;
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|s| {
+                let fd = machine.create_vcpu(s.index)?;
+                vcpu::restore(&fd, s, true)?;
+                Ok(fd)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        restore_vm_devices(&machine.vm_fd, state)?;
+        // Memory now equals the snapshot: the next diff is relative to it.
+        if let Some(t) = &machine.tracker {
+            t.reset(&machine.memory)?;
+        }
+        Self::start_threads(machine, config, serial, serial_irq, output, vcpus)
+    }
+
+    fn start_threads(
+        machine: Machine,
+        config: VmConfig,
         serial: SerialDevice,
         serial_irq: EventFd,
         output: SerialOutput,
         vcpus: Vec<VcpuFd>,
     ) -> Result<Self, VmError> {
+        let Machine {
+            kvm,
+            vm_fd,
+            memory,
+            tracker,
+        } = machine;
         kvm_op("KVM_IRQFD", vm_fd.register_irqfd(&serial_irq, COM1_GSI))?;
         let n = vcpus.len();
         let shared = Arc::new(Shared {
@@ -193,6 +275,7 @@ impl Vm {
             memory,
             serial: Mutex::new(serial),
             first_instruction: OnceLock::new(),
+            tracker,
         });
         let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
         let mut vm = Self {
@@ -222,6 +305,41 @@ impl Vm {
         let g = vm.shared.wait_parked(vm.shared.gate());
         drop(g);
         Ok(vm)
+    }
+
+    /// The pages dirtied (by the guest or the VMM) since the last [`Vm::commit_dirty`] or restore.
+    /// The VM must be paused. The pages stay pending: if the layer holding them cannot be
+    /// written, the next harvest returns them again.
+    ///
+    /// # Errors
+    /// [`VmError::NotPaused`], [`VmError::DirtyTrackingOff`], or the KVM error.
+    pub fn harvest_dirty(&self) -> Result<PageBitmap, VmError> {
+        let _c = self.control();
+        self.require_parked()?;
+        let t = self
+            .shared
+            .tracker
+            .as_ref()
+            .ok_or(VmError::DirtyTrackingOff)?;
+        Ok(t.harvest(&self.shared.memory)?)
+    }
+
+    /// The pages of the last harvest are in a durable snapshot: stop returning them.
+    pub fn commit_dirty(&self) {
+        if let Some(t) = &self.shared.tracker {
+            t.commit();
+        }
+    }
+
+    /// How many times a vCPU's dirty ring filled up (only with [`DirtyTracking::Ring`]).
+    pub fn dirty_ring_full_exits(&self) -> Option<u64> {
+        let t = self.shared.tracker.as_ref()?;
+        t.log().as_ring().map(|r| r.full_exits())
+    }
+
+    /// The name of the dirty-page log in use, if tracking is on.
+    pub fn dirty_log_name(&self) -> Option<&'static str> {
+        self.shared.tracker.as_ref().map(|t| t.log().name())
     }
 
     /// The VM's shape.
@@ -388,6 +506,14 @@ impl Vm {
         if let Err(e) = image.load_into(&self.shared.memory) {
             self.fail(format!("memory image load failed part-way: {e}"));
             return Err(e.into());
+        }
+        if let Some(t) = &self.shared.tracker {
+            if let Err(e) = t.reset(&self.shared.memory) {
+                self.fail(format!(
+                    "dirty tracking could not be reset after the restore: {e}"
+                ));
+                return Err(e.into());
+            }
         }
         let mut g = self.shared.gate();
         if !matches!(g.state, RunState::Failed(_)) {
