@@ -126,48 +126,57 @@ impl PageBitmap {
 }
 
 /// Pages the VMM itself wrote into guest memory (loaders, devices): set lock-free from any thread,
-/// taken as a whole at harvest time.
+/// taken as a whole at harvest time. A summary level (one bit per word) keeps taking cheap when
+/// few pages were written, however large memory is.
 pub struct AtomicPageBitmap {
     words: Vec<AtomicU64>,
+    summary: Vec<AtomicU64>,
     pages: u64,
 }
 
 impl AtomicPageBitmap {
     /// An empty set over `pages` pages.
     pub fn new(pages: u64) -> Self {
+        let words = pages.div_ceil(64);
         Self {
-            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            summary: (0..words.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             pages,
         }
     }
 
     /// Marks every page that `[offset, offset + len)` (bytes of memory) touches.
     pub fn mark_bytes(&self, offset: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || self.pages == 0 {
             return;
         }
         let first = offset / PAGE_SIZE;
-        let last = ((offset + len - 1) / PAGE_SIZE).min(self.pages.saturating_sub(1));
+        let last = ((offset + len - 1) / PAGE_SIZE).min(self.pages - 1);
         for p in first..=last {
-            self.words[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+            let w = p / 64;
+            self.words[w as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+            self.summary[(w / 64) as usize].fetch_or(1 << (w % 64), Ordering::Release);
         }
     }
 
     /// Moves every marked page into `into` and clears the marks.
     pub fn take_into(&self, into: &mut PageBitmap) {
-        for (i, w) in self.words.iter().enumerate() {
-            let bits = w.swap(0, Ordering::Relaxed);
-            if bits != 0 {
-                into.words[i] |= bits;
+        for (s, sw) in self.summary.iter().enumerate() {
+            // A mark sets its word before its summary bit, so a word whose summary bit was seen
+            // holds its marks; one marked after the swap below keeps its summary bit for later.
+            let mut words = sw.swap(0, Ordering::Acquire);
+            while words != 0 {
+                let w = s * 64 + words.trailing_zeros() as usize;
+                words &= words - 1;
+                into.words[w] |= self.words[w].swap(0, Ordering::Relaxed);
             }
         }
     }
 
     /// Clears every mark.
     pub fn clear(&self) {
-        for w in &self.words {
-            w.store(0, Ordering::Relaxed);
-        }
+        let mut scratch = PageBitmap::new(self.pages);
+        self.take_into(&mut scratch);
     }
 }
 

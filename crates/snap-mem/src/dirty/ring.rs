@@ -6,7 +6,7 @@
 
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -105,6 +105,8 @@ pub struct KvmDirtyRing {
     /// Pages collected by vCPU threads on ring-full exits, not yet harvested.
     overflow: Mutex<PageBitmap>,
     full_exits: AtomicU64,
+    /// Whether `overflow` may hold pages (set under the overflow lock).
+    overflow_used: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,6 +151,7 @@ impl KvmDirtyRing {
             rings: Mutex::new(Vec::new()),
             overflow: Mutex::new(PageBitmap::new(pages)),
             full_exits: AtomicU64::new(0),
+            overflow_used: AtomicBool::new(false),
         })
     }
 
@@ -197,6 +200,7 @@ impl KvmDirtyRing {
     pub fn on_ring_full(&self) -> Result<(), DirtyError> {
         self.full_exits.fetch_add(1, Ordering::Relaxed);
         let mut overflow = lock(&self.overflow);
+        self.overflow_used.store(true, Ordering::Relaxed);
         self.drain_all(&mut overflow)
     }
 }
@@ -214,10 +218,14 @@ impl DirtyLog for KvmDirtyRing {
     }
 
     fn collect(&self, into: &mut PageBitmap) -> Result<(), DirtyError> {
+        // Straight into `into`; the overflow set only holds pages of ring-full exits, and is
+        // walked only if there were any (it spans all of memory).
         let mut overflow = lock(&self.overflow);
-        self.drain_all(&mut overflow)?;
-        into.union_with(&overflow);
-        overflow.clear();
+        self.drain_all(into)?;
+        if self.overflow_used.swap(false, Ordering::Relaxed) {
+            into.union_with(&overflow);
+            overflow.clear();
+        }
         Ok(())
     }
 
