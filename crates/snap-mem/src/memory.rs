@@ -120,6 +120,43 @@ fn os_err(op: &'static str) -> MemoryError {
     }
 }
 
+/// The runs of data and holes of `file` in `[start, end)`, in order: `(offset, len, is_data)`
+/// (lseek SEEK_DATA / SEEK_HOLE).
+///
+/// # Errors
+/// The lseek error.
+pub fn data_extents(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64, bool)>> {
+    let seek = |off: u64, whence| {
+        // SAFETY: lseek on a descriptor we own; SEEK_DATA / SEEK_HOLE only move the file offset.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `off`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(end)
+            } else {
+                Err(e)
+            };
+        }
+        Ok((r as u64).min(end))
+    };
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let data = seek(pos, libc::SEEK_DATA)?;
+        if data > pos {
+            out.push((pos, data - pos, false));
+        }
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?;
+        out.push((data, hole - data, true));
+        pos = hole;
+    }
+    Ok(out)
+}
+
 impl GuestMemory {
     /// Checks that `size` is a size this host can give a guest.
     ///
@@ -327,6 +364,25 @@ impl GuestMemory {
         self.vmm_writes.clear();
     }
 
+    /// The pages that hold data: everything but the holes of the memfd (pages never touched, or
+    /// discarded). A full snapshot needs only these.
+    ///
+    /// # Errors
+    /// The lseek error.
+    pub fn resident_pages(&self) -> Result<PageBitmap, MemoryError> {
+        let mut pages = PageBitmap::for_memory(self.size);
+        let extents = data_extents(&self.file, 0, self.size).map_err(|source| MemoryError::Os {
+            op: "lseek(SEEK_DATA) guest memory",
+            source,
+        })?;
+        for (off, len, is_data) in extents {
+            if is_data {
+                pages.set_range(off / PAGE_SIZE, len.div_ceil(PAGE_SIZE));
+            }
+        }
+        Ok(pages)
+    }
+
     /// A copy of the whole memory image in file-offset order (for tests and comparisons of small
     /// guests). Pages never touched read as zero without being allocated.
     pub fn to_vec(&self) -> Vec<u8> {
@@ -373,6 +429,15 @@ mod tests {
             GuestMemory::new(huge),
             Err(MemoryError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn resident_pages_are_the_written_ones() {
+        let m = GuestMemory::new(8 << 20).unwrap();
+        m.write_at_offset(3 * 4096 + 5, &[1]).unwrap();
+        m.write_at_offset(1000 * 4096, &[1; 8192]).unwrap();
+        let r = m.resident_pages().unwrap();
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![3, 1000, 1001]);
     }
 
     #[test]

@@ -9,14 +9,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use snap_core::checksum::{crc32c_append, crc32c_append_zeros};
 use snap_core::{FormatError, FormatSpec, HEADER_LEN, HeaderInfo};
 
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, data_extents as extents};
 
 /// File format of a full memory image.
 pub const MEMORY_IMAGE_FORMAT: FormatSpec = FormatSpec {
@@ -104,39 +103,6 @@ pub enum ImageError {
         /// Checksum of the bytes read.
         found: u32,
     },
-}
-
-/// The runs of data and holes of `file` in `[start, end)`, in order: `(offset, len, is_data)`.
-fn extents(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64, bool)>> {
-    let seek = |off: u64, whence| {
-        // SAFETY: lseek on a descriptor we own; SEEK_DATA / SEEK_HOLE only move the file offset.
-        let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            // ENXIO: no data at or after `off`.
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(end)
-            } else {
-                Err(e)
-            };
-        }
-        Ok((r as u64).min(end))
-    };
-    let mut out = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        let data = seek(pos, libc::SEEK_DATA)?;
-        if data > pos {
-            out.push((pos, data - pos, false));
-        }
-        if data >= end {
-            break;
-        }
-        let hole = seek(data, libc::SEEK_HOLE)?;
-        out.push((data, hole - data, true));
-        pos = hole;
-    }
-    Ok(out)
 }
 
 /// Merges data runs separated by holes shorter than [`MERGE_GAP`].

@@ -50,9 +50,27 @@ impl PageBitmap {
     }
 
     /// Adds `n` pages starting at `first`.
+    ///
+    /// # Panics
+    /// If the range reaches outside the bitmap.
     pub fn set_range(&mut self, first: u64, n: u64) {
-        for p in first..first + n {
-            self.set(p);
+        let end = first + n;
+        assert!(
+            end <= self.pages,
+            "pages {first}..{end} outside a bitmap of {} pages",
+            self.pages
+        );
+        let mut p = first;
+        while p < end {
+            let bit = p % 64;
+            let take = (64 - bit).min(end - p);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
+            self.words[(p / 64) as usize] |= mask;
+            p += take;
         }
     }
 
@@ -196,6 +214,11 @@ mod tests {
         b.or_bits(65, &[0b101]);
         assert_eq!(b.iter().collect::<Vec<_>>(), vec![65, 67]);
         b.or_bits(128, &[1 << 5]);
+        let mut r = PageBitmap::new(200);
+        r.set_range(60, 70);
+        assert_eq!(r.iter().collect::<Vec<_>>(), (60..130).collect::<Vec<_>>());
+        r.set_range(199, 1);
+        assert_eq!(r.count(), 71);
         a.union_with(&b);
         assert_eq!(a.count(), 7);
         assert!(a.contains(133) && !a.contains(134) && !a.contains(1000));
