@@ -5,6 +5,7 @@
 //! memory layers store full and diff snapshots of memory as chains of compressed, checked files.
 
 pub mod dirty;
+pub mod layer;
 pub mod memory;
 
 pub use memory::GuestMemory;
