@@ -175,6 +175,23 @@ impl LayerInfo {
     }
 }
 
+/// One frame of a layer, as the index describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// The pages of memory the frame's region covers (clipped to the end of memory).
+    pub pages: std::ops::Range<u64>,
+    /// Pages of the region the layer holds (zero entries included).
+    pub present_pages: usize,
+    /// Pages stored with data in the frame.
+    pub stored_pages: usize,
+    /// File offset of the compressed bytes.
+    pub offset: u64,
+    /// Length of the compressed bytes (0 if the frame stores no data).
+    pub compressed_len: u32,
+    /// CRC-32C of the compressed bytes.
+    pub crc: u32,
+}
+
 /// What a layer holds for one page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageEntry {

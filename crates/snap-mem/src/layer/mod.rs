@@ -92,6 +92,8 @@ mod atomic;
 mod chain;
 mod error;
 mod format;
+#[cfg(test)]
+mod hostile_tests;
 mod mask;
 mod materialize;
 mod merge;
@@ -107,8 +109,8 @@ pub use error::{FrameProblem, LayerError};
 pub use materialize::{Restore, RestoreStats};
 pub use merge::{merge_into_child, relink_parent};
 pub use meta::{
-    DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL, Digest, LayerInfo, LayerOptions, MAX_FRAME_SIZE,
-    MAX_MEMORY_BYTES, MIN_FRAME_SIZE, NewLayer, PAGE, PageEntry, ParentRef,
+    DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL, Digest, FrameInfo, LayerInfo, LayerOptions,
+    MAX_FRAME_SIZE, MAX_MEMORY_BYTES, MIN_FRAME_SIZE, NewLayer, PAGE, PageEntry, ParentRef,
 };
 pub use page_io::{PageSink, PageSource};
 pub use reader::Layer;

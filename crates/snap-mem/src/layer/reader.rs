@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::{FrameProblem, LayerError};
 use super::format::{HEAD_LEN, INDEX_FORMAT, Index, Superblock};
-use super::meta::{LayerInfo, PAGE, PageEntry, ParentRef};
+use super::meta::{FrameInfo, LayerInfo, PAGE, PageEntry, ParentRef};
 use super::pipeline::ordered_map;
 use super::table::FrameTable;
 
@@ -164,12 +164,24 @@ impl Layer {
         self.table.len()
     }
 
-    /// The pages of memory frame `frame`'s region covers (clipped to the end of memory).
+    /// Frame `frame` as the index describes it.
     ///
     /// # Panics
     /// If `frame >= frame_count()`.
     #[must_use]
-    pub fn frame_pages(&self, frame: usize) -> Range<u64> {
+    pub fn frame(&self, frame: usize) -> FrameInfo {
+        let f = self.table.get(frame);
+        FrameInfo {
+            pages: self.frame_pages(frame),
+            present_pages: f.present.count(),
+            stored_pages: f.data.count(),
+            offset: f.offset,
+            compressed_len: f.len,
+            crc: f.crc,
+        }
+    }
+
+    fn frame_pages(&self, frame: usize) -> Range<u64> {
         let r = self.table.pages_of(frame);
         r.start..r.end.min(self.info.memory_pages())
     }
