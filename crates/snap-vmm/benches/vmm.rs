@@ -3,21 +3,20 @@
 //!   mode) created and run to its first instruction;
 //! - pause latency (request until every vCPU is parked) for 1 and 4 vCPUs, beside a bare signal
 //!   kick of a thread in KVM_RUN;
-//! - save and restore for 1 and 4 vCPUs: vCPU/device state alone, and with the full memory image,
+//! - save and restore for 1 and 4 vCPUs: vCPU/device state alone, and with a full memory layer,
 //!   beside writing + fsyncing and reading back the same number of bytes.
 //!
 //! Run: `cargo bench -p snap-vmm --bench vmm` (SNAP_BENCH_MEMORY_MIB, SNAP_BENCH_ITERS to change).
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
-use snap_vmm::{TestGuest, Vm, VmConfig, snapshot, vcpu};
+use snap_vmm::{LayerOptions, TestGuest, Vm, VmConfig, snapshot, vcpu};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -297,29 +296,26 @@ fn bench_save_restore(iters: usize, vcpus: u32, memory: u64, full: bool) {
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
     let plain = dir.path().join("plain");
-    // The baseline moves the bytes the image file holds: all of memory when full, else the
-    // pages the guest touched (untouched pages are holes in memory and in the image).
-    snapshot::save(&vm, &snap).unwrap();
-    let allocated = std::fs::metadata(snap.join(snapshot::MEMORY_FILE))
-        .unwrap()
-        .blocks()
-        * 512;
+    // The baseline moves the raw bytes the snapshot covers: all of memory when full, else the
+    // pages the guest touched (untouched pages are holes in memory and are not in the layer).
+    let resident = vm.memory().resident_pages().unwrap().count() as usize * 4096;
     let mut payload = vm.memory().to_vec();
-    payload.truncate(allocated as usize);
+    payload.truncate(resident);
     let (mut state_save, mut full_save, mut base_write) = (vec![], vec![], vec![]);
     let (mut full_restore, mut revert, mut base_read) = (vec![], vec![], vec![]);
     for _ in 0..iters {
         let t = Instant::now();
         let state = vm.save().unwrap();
         state_save.push(t.elapsed());
+        let _ = std::fs::remove_dir_all(&snap);
         let t = Instant::now();
-        snapshot::save(&vm, &snap).unwrap();
+        snapshot::save(&vm, &snap, None, &LayerOptions::default()).unwrap();
         full_save.push(t.elapsed());
         base_write.push(write_fsync(&plain, &payload));
 
-        let (_, image) = snapshot::open(&snap).unwrap();
+        let (_, chain) = snapshot::open(&snap).unwrap();
         let t = Instant::now();
-        vm.restore_in_place(&state, &image).unwrap();
+        vm.restore_in_place(&state, &chain).unwrap();
         revert.push(t.elapsed());
         let t = Instant::now();
         let restored = snapshot::restore(&snap).unwrap();
@@ -337,7 +333,7 @@ fn bench_save_restore(iters: usize, vcpus: u32, memory: u64, full: bool) {
         );
     }
     row(
-        &format!("snapshot save (state + {mib} MiB {what} image, fsync), {vcpus} vCPU"),
+        &format!("full snapshot (state + {mib} MiB {what} memory layer, fsync), {vcpus} vCPU"),
         median(&mut full_save),
         &format!("write + fsync {moved} MiB"),
         median(&mut base_write),

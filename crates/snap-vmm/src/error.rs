@@ -1,6 +1,5 @@
 //! The error type of VM operations.
 
-use crate::image::ImageError;
 use crate::memory::MemoryError;
 use crate::state::StateError;
 use crate::vcpu::VcpuError;
@@ -81,9 +80,17 @@ pub enum VmError {
     /// A saved state does not fit this VM or is inconsistent.
     #[error("saved state: {0}")]
     State(#[from] StateError),
-    /// A memory image could not be read or written.
-    #[error("memory image: {0}")]
-    Image(#[from] ImageError),
+    /// A memory layer could not be read or written (boxed: layer errors are large).
+    #[error(transparent)]
+    Layer(Box<snap_mem::layer::LayerError>),
+    /// A snapshot directory cannot be used as asked.
+    #[error("snapshot {dir}: {problem}")]
+    Snapshot {
+        /// The snapshot directory.
+        dir: std::path::PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
     /// The serial device state could not be loaded.
     #[error("serial device state: {0}")]
     Serial(String),
@@ -99,4 +106,10 @@ pub enum VmError {
     /// Waiting for the guest took longer than allowed.
     #[error("timed out waiting for the guest")]
     Timeout,
+}
+
+impl From<snap_mem::layer::LayerError> for VmError {
+    fn from(e: snap_mem::layer::LayerError) -> Self {
+        Self::Layer(Box::new(e))
+    }
 }

@@ -4,7 +4,8 @@
 //! A [`Vm`] owns guest memory (a memfd), one thread per vCPU started directly in 64-bit long mode,
 //! the in-kernel interrupt controllers and a 16550 UART. [`Vm::pause`] parks every vCPU;
 //! [`Vm::save`] returns a plain [`VmState`]; [`Vm::restore`] builds a new VM from a state and a
-//! memory image, and [`Vm::restore_in_place`] reverts an existing one.
+//! memory layer chain, and [`Vm::restore_in_place`] reverts an existing one. [`snapshot`] keeps
+//! snapshots on disk as directories: state, a full or diff memory layer, and a parent link.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -17,12 +18,13 @@
 //! vm.resume()?;
 //! vm.serial_output().wait_for_lines(10, Duration::from_secs(60));
 //! vm.pause();
-//! snapshot::save(&vm, "/tmp/snap".as_ref())?; // vm.state + memory.img
+//! let dir = std::path::Path::new("/tmp/snap-a");
+//! snapshot::save(&vm, dir, None, &Default::default())?; // vm.state + a full memory layer
 //! vm.resume()?;
 //! assert_eq!(vm.wait_for_exit(Duration::from_secs(60))?, VmExit::Finished(0));
 //!
 //! // A new VM that continues from the snapshot exactly as the original did.
-//! let clone = snapshot::restore("/tmp/snap".as_ref())?;
+//! let clone = snapshot::restore(dir)?;
 //! clone.resume()?;
 //! clone.wait_for_exit(Duration::from_secs(60))?;
 //! # Ok(())
@@ -32,7 +34,6 @@
 pub mod boot;
 pub mod error;
 pub mod guest;
-pub mod image;
 pub use snap_mem::memory;
 mod run;
 pub mod serial;
@@ -44,10 +45,10 @@ pub mod vm;
 pub use boot::BootImage;
 pub use error::{ConfigError, VmError};
 pub use guest::TestGuest;
-pub use image::{MemoryImage, write_memory_image};
 pub use serial::SerialOutput;
 pub use snap_mem::GuestMemory;
 pub use snap_mem::dirty::{DirtyTracking, PageBitmap};
+pub use snap_mem::layer::{LayerChain, LayerOptions};
 pub use state::{VmConfig, VmState};
 pub use vcpu::VcpuState;
 pub use vm::{RunState, Vm, VmExit, VmOptions};

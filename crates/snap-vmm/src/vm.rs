@@ -14,16 +14,17 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{self, BootImage, MAX_IDENTITY_GIB, MAX_VCPUS, MIN_MEMORY};
 use crate::error::{ConfigError, VmError};
-use crate::image::MemoryImage;
 use crate::memory::{GuestMemory, MMIO_GAP_END, MMIO_GAP_START, layout_regions};
 use crate::run::{Gate, Shared, vcpu_thread};
 pub use crate::run::{PORT_BOOT_MARK, PORT_EXIT, RunState, VmExit};
 use crate::serial::{COM1_GSI, SerialDevice, SerialOutput};
 use crate::state::{IrqchipState, StateError, VmConfig, VmState};
 use crate::vcpu::{self, VcpuCaps};
+use snap_core::Id;
 use snap_mem::dirty::{
     DirtyLog, DirtyTracker, DirtyTracking, KvmDirtyBitmap, KvmDirtyRing, PageBitmap,
 };
+use snap_mem::layer::{LayerChain, Restore};
 
 /// Where KVM puts the TSS pages it needs (inside the MMIO gap, never RAM).
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -40,6 +41,9 @@ pub struct Vm {
     output: SerialOutput,
     /// Serialises control operations (pause, resume, save, restore) on this VM.
     control: Mutex<()>,
+    /// The memory layer this VM's memory equals plus its dirty pages: the last snapshot taken
+    /// or restored. A diff snapshot is only correct against this layer.
+    memory_base: Mutex<Option<Id>>,
 }
 
 /// Checks that a VM of this shape can be created on this host.
@@ -199,16 +203,16 @@ impl Vm {
         Self::start_threads(machine, config, serial, serial_irq, output, vcpus)
     }
 
-    /// Builds a new VM (default [`VmOptions`]) from a saved state and its memory image. The VM
-    /// starts paused.
+    /// Builds a new VM (default [`VmOptions`]) from a saved state and the layer chain of its
+    /// memory. The VM starts paused.
     ///
     /// Nothing runs until everything is loaded and checked: on any error the half-built VM is
     /// dropped and the error says what was wrong.
     ///
     /// # Errors
-    /// [`VmError::State`] / [`VmError::Image`] for bad input, or the KVM error.
-    pub fn restore(state: &VmState, image: &MemoryImage) -> Result<Self, VmError> {
-        Self::restore_with(state, image, &VmOptions::default())
+    /// [`VmError::State`] / [`VmError::Layer`] for bad input, or the KVM error.
+    pub fn restore(state: &VmState, memory: &LayerChain) -> Result<Self, VmError> {
+        Self::restore_with(state, memory, &VmOptions::default())
     }
 
     /// As [`Vm::restore`], with `options`.
@@ -217,14 +221,14 @@ impl Vm {
     /// As [`Vm::restore`].
     pub fn restore_with(
         state: &VmState,
-        image: &MemoryImage,
+        memory: &LayerChain,
         options: &VmOptions,
     ) -> Result<Self, VmError> {
         state.check()?;
-        image.expect_size(state.config.memory_bytes)?;
+        check_chain_size(memory, &state.config)?;
         let config = state.config;
         let machine = Machine::new(&config, options)?;
-        image.load_into_fresh(&machine.memory)?;
+        memory.materialize_into(&machine.memory, Restore::Fresh)?;
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
         let output = SerialOutput::default();
         let serial =
@@ -244,7 +248,9 @@ impl Vm {
         if let Some(t) = &machine.tracker {
             t.reset(&machine.memory)?;
         }
-        Self::start_threads(machine, config, serial, serial_irq, output, vcpus)
+        let vm = Self::start_threads(machine, config, serial, serial_irq, output, vcpus)?;
+        vm.set_memory_base(Some(memory.newest().info().id));
+        Ok(vm)
     }
 
     fn start_threads(
@@ -288,6 +294,7 @@ impl Vm {
             serial_irq,
             output,
             control: Mutex::new(()),
+            memory_base: Mutex::new(None),
         };
         for i in 0..n {
             let shared = Arc::clone(&vm.shared);
@@ -335,6 +342,17 @@ impl Vm {
     pub fn dirty_ring_full_exits(&self) -> Option<u64> {
         let t = self.shared.tracker.as_ref()?;
         t.log().as_ring().map(|r| r.full_exits())
+    }
+
+    /// The memory layer this VM's memory is based on: the newest layer of the last snapshot
+    /// taken or restored (none for a VM that booted and was never snapshotted). Diff snapshots
+    /// are taken against it.
+    pub fn memory_base(&self) -> Option<Id> {
+        *self.memory_base.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_memory_base(&self, id: Option<Id>) {
+        *self.memory_base.lock().unwrap_or_else(|e| e.into_inner()) = id;
     }
 
     /// The name of the dirty-page log in use, if tracking is on.
@@ -472,16 +490,16 @@ impl Vm {
         })
     }
 
-    /// Reverts this VM to a saved state and memory image. The VM must be paused and stays paused.
+    /// Reverts this VM to a saved state and the layer chain of its memory. The VM must be paused and stays paused.
     ///
-    /// Everything is checked before anything changes: a state or image that does not fit, or
+    /// Everything is checked before anything changes: a state or memory chain that does not fit, or
     /// whose checksum fails, leaves the VM exactly as it was. If a KVM ioctl fails part-way, the
     /// VM's previous state is loaded back; only an I/O failure while copying memory leaves the VM
     /// [`RunState::Failed`], so it never runs on half-loaded memory.
     ///
     /// # Errors
-    /// [`VmError::NotPaused`], [`VmError::State`], [`VmError::Image`], or the KVM error.
-    pub fn restore_in_place(&self, state: &VmState, image: &MemoryImage) -> Result<(), VmError> {
+    /// [`VmError::NotPaused`], [`VmError::State`], [`VmError::Layer`], or the KVM error.
+    pub fn restore_in_place(&self, state: &VmState, memory: &LayerChain) -> Result<(), VmError> {
         let _c = self.control();
         self.require_parked()?;
         state.check()?;
@@ -492,8 +510,10 @@ impl Vm {
             }
             .into());
         }
-        image.expect_size(self.config.memory_bytes)?;
-        image.verify()?;
+        check_chain_size(memory, &self.config)?;
+        for layer in memory.layers() {
+            layer.verify()?;
+        }
         let previous = self.save_locked()?;
         if let Err(e) = self.load_devices(state) {
             if let Err(undo) = self.load_devices(&previous) {
@@ -503,10 +523,11 @@ impl Vm {
             }
             return Err(e);
         }
-        if let Err(e) = image.load_into(&self.shared.memory) {
-            self.fail(format!("memory image load failed part-way: {e}"));
+        if let Err(e) = memory.materialize_into(&self.shared.memory, Restore::Used) {
+            self.fail(format!("memory restore failed part-way: {e}"));
             return Err(e.into());
         }
+        self.set_memory_base(Some(memory.newest().info().id));
         if let Some(t) = &self.shared.tracker {
             if let Err(e) = t.reset(&self.shared.memory) {
                 self.fail(format!(
@@ -541,6 +562,19 @@ impl Vm {
         tracing::error!(reason = %why, "VM can no longer run");
         self.shared.gate().state = RunState::Failed(why);
     }
+}
+
+fn check_chain_size(memory: &LayerChain, config: &VmConfig) -> Result<(), VmError> {
+    if memory.memory_bytes() != config.memory_bytes {
+        return Err(StateError::Inconsistent(format!(
+            "memory layers {} describe {} bytes of memory, the VM has {}",
+            memory.newest().path().display(),
+            memory.memory_bytes(),
+            config.memory_bytes
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn clone_fd(fd: &EventFd) -> Result<EventFd, VmError> {

@@ -6,11 +6,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use snap_core::{FormatErrorKind, HEADER_LEN};
+use snap_core::FormatErrorKind;
+use snap_mem::layer::LayerError;
 use snap_vmm::error::ConfigError;
-use snap_vmm::image::ImageError;
 use snap_vmm::memory::{MemoryError, host_memory_bytes};
-use snap_vmm::snapshot::{self, MEMORY_FILE, STATE_FILE};
+use snap_vmm::snapshot::{self, MEMORY_FILE, PARENT_FILE, STATE_FILE};
 use snap_vmm::state::StateError;
 use snap_vmm::{RunState, TestGuest, Vm, VmConfig, VmError};
 
@@ -110,7 +110,7 @@ fn snapshotted(dir: &Path) -> (Vm, TestGuest) {
     let (config, guest) = small(1);
     let vm = boot(config, &guest);
     pause_after(&vm, 5);
-    snapshot::save(&vm, dir).unwrap();
+    save_full(&vm, dir);
     (vm, guest)
 }
 
@@ -147,7 +147,7 @@ fn truncated_state_file_is_refused() {
     if !kvm_available("truncated_state_file_is_refused") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = SnapDir::new();
     let (vm, guest) = snapshotted(dir.path());
     let path = dir.path().join(STATE_FILE);
     rewrite(&path, |b| b.truncate(b.len() / 2));
@@ -175,7 +175,7 @@ fn corrupted_state_file_is_refused() {
     if !kvm_available("corrupted_state_file_is_refused") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = SnapDir::new();
     let (vm, guest) = snapshotted(dir.path());
     let path = dir.path().join(STATE_FILE);
     rewrite(&path, |b| {
@@ -200,7 +200,7 @@ fn wrong_version_state_file_is_refused() {
     if !kvm_available("wrong_version_state_file_is_refused") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = SnapDir::new();
     let (vm, guest) = snapshotted(dir.path());
     let path = dir.path().join(STATE_FILE);
     rewrite(&path, |b| {
@@ -221,43 +221,79 @@ fn wrong_version_state_file_is_refused() {
 }
 
 #[test]
-fn corrupted_or_truncated_memory_image_is_refused() {
-    if !kvm_available("corrupted_or_truncated_memory_image_is_refused") {
+fn corrupted_or_truncated_memory_layer_is_refused() {
+    if !kvm_available("corrupted_or_truncated_memory_layer_is_refused") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = SnapDir::new();
     let (vm, guest) = snapshotted(dir.path());
     let path = dir.path().join(MEMORY_FILE);
     let original = std::fs::read(&path).unwrap();
-    // A flipped bit deep in guest memory: only the checksum can tell.
-    rewrite(&path, |b| b[HEADER_LEN + (5 << 20) + 17] ^= 1);
+    // A flipped bit inside the first frame's compressed bytes (frames start at 4096).
+    rewrite(&path, |b| b[4096 + 10] ^= 1);
     let e = snapshot::restore(dir.path()).err().unwrap();
     assert!(
-        matches!(e, VmError::Image(ImageError::Checksum { .. })),
+        matches!(&e, VmError::Layer(l) if matches!(**l, LayerError::Frame { frame: 0, .. })),
         "{e}"
     );
-    assert!(e.to_string().contains(MEMORY_FILE), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(MEMORY_FILE) && text.contains("frame 0"),
+        "{e}"
+    );
     let e = assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
     assert!(
-        matches!(e, VmError::Image(ImageError::Checksum { .. })),
+        matches!(&e, VmError::Layer(l) if matches!(**l, LayerError::Frame { frame: 0, .. })),
         "{e}"
     );
 
-    std::fs::write(&path, &original[..original.len() - 4096]).unwrap();
+    std::fs::write(&path, &original[..original.len() - 100]).unwrap();
     let e = snapshot::restore(dir.path()).err().unwrap();
-    match &e {
-        VmError::Image(ImageError::Header { source, .. }) => assert!(
-            matches!(
-                source.kind(),
-                FormatErrorKind::Truncated {
-                    what: "payload",
-                    ..
-                }
-            ),
-            "{e}"
-        ),
-        other => panic!("expected a truncated image, got {other}"),
+    assert!(matches!(&e, VmError::Layer(_)), "{e}");
+    assert!(e.to_string().contains(MEMORY_FILE), "{e}");
+}
+
+/// A diff snapshot whose parent link points at a snapshot its layer was not written over is
+/// refused, naming the layer, the parent it expects and the one it found.
+#[test]
+fn diff_over_the_wrong_parent_is_refused() {
+    if !kvm_available("diff_over_the_wrong_parent_is_refused") {
+        return;
     }
+    let dir = SnapDir::new();
+    let (config, guest) = small(1);
+    let vm = boot(config, &guest);
+    pause_after(&vm, 3);
+    save_full(&vm, dir.path());
+    vm.resume().unwrap();
+    pause_after(&vm, 6);
+    let diff = dir.sibling("diff");
+    snapshot::save(&vm, &diff, Some(dir.path()), &Default::default()).unwrap();
+    // Another full snapshot, then point the diff at it.
+    let other = dir.sibling("other");
+    save_full(&vm, &other);
+    std::fs::write(diff.join(PARENT_FILE), format!("{}\n", other.display())).unwrap();
+    let e = snapshot::restore(&diff).err().unwrap();
+    assert!(
+        matches!(&e, VmError::Layer(l) if matches!(**l, LayerError::WrongParent { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("diff"), "{e}");
+    // And a diff against a snapshot the VM's memory is not based on is refused at save time.
+    vm.resume().unwrap();
+    pause_after(&vm, 8);
+    let e = snapshot::save(
+        &vm,
+        &dir.sibling("bad"),
+        Some(dir.path()),
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(&e, VmError::Snapshot { .. }), "{e}");
+    assert!(
+        !dir.sibling("bad").exists(),
+        "a refused snapshot left a directory"
+    );
 }
 
 #[test]
@@ -265,7 +301,7 @@ fn state_for_another_vm_shape_is_refused() {
     if !kvm_available("state_for_another_vm_shape_is_refused") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = SnapDir::new();
     let (_vm, _) = snapshotted(dir.path());
     let (config, guest) = small(2);
     let other = boot(config, &guest);
@@ -290,8 +326,8 @@ fn state_that_kvm_refuses_part_way_is_rolled_back() {
     let (config, guest) = small(2);
     let vm = boot(config, &guest);
     pause_after(&vm, 5);
-    let dir = tempfile::tempdir().unwrap();
-    snapshot::save(&vm, dir.path()).unwrap();
+    let dir = SnapDir::new();
+    save_full(&vm, dir.path());
     let state_path = dir.path().join(STATE_FILE);
     let mut state = snap_vmm::VmState::read_file(&state_path).unwrap();
     // Paging without protected mode: KVM_SET_SREGS refuses it.

@@ -16,8 +16,8 @@ fn continuation(vcpus: u32, test: &str) {
     let (config, guest) = small(vcpus);
     let vm = boot(config, &guest);
     let cut = pause_after(&vm, 8);
-    let dir = tempfile::tempdir().unwrap();
-    snapshot::save(&vm, dir.path()).unwrap();
+    let dir = SnapDir::new();
+    save_full(&vm, dir.path());
     run_to_end(&vm);
     let original = vm.serial_output().bytes();
     assert_complete_output(&String::from_utf8_lossy(&original), &guest);
@@ -58,8 +58,8 @@ fn revert(vcpus: u32, test: &str) {
     let (config, guest) = small(vcpus);
     let vm = boot(config, &guest);
     let cut = pause_after(&vm, 5);
-    let dir = tempfile::tempdir().unwrap();
-    snapshot::save(&vm, dir.path()).unwrap();
+    let dir = SnapDir::new();
+    save_full(&vm, dir.path());
     run_to_end(&vm);
     let first = vm.serial_output().bytes();
     let first_memory = vm.memory().to_vec();
@@ -134,8 +134,8 @@ fn continuation_from_many_points() {
         for lines in [1, 7, 15, 22, 29] {
             let vm = boot(config, &guest);
             let cut = pause_after(&vm, lines);
-            let dir = tempfile::tempdir().unwrap();
-            snapshot::save(&vm, dir.path()).unwrap();
+            let dir = SnapDir::new();
+            save_full(&vm, dir.path());
             drop(vm);
             let restored = snapshot::restore(dir.path()).unwrap();
             run_to_end(&restored);
@@ -180,8 +180,8 @@ fn restore_twice_from_one_snapshot() {
     let (config, guest) = small(1);
     let vm = boot(config, &guest);
     let cut = pause_after(&vm, 4);
-    let dir = tempfile::tempdir().unwrap();
-    snapshot::save(&vm, dir.path()).unwrap();
+    let dir = SnapDir::new();
+    save_full(&vm, dir.path());
     let (state, image) = snapshot::open(dir.path()).unwrap();
     let a = Vm::restore(&state, &image).unwrap();
     let b = Vm::restore(&state, &image).unwrap();

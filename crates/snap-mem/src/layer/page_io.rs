@@ -88,6 +88,7 @@ impl PageSink for GuestMemory {
             if offset.saturating_add(data.len() as u64) > self.size() {
                 return Err(out_of_range(first_page, data.len()));
             }
+            self.mark_written(offset, data.len() as u64);
             return self.file().write_all_at(data, offset);
         }
         self.write_at_offset(offset, data).map_err(io::Error::other)

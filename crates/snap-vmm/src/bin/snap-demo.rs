@@ -1,18 +1,20 @@
-//! Demo: boots the test guest, snapshots it mid-run, lets it finish, then restores the snapshot into
-//! a new VM and reverts the original to it, checking that both continue exactly as the original did.
+//! Demo: boots the test guest, takes a full snapshot and then a diff snapshot mid-run, lets it
+//! finish, then restores the diff snapshot (through its chain) into a new VM and reverts the
+//! original to the full one, checking that each continues exactly as the original did.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use snap_vmm::{TestGuest, Vm, VmConfig, VmExit, snapshot};
+use snap_vmm::{LayerOptions, TestGuest, Vm, VmConfig, VmExit, snapshot};
 
-/// Boot the test guest, snapshot it, restore it, and show that it continues identically.
+/// Boot the test guest, snapshot it twice (full, then diff), restore and revert, and show that
+/// it continues identically.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     memory_mib: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 2)]
@@ -20,13 +22,13 @@ struct Args {
     /// Ticks the guest runs in all.
     #[arg(long, default_value_t = 30)]
     ticks: u64,
-    /// Take the snapshot once this many tick lines were printed.
-    #[arg(long, default_value_t = 10)]
+    /// Take the full snapshot once this many tick lines were printed, the diff at twice as many.
+    #[arg(long, default_value_t = 8)]
     snapshot_at: usize,
     /// Pages in the guest's working set.
     #[arg(long, default_value_t = 1024)]
     working_set_pages: u64,
-    /// Where to write the snapshot (default: a fresh temporary directory).
+    /// Directory to keep the snapshots in (default: a fresh temporary directory, removed after).
     #[arg(long)]
     dir: Option<PathBuf>,
 }
@@ -45,6 +47,37 @@ fn run_to_end(vm: &Vm) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
+/// Pauses after `lines` lines and takes a snapshot into `dir`; returns the output length then.
+fn snapshot_after(
+    vm: &Vm,
+    lines: usize,
+    dir: &Path,
+    parent: Option<&Path>,
+) -> Result<usize, Box<dyn std::error::Error>> {
+    if !vm.serial_output().wait_for_lines(lines, TIMEOUT) {
+        return Err("the guest did not reach the snapshot point".into());
+    }
+    let t = Instant::now();
+    vm.pause();
+    let paused = t.elapsed();
+    let cut = vm.serial_output().len();
+    let t = Instant::now();
+    let info = snapshot::save(vm, dir, parent, &LayerOptions::default())?;
+    println!(
+        "paused after {} lines (pause took {}); {} snapshot {}: {} pages, {} stored with data, {} KiB on disk ({})",
+        vm.serial_output().lines(),
+        ms(paused),
+        if parent.is_some() { "diff" } else { "full" },
+        dir.display(),
+        info.layer.pages_present,
+        info.layer.pages_stored,
+        info.layer.stored_bytes / 1024,
+        ms(t.elapsed())
+    );
+    vm.resume()?;
+    Ok(cut)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -60,14 +93,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mutations_per_tick: 32,
         ticks: args.ticks,
     };
-    let tmp;
-    let dir = match &args.dir {
+    let root = match &args.dir {
         Some(d) => d.clone(),
-        None => {
-            tmp = std::env::temp_dir().join(format!("snap-demo-{}", std::process::id()));
-            tmp.clone()
-        }
+        None => std::env::temp_dir().join(format!("snap-demo-{}", std::process::id())),
     };
+    std::fs::create_dir_all(&root)?;
+    let (full, diff) = (root.join("full"), root.join("diff"));
 
     let t0 = Instant::now();
     let vm = Vm::create(config, &guest.boot_image(&config)?)?;
@@ -79,59 +110,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.ticks,
         ms(t0.elapsed())
     );
-    if !vm.serial_output().wait_for_lines(args.snapshot_at, TIMEOUT) {
-        return Err("the guest did not reach the snapshot point".into());
-    }
-    let t = Instant::now();
-    vm.pause();
-    let paused = t.elapsed();
-    let cut = vm.serial_output().len();
-    let lines_at_cut = vm.serial_output().lines();
-    let t = Instant::now();
-    snapshot::save(&vm, &dir)?;
-    println!(
-        "paused after {lines_at_cut} lines (pause took {}), saved state and memory to {} ({})",
-        ms(paused),
-        dir.display(),
-        ms(t.elapsed())
-    );
+    let cut_full = snapshot_after(&vm, args.snapshot_at, &full, None)?;
+    let cut_diff = snapshot_after(&vm, 2 * args.snapshot_at, &diff, Some(&full))?;
     run_to_end(&vm)?;
     let original = vm.serial_output().bytes();
     let original_memory = vm.memory().to_vec();
-    let tail = String::from_utf8_lossy(&original[cut..]).into_owned();
     println!(
-        "original finished; {} lines after the snapshot, last: {}",
-        tail.lines().count(),
-        tail.lines().last().unwrap_or("")
+        "original finished: {} lines, last: {}",
+        vm.serial_output().lines(),
+        vm.serial_output().text().lines().last().unwrap_or("")
     );
 
     let t = Instant::now();
-    let restored = snapshot::restore(&dir)?;
-    println!("restored the snapshot into a new VM ({})", ms(t.elapsed()));
+    let restored = snapshot::restore(&diff)?;
+    println!(
+        "restored the diff snapshot (chain of 2 layers) into a new VM ({})",
+        ms(t.elapsed())
+    );
     run_to_end(&restored)?;
-    let same_output = restored.serial_output().bytes() == original[cut..];
+    let same_output = restored.serial_output().bytes() == original[cut_diff..];
     let same_memory = restored.memory().to_vec() == original_memory;
     println!(
-        "new VM: serial output after the snapshot identical: {same_output}; guest memory identical: {same_memory}"
+        "new VM: output after the snapshot identical: {same_output}; guest memory identical: {same_memory}"
     );
 
-    vm.pause();
     let before = vm.serial_output().len();
     let t = Instant::now();
-    snapshot::revert(&vm, &dir)?;
+    snapshot::revert(&vm, &full)?;
     println!(
-        "reverted the original VM to the snapshot ({})",
+        "reverted the original VM to the full snapshot ({})",
         ms(t.elapsed())
     );
     run_to_end(&vm)?;
-    let reverted = vm.serial_output().bytes();
-    let same_revert = reverted[before..] == original[cut..];
+    let same_revert = vm.serial_output().bytes()[before..] == original[cut_full..];
     let same_revert_memory = vm.memory().to_vec() == original_memory;
     println!(
         "reverted VM: output repeats exactly: {same_revert}; guest memory identical: {same_revert_memory}"
     );
     if args.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&root);
     }
     if same_output && same_memory && same_revert && same_revert_memory {
         println!("OK");
