@@ -106,3 +106,61 @@ fn chains_with_two_vcpus_both_backends() {
         "chains_with_two_vcpus_both_backends",
     );
 }
+
+/// A diff snapshot that fails after its pages were harvested loses none of them: the next diff
+/// over the same parent still holds them, and restores exactly.
+#[test]
+fn a_failed_diff_snapshot_loses_no_pages() {
+    if !kvm_available("a_failed_diff_snapshot_loses_no_pages") {
+        return;
+    }
+    for dirty in [DirtyTracking::Bitmap, DirtyTracking::Ring { entries: 4096 }] {
+        let options = VmOptions {
+            dirty_tracking: dirty,
+        };
+        let (config, guest) = small(2);
+        let model = guest.model(2).output;
+        let vm = Vm::create_with(config, &guest.boot_image(&config).unwrap(), &options).unwrap();
+        vm.resume().unwrap();
+        let root = SnapDir::new();
+        pause_after(&vm, 4);
+        save_full(&vm, root.path());
+        vm.resume().unwrap();
+        pause_after(&vm, 10);
+        // Two saves that fail after the harvest: the target's parent directory does not exist,
+        // and the layer writer refuses its options once the temporary directory exists.
+        let impossible = root.sibling("missing").join("diff");
+        let e = snapshot::save(
+            &vm,
+            &impossible,
+            Some(root.path()),
+            &LayerOptions::default(),
+        );
+        assert!(e.is_err());
+        let bad = LayerOptions {
+            frame_size: 12345,
+            ..LayerOptions::default()
+        };
+        let failed = root.sibling("failed");
+        assert!(snapshot::save(&vm, &failed, Some(root.path()), &bad).is_err());
+        assert!(!failed.exists(), "a failed snapshot left its directory");
+        let leftovers: Vec<_> = std::fs::read_dir(root.path().parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "temporary files left behind: {leftovers:?}"
+        );
+        vm.resume().unwrap();
+        let cut = pause_after(&vm, 16);
+        let diff = root.sibling("diff");
+        snapshot::save(&vm, &diff, Some(root.path()), &LayerOptions::default()).unwrap();
+        run_to_end(&vm);
+        let restored = snapshot::restore_with(&diff, &options).unwrap();
+        run_to_end(&restored);
+        assert_eq!(restored.serial_output().text(), model[cut..], "{dirty:?}");
+        assert_same_memory(&restored.memory().to_vec(), &vm.memory().to_vec());
+    }
+}
