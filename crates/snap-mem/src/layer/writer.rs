@@ -1,6 +1,7 @@
 //! Writing layer files: frames compressed on every core, written in region order, then the
 //! index and, last, the superblock; the whole file replaces its path atomically.
 
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -15,6 +16,8 @@ use super::table::{FrameRecord, FrameTable};
 
 /// Pages a worker takes at a time (a batch of regions holding about this many pages).
 const BATCH_PAGES: usize = 1024;
+/// Unwanted pages read along with wanted ones rather than splitting a read (see [`coalesce`]).
+const READ_GAP_PAGES: usize = 8;
 /// Frame bytes gathered before one write to the file.
 const WRITE_BUFFER: usize = 4 << 20;
 
@@ -272,7 +275,7 @@ pub fn write_layer<S: PageSource + ?Sized>(
         },
         |(buf, compress), &(region, wanted)| {
             let base = region * ppf;
-            for run in wanted.runs() {
+            for run in coalesce(wanted.runs()) {
                 source
                     .read_pages(
                         base + run.start as u64,
@@ -301,6 +304,19 @@ pub fn write_layer<S: PageSource + ?Sized>(
             finish_frame(path, compress, region, present, data, &buf[..stored * PAGE])
         },
     )
+}
+
+/// Runs of wanted pages, joined across gaps of up to [`READ_GAP_PAGES`]: reading a few
+/// unwanted pages costs less than another system call.
+fn coalesce(runs: impl Iterator<Item = Range<usize>>) -> impl Iterator<Item = Range<usize>> {
+    let mut runs = runs.peekable();
+    std::iter::from_fn(move || {
+        let mut run = runs.next()?;
+        while let Some(next) = runs.next_if(|n| n.start - run.end <= READ_GAP_PAGES) {
+            run.end = next.end;
+        }
+        Some(run)
+    })
 }
 
 /// Compresses a region's data pages into a [`FrameOut`] (`None` if the region holds nothing).
