@@ -346,6 +346,11 @@ fn chains_refuse_a_wrong_parent_or_size() {
         Err(LayerError::SizeMismatch { .. })
     ));
 
+    // The target memory must be the chain's size.
+    let chain = LayerChain::open(&[&base, &good]).unwrap();
+    let err = chain.materialize_into(&bigger, Restore::Fresh).unwrap_err();
+    assert!(matches!(err, LayerError::MemorySize { .. }), "{err}");
+
     // Merging needs the real child.
     let (a, b) = (Layer::open(&base).unwrap(), Layer::open(&bad).unwrap());
     let err = merge_into_child(&a, &b, &dir.path().join("m"), None).unwrap_err();
@@ -356,6 +361,10 @@ fn chains_refuse_a_wrong_parent_or_size() {
 struct FailingSource;
 
 impl PageSource for FailingSource {
+    fn page_count(&self) -> u64 {
+        PAGES
+    }
+
     fn read_pages(&self, first_page: u64, _buf: &mut [u8]) -> std::io::Result<()> {
         if first_page >= 500 {
             return Err(std::io::Error::other("disk on fire"));

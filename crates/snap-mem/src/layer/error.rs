@@ -110,6 +110,18 @@ pub enum LayerError {
         /// The reference it carries.
         found: Option<ParentRef>,
     },
+    /// The page source or the target memory is not the size of memory the layer describes.
+    #[error("memory layer {}: describes {layer_bytes} bytes of memory, but the {what} has {other_bytes}", path.display())]
+    MemorySize {
+        /// The layer file (the newest of a chain).
+        path: PathBuf,
+        /// `"page source"` or `"target memory"`.
+        what: &'static str,
+        /// Memory size the layer describes.
+        layer_bytes: u64,
+        /// Size of the source or target.
+        other_bytes: u64,
+    },
     /// A layer's memory size differs from the rest of its chain.
     #[error("memory layer {}: memory size {found} bytes, but the chain has {expected} bytes", path.display())]
     SizeMismatch {

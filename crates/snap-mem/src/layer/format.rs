@@ -229,7 +229,6 @@ impl Index {
         let bad = |e: postcard::Error| corrupt(format!("index does not parse: {e}"));
         let (link, content): (Option<WireParent>, &[u8]) =
             postcard::take_from_bytes(payload).map_err(bad)?;
-        debug_assert_eq!(split_link(path, payload).ok(), Some(content));
         let (w, rest): (WireContent, &[u8]) = postcard::take_from_bytes(content).map_err(bad)?;
         if !rest.is_empty() {
             return Err(corrupt(format!("index has {} trailing bytes", rest.len())));

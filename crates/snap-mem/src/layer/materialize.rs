@@ -53,14 +53,22 @@ impl LayerChain {
     /// only frames that win at least one data page are read. Windows are spread over every core.
     ///
     /// # Errors
-    /// A [`LayerError::Frame`] naming a damaged frame, or [`LayerError::Sink`] if the target
-    /// refuses a write.
+    /// [`LayerError::MemorySize`] if the target is another size, a [`LayerError::Frame`]
+    /// naming a damaged frame, or [`LayerError::Sink`] if the target refuses a write.
     pub fn materialize_into<S: PageSink + ?Sized>(
         &self,
         sink: &S,
         target: Restore,
     ) -> Result<RestoreStats, LayerError> {
         let pages = self.memory_bytes() / PAGE as u64;
+        if sink.page_count() != pages {
+            return Err(LayerError::MemorySize {
+                path: self.newest().path().to_path_buf(),
+                what: "target memory",
+                layer_bytes: self.memory_bytes(),
+                other_bytes: sink.page_count() * PAGE as u64,
+            });
+        }
         let wp = self
             .layers()
             .iter()

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use super::atomic::TempFile;
 use super::error::LayerError;
-use super::format::{FRAMES_OFFSET, HEAD_LEN, INDEX_FORMAT, Superblock, join_link, split_link};
+use super::format::{FRAMES_OFFSET, INDEX_FORMAT, Superblock, join_link, split_link};
 use super::mask::PageMask;
 use super::meta::{LayerInfo, LayerOptions, NewLayer, PAGE, ParentRef};
-use super::reader::{FrameScratch, Layer};
+use super::reader::{FrameScratch, Layer, read_head_and_index};
 use super::writer::{Compress, FrameOut, finish_frame, write_frames};
 
 /// One region of the merged layer (in the child's frame size) and the frames it draws on.
@@ -276,15 +276,8 @@ pub fn relink_parent(path: &Path, parent: Option<ParentRef>) -> Result<LayerInfo
         error,
     };
     let file = layer.file();
-    let frames_len = layer.info().stored_bytes - FRAMES_OFFSET;
     // Re-read the index to keep its content bytes exactly (and with them the digest).
-    let mut head = vec![0u8; HEAD_LEN];
-    file.read_exact_at(&mut head, 0)
-        .map_err(|e| io("read superblock", e))?;
-    let sb = Superblock::decode(path, &head, layer.info().stored_bytes)?;
-    let mut index_bytes = vec![0u8; sb.index_len as usize];
-    file.read_exact_at(&mut index_bytes, sb.index_offset)
-        .map_err(|e| io("read index", e))?;
+    let (sb, index_bytes) = read_head_and_index(path, file)?;
     let payload = INDEX_FORMAT
         .decode(&index_bytes)
         .map_err(|error| LayerError::Format {
@@ -305,7 +298,7 @@ pub fn relink_parent(path: &Path, parent: Option<ParentRef>) -> Result<LayerInfo
         io::copy(&mut src.take(sb.frames_len), &mut dst)
     };
     let copied = copy().map_err(|e| io("copy frames", e))?;
-    if copied != sb.frames_len || frames_len < sb.frames_len {
+    if copied != sb.frames_len {
         return Err(io(
             "copy frames",
             io::Error::new(

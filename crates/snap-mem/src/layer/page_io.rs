@@ -12,6 +12,9 @@ const WRITE_SYSCALL_MIN: usize = 64 << 10;
 
 /// Pages of memory to write into a layer. Shared by the writer's threads.
 pub trait PageSource: Sync {
+    /// Pages of memory the source holds (the layer's memory size must match).
+    fn page_count(&self) -> u64;
+
     /// Fills `buf` (a whole number of pages) with memory from page `first_page` on.
     ///
     /// # Errors
@@ -22,6 +25,10 @@ pub trait PageSource: Sync {
 /// Reads with pread on the memfd, not through the mapping, so pages the guest never touched
 /// read as zero without being allocated.
 impl PageSource for GuestMemory {
+    fn page_count(&self) -> u64 {
+        self.size() / PAGE as u64
+    }
+
     fn read_pages(&self, first_page: u64, buf: &mut [u8]) -> io::Result<()> {
         let offset = first_page
             .checked_mul(PAGE as u64)
@@ -36,6 +43,10 @@ impl PageSource for GuestMemory {
 
 /// A plain memory image (tests, tools).
 impl PageSource for [u8] {
+    fn page_count(&self) -> u64 {
+        (self.len() / PAGE) as u64
+    }
+
     fn read_pages(&self, first_page: u64, buf: &mut [u8]) -> io::Result<()> {
         let src = usize::try_from(first_page)
             .ok()
@@ -48,6 +59,10 @@ impl PageSource for [u8] {
 }
 
 impl PageSource for Vec<u8> {
+    fn page_count(&self) -> u64 {
+        self.as_slice().page_count()
+    }
+
     fn read_pages(&self, first_page: u64, buf: &mut [u8]) -> io::Result<()> {
         self.as_slice().read_pages(first_page, buf)
     }
@@ -66,6 +81,9 @@ fn out_of_range(first_page: u64, len: usize) -> io::Error {
 /// Memory a layer chain is restored into. Shared by the restoring threads, which touch
 /// disjoint pages.
 pub trait PageSink: Sync {
+    /// Pages of memory the target holds (the chain's memory size must match).
+    fn page_count(&self) -> u64;
+
     /// Stores `data` (a whole number of pages) from page `first_page` on.
     ///
     /// # Errors
@@ -82,6 +100,10 @@ pub trait PageSink: Sync {
 /// Long runs with pwrite on the memfd, short ones through the mapping; zero pages are punched
 /// out of the memfd (they read as zero and stop using host memory).
 impl PageSink for GuestMemory {
+    fn page_count(&self) -> u64 {
+        self.size() / PAGE as u64
+    }
+
     fn write_pages(&self, first_page: u64, data: &[u8]) -> io::Result<()> {
         let offset = first_page.saturating_mul(PAGE as u64);
         if data.len() >= WRITE_SYSCALL_MIN {

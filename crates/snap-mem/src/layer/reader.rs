@@ -12,6 +12,28 @@ use super::meta::{FrameInfo, LayerInfo, PAGE, PageEntry, ParentRef};
 use super::pipeline::ordered_map;
 use super::table::FrameTable;
 
+/// Reads and checks the superblock of `file`, then reads its index section (whose length the
+/// superblock check capped); the index is not checked yet.
+pub(crate) fn read_head_and_index(
+    path: &Path,
+    file: &File,
+) -> Result<(Superblock, Vec<u8>), LayerError> {
+    let io = |op, error| LayerError::Io {
+        path: path.to_path_buf(),
+        op,
+        error,
+    };
+    let file_len = file.metadata().map_err(|e| io("stat", e))?.len();
+    let mut head = vec![0u8; HEAD_LEN.min(file_len as usize)];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| io("read superblock", e))?;
+    let sb = Superblock::decode(path, &head, file_len)?;
+    let mut index_bytes = vec![0u8; sb.index_len as usize];
+    file.read_exact_at(&mut index_bytes, sb.index_offset)
+        .map_err(|e| io("read index", e))?;
+    Ok((sb, index_bytes))
+}
+
 /// Buffers and a zstd context for reading frames, reused across frames by one thread.
 #[derive(Default)]
 pub(crate) struct FrameScratch {
@@ -46,15 +68,7 @@ impl Layer {
             error,
         };
         let file = File::open(path).map_err(|e| io("open", e))?;
-        let file_len = file.metadata().map_err(|e| io("stat", e))?.len();
-        let mut head = vec![0u8; HEAD_LEN.min(file_len as usize)];
-        file.read_exact_at(&mut head, 0)
-            .map_err(|e| io("read superblock", e))?;
-        let sb = Superblock::decode(path, &head, file_len)?;
-        // Bounded by the index format's cap (checked by the superblock) and the file's length.
-        let mut index_bytes = vec![0u8; sb.index_len as usize];
-        file.read_exact_at(&mut index_bytes, sb.index_offset)
-            .map_err(|e| io("read index", e))?;
+        let (sb, index_bytes) = read_head_and_index(path, &file)?;
         let payload = INDEX_FORMAT
             .decode(&index_bytes)
             .map_err(|error| LayerError::Format {
@@ -74,7 +88,7 @@ impl Layer {
             frames: index.table.len(),
             pages_present,
             pages_stored,
-            stored_bytes: file_len,
+            stored_bytes: sb.file_len,
         };
         Ok(Self {
             path: path.to_path_buf(),

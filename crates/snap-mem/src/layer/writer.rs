@@ -227,8 +227,8 @@ pub(crate) fn write_frames<P: Sync, S>(
 /// ```
 ///
 /// # Errors
-/// [`LayerError::Options`] for bad options or memory size, [`LayerError::PageList`] for pages
-/// out of order or outside memory, [`LayerError::Source`] if the source fails, and
+/// [`LayerError::Options`] for bad options or memory size, [`LayerError::MemorySize`] if the
+/// source is another size, [`LayerError::PageList`] for pages out of order or outside memory, [`LayerError::Source`] if the source fails, and
 /// [`LayerError::Io`] for file errors (the temporary file is then removed).
 pub fn write_layer<S: PageSource + ?Sized>(
     path: &Path,
@@ -240,15 +240,29 @@ pub fn write_layer<S: PageSource + ?Sized>(
     check_new(layer, options)?;
     let ppf = (options.frame_size as usize / PAGE) as u64;
     let memory_pages = layer.memory_bytes / PAGE as u64;
+    if source.page_count() != memory_pages {
+        return Err(LayerError::MemorySize {
+            path: path.to_path_buf(),
+            what: "page source",
+            layer_bytes: layer.memory_bytes,
+            other_bytes: source.page_count() * PAGE as u64,
+        });
+    }
     let mut plans: Vec<(u64, PageMask)> = Vec::new();
-    let mut prev = None;
+    let mut prev: Option<u64> = None;
     for page in pages {
-        if prev.is_some_and(|p| page <= p) || page >= memory_pages {
+        let problem = if page >= memory_pages {
+            Some(format!(
+                "page {page} is outside memory ({memory_pages} pages)"
+            ))
+        } else {
+            prev.filter(|&p| page <= p)
+                .map(|p| format!("page {page} follows page {p} (pages must increase)"))
+        };
+        if let Some(problem) = problem {
             return Err(LayerError::PageList {
                 path: path.to_path_buf(),
-                problem: format!(
-                    "page {page} after page {prev:?} (pages must increase and be below {memory_pages})"
-                ),
+                problem,
             });
         }
         prev = Some(page);
