@@ -435,3 +435,42 @@ fn bad_options_pages_and_sources_write_nothing() {
     assert!(matches!(err, LayerError::Io { .. }), "{err}");
     assert_eq!(files_in(dir.path()), Vec::<String>::new());
 }
+
+#[test]
+fn relinking_keeps_the_frames_and_the_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory = memory_with(&[1, 2, 70, 300]);
+    let (base, info) = full(dir.path(), "0", &memory);
+    memory.write_at_offset(0, &random_page(9)).unwrap();
+    let child = diff(dir.path(), "1", info.as_parent(), &[0, 1, 300], &memory);
+    let before = Layer::open(&child).unwrap();
+    let frames: Vec<Vec<u8>> = (0..before.frame_count())
+        .map(|f| before.read_frame(f).unwrap())
+        .collect();
+
+    let other = ParentRef {
+        id: Id::random(),
+        digest: info.digest,
+    };
+    let relinked = snap_mem::layer::relink_parent(&child, Some(other)).unwrap();
+    assert_eq!(relinked.parent, Some(other));
+    assert_eq!(
+        (relinked.id, relinked.digest),
+        (before.info().id, before.info().digest)
+    );
+    let after = Layer::open(&child).unwrap();
+    after.verify().unwrap();
+    for (f, data) in frames.iter().enumerate() {
+        assert_eq!(&after.read_frame(f).unwrap(), data);
+        assert_eq!(after.frame(f), before.frame(f));
+    }
+    // The old handle still reads the old file; the chain now refuses the old parent.
+    assert_eq!(before.read_frame(0).unwrap(), frames[0]);
+    assert!(matches!(
+        LayerChain::open(&[&base, &child]),
+        Err(LayerError::WrongParent { .. })
+    ));
+    snap_mem::layer::relink_parent(&child, Some(info.as_parent())).unwrap();
+    LayerChain::open(&[&base, &child]).unwrap();
+    assert_eq!(files_in(dir.path()), vec!["0", "1"]);
+}
