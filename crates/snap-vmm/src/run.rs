@@ -157,6 +157,9 @@ impl Shared {
 pub(crate) fn vcpu_thread(index: usize, shared: &Shared, fd: &Mutex<VcpuFd>) {
     let page: *mut kvm_run = fd.lock().unwrap_or_else(|e| e.into_inner()).get_kvm_run();
     vcpu::set_thread_run_page(page);
+    // Whether the last exit was an I/O or MMIO access that KVM completes only on the next
+    // KVM_RUN. Such a vCPU must not park as it is: its saved state would be mid-instruction.
+    let mut pending_io = false;
     'outer: loop {
         // Cleared before the state check: a kick after the check leaves it set, so KVM_RUN
         // returns at once instead of entering the guest.
@@ -171,6 +174,12 @@ pub(crate) fn vcpu_thread(index: usize, shared: &Shared, fd: &Mutex<VcpuFd>) {
                     g.parked[index] = false;
                     break;
                 }
+                if pending_io {
+                    drop(g);
+                    pending_io = complete_pending_io(index, shared, fd);
+                    g = shared.gate();
+                    continue;
+                }
                 if !g.parked[index] {
                     g.parked[index] = true;
                     shared.cond.notify_all();
@@ -178,13 +187,7 @@ pub(crate) fn vcpu_thread(index: usize, shared: &Shared, fd: &Mutex<VcpuFd>) {
                 g = shared.cond.wait(g).unwrap_or_else(|e| e.into_inner());
             }
         }
-        let exit = {
-            let mut vcpu = fd.lock().unwrap_or_else(|e| e.into_inner());
-            run_once(index as u32, &mut vcpu, shared)
-        };
-        if let Some(exit) = exit {
-            shared.stop(index, exit);
-        }
+        pending_io = step(index, shared, fd);
     }
     vcpu::set_thread_run_page(std::ptr::null_mut());
     let mut g = shared.gate();
@@ -193,8 +196,31 @@ pub(crate) fn vcpu_thread(index: usize, shared: &Shared, fd: &Mutex<VcpuFd>) {
     shared.cond.notify_all();
 }
 
-/// Runs the vCPU until one exit and handles it; returns the reason if the guest stopped.
-fn run_once(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> Option<VmExit> {
+/// One KVM_RUN and its exit; returns whether the exit left an access for KVM to complete.
+fn step(index: usize, shared: &Shared, fd: &Mutex<VcpuFd>) -> bool {
+    let (exit, pending_io) = {
+        let mut vcpu = fd.lock().unwrap_or_else(|e| e.into_inner());
+        run_once(index as u32, &mut vcpu, shared)
+    };
+    if let Some(exit) = exit {
+        shared.stop(index, exit);
+    }
+    pending_io
+}
+
+/// Lets KVM finish the access of the last exit without entering the guest: KVM_RUN with
+/// `immediate_exit` set completes it and returns EINTR (KVM's documented way to make vCPU state
+/// consistent before saving it). Returns whether yet another access is pending.
+fn complete_pending_io(index: usize, shared: &Shared, fd: &Mutex<VcpuFd>) -> bool {
+    vcpu::set_immediate_exit();
+    let pending = step(index, shared, fd);
+    vcpu::clear_immediate_exit();
+    pending
+}
+
+/// Runs the vCPU until one exit and handles it. Returns the reason if the guest stopped, and
+/// whether the exit was an I/O or MMIO access, which KVM completes only on the next KVM_RUN.
+fn run_once(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> (Option<VmExit>, bool) {
     let fault = |message: String| {
         Some(VmExit::Fault {
             vcpu: index,
@@ -202,66 +228,75 @@ fn run_once(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> Option<VmExit> {
         })
     };
     match vcpu.run() {
-        Ok(VcpuExit::IoOut(port, data)) => match port {
-            p if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&p) => {
-                shared.serial().write(p, data[0]);
-                None
-            }
-            PORT_EXIT => {
-                let mut v = [0u8; 4];
-                let n = data.len().min(4);
-                v[..n].copy_from_slice(&data[..n]);
-                Some(VmExit::Finished(u32::from_le_bytes(v)))
-            }
-            PORT_BOOT_MARK => {
-                if shared.first_instruction.set(Instant::now()).is_ok() {
-                    let _g = shared.gate();
-                    shared.cond.notify_all();
+        Ok(VcpuExit::IoOut(port, data)) => {
+            let stop = match port {
+                p if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&p) => {
+                    shared.serial().write(p, data[0]);
+                    None
                 }
-                None
-            }
-            _ => None,
-        },
+                PORT_EXIT => {
+                    let mut v = [0u8; 4];
+                    let n = data.len().min(4);
+                    v[..n].copy_from_slice(&data[..n]);
+                    Some(VmExit::Finished(u32::from_le_bytes(v)))
+                }
+                PORT_BOOT_MARK => {
+                    if shared.first_instruction.set(Instant::now()).is_ok() {
+                        let _g = shared.gate();
+                        shared.cond.notify_all();
+                    }
+                    None
+                }
+                _ => None,
+            };
+            (stop, true)
+        }
         Ok(VcpuExit::IoIn(port, data)) => {
             if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port) {
                 data[0] = shared.serial().read(port);
             } else {
                 data.fill(0xff);
             }
-            None
+            (None, true)
         }
         Ok(VcpuExit::MmioRead(_, data)) => {
             data.fill(0xff);
-            None
+            (None, true)
         }
-        Ok(VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::IrqWindowOpen) => None,
-        Ok(VcpuExit::Hlt) => Some(VmExit::Halted { vcpu: index }),
-        Ok(VcpuExit::Shutdown) => Some(VmExit::Shutdown { vcpu: index }),
+        Ok(VcpuExit::MmioWrite(..)) => (None, true),
+        Ok(VcpuExit::Intr | VcpuExit::IrqWindowOpen) => (None, false),
+        Ok(VcpuExit::Hlt) => (Some(VmExit::Halted { vcpu: index }), false),
+        Ok(VcpuExit::Shutdown) => (Some(VmExit::Shutdown { vcpu: index }), false),
         Ok(VcpuExit::InternalError) => {
             // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the
             // `internal` member of the union.
             let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
             let rip = vcpu.get_regs().map_or(0, |r| r.rip);
-            Some(VmExit::InternalError {
+            let exit = VmExit::InternalError {
                 vcpu: index,
                 suberror,
                 rip,
-            })
+            };
+            (Some(exit), false)
         }
-        Ok(VcpuExit::FailEntry(reason, _)) => Some(VmExit::EntryFailed {
-            vcpu: index,
-            reason,
-        }),
+        Ok(VcpuExit::FailEntry(reason, _)) => (
+            Some(VmExit::EntryFailed {
+                vcpu: index,
+                reason,
+            }),
+            false,
+        ),
         Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
             let ring = shared.tracker.as_ref().and_then(|t| t.log().as_ring());
-            match ring.map(|r| r.on_ring_full()) {
+            let stop = match ring.map(|r| r.on_ring_full()) {
                 Some(Ok(())) => None,
                 Some(Err(e)) => fault(format!("collecting a full dirty ring: {e}")),
                 None => fault("dirty ring full without a dirty ring".into()),
-            }
+            };
+            (stop, false)
         }
-        Ok(other) => fault(format!("unhandled exit {other:?}")),
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-        Err(e) => fault(format!("KVM_RUN failed: {e}")),
+        Ok(other) => (fault(format!("unhandled exit {other:?}")), false),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => (None, false),
+        Err(e) => (fault(format!("KVM_RUN failed: {e}")), false),
     }
 }

@@ -335,6 +335,16 @@ pub(crate) fn set_thread_run_page(page: *mut kvm_run) {
     KVM_RUN_PAGE.with(|c| c.set(page));
 }
 
+/// Sets `immediate_exit` on this thread's vCPU: the next KVM_RUN completes a pending access and
+/// returns EINTR without entering the guest.
+pub(crate) fn set_immediate_exit() {
+    let page = KVM_RUN_PAGE.with(Cell::get);
+    if !page.is_null() {
+        // SAFETY: as in `on_kick`: the page belongs to this thread's vCPU and is still mapped.
+        unsafe { std::ptr::addr_of_mut!((*page).immediate_exit).write_volatile(1) };
+    }
+}
+
 /// Clears `immediate_exit` on this thread's vCPU before deciding whether to run it again.
 pub(crate) fn clear_immediate_exit() {
     let page = KVM_RUN_PAGE.with(Cell::get);
