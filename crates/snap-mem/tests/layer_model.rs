@@ -196,7 +196,7 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
     fn reads_through_every_chain_match_the_model(
@@ -221,9 +221,7 @@ proptest! {
                 Op::Snapshot { frame_kib, threads } => w.snapshot(frame_kib, threads),
                 Op::Merge { at } => w.merge(at),
             }
-            if !matches!(op, Op::Write { .. } | Op::Zero { .. }) {
-                w.check();
-            }
+            w.check();
         }
         w.snapshot(64, 2);
         w.check();
