@@ -43,12 +43,21 @@ pub(crate) struct FrameScratch {
 }
 
 /// An open memory layer file: its summary and frame table in memory, frames read on demand.
-#[derive(Debug)]
 pub struct Layer {
     path: PathBuf,
     file: File,
     info: LayerInfo,
     table: FrameTable,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The frame table can be large; the summary says what matters.
+        f.debug_struct("Layer")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Layer {
