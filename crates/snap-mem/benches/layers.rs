@@ -12,6 +12,10 @@
 //! LAYER_BENCH_DIRTY (default "1000,10000,100000"), LAYER_BENCH_CONTENTS (default
 //! "half,random,text"), LAYER_BENCH_DIR (default the temp dir).
 //! Files are in the page cache when read back (warm), for the layer and the baseline alike.
+//! Each figure and its baseline run alternately, each going first in every other round (see
+//! `time_pair`), after an untimed round per memory size, because on the nested development
+//! machine the first touch of memory the host has not backed recently is several times slower
+//! than reusing memory just freed.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
@@ -36,11 +40,39 @@ fn env_list(name: &str, default: &str) -> Vec<u64> {
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2
+    } else {
+        v[n / 2]
+    }
 }
 
 fn time_runs(reps: usize, mut f: impl FnMut() -> Duration) -> Duration {
     median((0..reps).map(|_| f()).collect())
+}
+
+/// Medians of `ours` and `base`, run alternately, each going first in every other round (`ours`
+/// in the first if `ours_first`). On this (nested) machine memory the host has not backed
+/// recently is several times slower to touch than memory just freed, so whichever run needs new
+/// memory first would pay for both.
+fn time_pair(
+    reps: usize,
+    ours_first: bool,
+    mut ours: impl FnMut() -> Duration,
+    mut base: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..reps {
+        if (i % 2 == 0) == ours_first {
+            a.push(ours());
+            b.push(base());
+        } else {
+            b.push(base());
+            a.push(ours());
+        }
+    }
+    (median(a), median(b))
 }
 
 fn timed(f: impl FnOnce()) -> Duration {
@@ -246,29 +278,33 @@ fn diff_rows(
             memory_bytes: memory.size(),
         };
         let mut stored = 0;
-        let write = time_runs(3, || {
-            let _ = std::fs::remove_file(&path);
-            timed(|| {
-                stored = write_layer(&path, &layer, chosen.iter().copied(), memory, options)
-                    .unwrap()
-                    .stored_bytes;
-            })
-        });
-        let raw = time_runs(3, || {
-            let mut buf = vec![0u8; PAGE];
-            let _ = std::fs::remove_file(&raw_path);
-            timed(|| {
-                let mut f = File::create(&raw_path).unwrap();
-                for &p in &chosen {
-                    memory
-                        .file()
-                        .read_exact_at(&mut buf, p * PAGE as u64)
-                        .unwrap();
-                    f.write_all(&buf).unwrap();
-                }
-                f.sync_all().unwrap();
-            })
-        });
+        let (write, raw) = time_pair(
+            3,
+            true,
+            || {
+                let _ = std::fs::remove_file(&path);
+                timed(|| {
+                    stored = write_layer(&path, &layer, chosen.iter().copied(), memory, options)
+                        .unwrap()
+                        .stored_bytes;
+                })
+            },
+            || {
+                let mut buf = vec![0u8; PAGE];
+                let _ = std::fs::remove_file(&raw_path);
+                timed(|| {
+                    let mut f = File::create(&raw_path).unwrap();
+                    for &p in &chosen {
+                        memory
+                            .file()
+                            .read_exact_at(&mut buf, p * PAGE as u64)
+                            .unwrap();
+                        f.write_all(&buf).unwrap();
+                    }
+                    f.sync_all().unwrap();
+                })
+            },
+        );
         rows.push(DiffRow {
             dirty: chosen.len() as u64,
             gib,
@@ -328,39 +364,50 @@ fn main() {
         let memory = GuestMemory::new(size).unwrap();
         let layer_path = dir.path().join(format!("full-{gib}.mlayer"));
         let raw_path = dir.path().join(format!("raw-{gib}"));
-        // Warm-up, untimed: the first use of fresh host memory is slow on this (nested) machine
-        // and would otherwise fall on whichever figure comes first.
-        fill(&memory, Content::Random, &text, &mut rng);
-        write_raw(&memory, &raw_path);
-        copy_into_fresh(&raw_path, size);
-        for content in contents.iter().copied() {
+        for (ci, content) in contents.iter().copied().enumerate() {
             fill(&memory, content, &text, &mut rng);
             let copy = time_runs(reps, || memcpy(&memory, &mut copy_buf));
-            let raw = time_runs(reps, || write_raw(&memory, &raw_path));
-            let mut stored = 0;
             let layer = NewLayer {
                 id: Id::random(),
                 parent: None,
                 memory_bytes: size,
             };
-            let write = time_runs(reps, || {
-                // Like the raw baseline, start without the previous file, so both write into
-                // page cache that was just freed.
-                let _ = std::fs::remove_file(&layer_path);
-                timed(|| {
-                    stored = write_layer(&layer_path, &layer, 0..pages, &memory, &options)
-                        .unwrap()
-                        .stored_bytes;
-                })
-            });
-            let chain = LayerChain::open(&[&layer_path]).unwrap();
-            let restore = time_runs(reps, || {
-                let target = GuestMemory::new(size).unwrap();
-                timed(|| {
-                    chain.materialize_into(&target, Restore::Fresh).unwrap();
-                })
-            });
-            let raw_read = time_runs(reps, || copy_into_fresh(&raw_path, size));
+            let mut stored = 0;
+            let mut measure = |reps: usize, ours_first: bool| {
+                let (write, raw) = time_pair(
+                    reps,
+                    ours_first,
+                    || {
+                        // Like the raw baseline, start without the previous file.
+                        let _ = std::fs::remove_file(&layer_path);
+                        timed(|| {
+                            stored = write_layer(&layer_path, &layer, 0..pages, &memory, &options)
+                                .unwrap()
+                                .stored_bytes;
+                        })
+                    },
+                    || write_raw(&memory, &raw_path),
+                );
+                let chain = LayerChain::open(&[&layer_path]).unwrap();
+                let (restore, raw_read) = time_pair(
+                    reps,
+                    ours_first,
+                    || {
+                        let target = GuestMemory::new(size).unwrap();
+                        timed(|| {
+                            chain.materialize_into(&target, Restore::Fresh).unwrap();
+                        })
+                    },
+                    || copy_into_fresh(&raw_path, size),
+                );
+                (write, raw, restore, raw_read)
+            };
+            if ci == 0 {
+                // Untimed round: the first use of memory the host has not backed recently is
+                // several times slower and would fall on the first figures.
+                measure(1, true);
+            }
+            let (write, raw, restore, raw_read) = measure(reps, ci % 2 == 0);
             println!(
                 "| {gib} GiB | {} | {reps} | {} | {} | {} | {:.3} | {} | {} |",
                 content.name(),
