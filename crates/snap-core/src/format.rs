@@ -26,13 +26,12 @@
 //! trailing bytes, and finally the payload checksum matches. The first failed
 //! check is reported.
 
-use std::ffi::OsString;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::atomic::AtomicFile;
 use crate::checksum::crc32c;
 
 /// Length in bytes of the header that starts every file.
@@ -447,60 +446,13 @@ fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// Writes the concatenation of `parts` to `path` atomically (temp file in the
-/// same directory, fsync, rename, fsync of the directory).
+/// Writes the concatenation of `parts` to `path` atomically (see [`AtomicFile`]).
 fn write_atomic(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-    let file_name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "destination path has no file name",
-        )
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-
-    // Create a fresh temporary file; `create_new` guarantees we never
-    // clobber (or later delete) a file we did not create.
-    let (tmp_path, mut file) = loop {
-        let mut tmp_name = OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(
-            ".{}.{}.tmp",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let tmp_path = dir.join(tmp_name);
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp_path)
-        {
-            Ok(file) => break (tmp_path, file),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-    };
-
-    let written = (|| {
-        for part in parts {
-            file.write_all(part)?;
-        }
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp_path, path)
-    })();
-    if let Err(e) = written {
-        // Best effort: the original error is the one worth reporting.
-        let _ = fs::remove_file(&tmp_path);
-        return Err(e);
+    let tmp = AtomicFile::create(path).map_err(|e| e.source)?;
+    for part in parts {
+        tmp.file().write_all(part)?;
     }
-
-    // Make the rename itself durable.
-    File::open(dir)?.sync_all()
+    tmp.commit().map_err(|e| e.source)
 }
 
 /// Why a file's bytes were rejected, together with the name of the format
@@ -709,6 +661,8 @@ pub enum FileErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
+    use std::fs;
 
     const SPEC: FormatSpec = FormatSpec {
         name: "vm state",

@@ -25,10 +25,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod atomic;
 pub mod checksum;
 pub mod format;
 pub mod id;
 
+pub use atomic::{AtomicFile, AtomicFileError};
 pub use checksum::{crc32c, crc32c_append};
 pub use format::{
     Decoded, FileError, FileErrorKind, FileOp, FormatError, FormatErrorKind, FormatSpec,

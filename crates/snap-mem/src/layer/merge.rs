@@ -11,7 +11,7 @@ use super::error::LayerError;
 use super::format::{FRAMES_OFFSET, INDEX_FORMAT, Superblock, join_link, split_link};
 use super::mask::PageMask;
 use super::meta::{LayerInfo, LayerOptions, NewLayer, PAGE, ParentRef};
-use super::reader::{FrameScratch, Layer, read_head_and_index};
+use super::reader::{FrameScratch, Layer, read_index_payload};
 use super::writer::{Compress, FrameOut, finish_frame, write_frames};
 
 /// One region of the merged layer (in the child's frame size) and the frames it draws on.
@@ -277,15 +277,8 @@ pub fn relink_parent(path: &Path, parent: Option<ParentRef>) -> Result<LayerInfo
     };
     let file = layer.file();
     // Re-read the index to keep its content bytes exactly (and with them the digest).
-    let (sb, index_bytes) = read_head_and_index(path, file)?;
-    let payload = INDEX_FORMAT
-        .decode(&index_bytes)
-        .map_err(|error| LayerError::Format {
-            path: path.to_path_buf(),
-            error,
-        })?
-        .payload;
-    let content = split_link(path, payload)?;
+    let (sb, payload) = read_index_payload(path, file)?;
+    let content = split_link(path, &payload)?;
     let new_payload = join_link(parent, content);
     let new_index = INDEX_FORMAT.encode(&new_payload);
 

@@ -13,8 +13,9 @@ use super::pipeline::ordered_map;
 use super::table::FrameTable;
 
 /// Reads and checks the superblock of `file`, then reads its index section (whose length the
-/// superblock check capped); the index is not checked yet.
-pub(crate) fn read_head_and_index(
+/// superblock check capped) and checks the section's snap-core header and checksum; returns the
+/// index payload, whose content is not checked yet.
+pub(crate) fn read_index_payload(
     path: &Path,
     file: &File,
 ) -> Result<(Superblock, Vec<u8>), LayerError> {
@@ -31,7 +32,15 @@ pub(crate) fn read_head_and_index(
     let mut index_bytes = vec![0u8; sb.index_len as usize];
     file.read_exact_at(&mut index_bytes, sb.index_offset)
         .map_err(|e| io("read index", e))?;
-    Ok((sb, index_bytes))
+    let payload = INDEX_FORMAT
+        .decode(&index_bytes)
+        .map_err(|error| LayerError::Format {
+            path: path.to_path_buf(),
+            error,
+        })?
+        .payload
+        .to_vec();
+    Ok((sb, payload))
 }
 
 /// Buffers and a zstd context for reading frames, reused across frames by one thread.
@@ -77,15 +86,8 @@ impl Layer {
             error,
         };
         let file = File::open(path).map_err(|e| io("open", e))?;
-        let (sb, index_bytes) = read_head_and_index(path, &file)?;
-        let payload = INDEX_FORMAT
-            .decode(&index_bytes)
-            .map_err(|error| LayerError::Format {
-                path: path.to_path_buf(),
-                error,
-            })?
-            .payload;
-        let (index, digest) = Index::decode(path, payload, sb.frames_len)?;
+        let (sb, payload) = read_index_payload(path, &file)?;
+        let (index, digest) = Index::decode(path, &payload, sb.frames_len)?;
         let (pages_present, pages_stored) = index.table.counts();
         let info = LayerInfo {
             id: index.id,
