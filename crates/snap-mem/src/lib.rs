@@ -6,6 +6,7 @@
 
 pub mod dirty;
 pub mod layer;
+pub mod lazy;
 pub mod memory;
 
 pub use memory::GuestMemory;

@@ -129,6 +129,50 @@ impl LayerChain {
         Ok(stats)
     }
 
+    /// Pages per window: the largest frame size of the chain, in pages. Every frame of every
+    /// layer lies inside one window, so a window is the natural unit of a lazy restore.
+    #[must_use]
+    pub fn window_pages(&self) -> u64 {
+        self.layers()
+            .iter()
+            .map(|l| l.table().pages_per_frame as u64)
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Reads window `window` (pages `window * window_pages()` on, clipped to memory) into `buf`
+    /// (`window_pages() * 4096` bytes), as the chain says it is: zero where no layer has data.
+    /// Returns whether any page holds data. Each needed frame is read once.
+    ///
+    /// # Errors
+    /// A [`LayerError::Frame`] naming a damaged frame.
+    pub fn read_window(
+        &self,
+        window: u64,
+        buf: &mut [u8],
+        scratch: &mut WindowScratch,
+    ) -> Result<bool, LayerError> {
+        let wp = self.window_pages();
+        let pages = self.memory_bytes() / PAGE as u64;
+        assert_eq!(buf.len() as u64, wp * PAGE as u64, "window buffer size");
+        buf.fill(0);
+        let sink = BufferSink {
+            first_page: window * wp,
+            buf: std::sync::Mutex::new(buf),
+        };
+        let mut stats = RestoreStats::default();
+        self.restore_window(
+            &sink,
+            Restore::Fresh,
+            window,
+            wp,
+            pages,
+            &mut scratch.0,
+            &mut stats,
+        )?;
+        Ok(stats.pages_written > 0)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn restore_window<S: PageSink + ?Sized>(
         &self,
@@ -182,6 +226,33 @@ impl LayerChain {
                 zero(sink, at..at + run.len() as u64, stats)?;
             }
         }
+        Ok(())
+    }
+}
+
+/// Reusable buffers for [`LayerChain::read_window`], one per reading thread.
+#[derive(Default)]
+pub struct WindowScratch(FrameScratch);
+
+/// A window buffer as a restore target.
+struct BufferSink<'b> {
+    first_page: u64,
+    buf: std::sync::Mutex<&'b mut [u8]>,
+}
+
+impl PageSink for BufferSink<'_> {
+    fn page_count(&self) -> u64 {
+        u64::MAX
+    }
+
+    fn write_pages(&self, first_page: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let at = ((first_page - self.first_page) as usize) * PAGE;
+        buf[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn zero_pages(&self, _first_page: u64, _count: u64) -> std::io::Result<()> {
         Ok(())
     }
 }

@@ -106,7 +106,7 @@ mod writer;
 
 pub use chain::LayerChain;
 pub use error::{FrameProblem, LayerError};
-pub use materialize::{Restore, RestoreStats};
+pub use materialize::{Restore, RestoreStats, WindowScratch};
 pub use merge::{merge_into_child, relink_parent};
 pub use meta::{
     DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL, Digest, FrameInfo, LayerInfo, LayerOptions,

@@ -1,0 +1,373 @@
+//! Lazy memory restore: guest memory is registered with userfaultfd and filled from a memory
+//! layer chain as it is touched, while a background filler installs the windows not touched yet.
+//!
+//! One server thread owns the userfaultfd. It serves faults first (each fault installs the whole
+//! window around it: the chain's largest frame size, read and decompressed once) and, whenever no
+//! fault waits, installs the next window nobody asked for, so the server can finish. A window
+//! whose content is all zero is installed with UFFDIO_ZEROPAGE. A window that cannot be read (a
+//! damaged frame, a missing file) stops the server with an error naming the layer and the frame:
+//! the owner must then stop the guest; it is never given wrong memory.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use userfaultfd::{Event, Uffd, UffdBuilder};
+
+use crate::layer::{LayerChain, LayerError, WindowScratch};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+
+/// Errors of a lazy restore.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LazyError {
+    /// userfaultfd could not be set up.
+    #[error("userfaultfd: {0}")]
+    Setup(String),
+    /// A window of memory could not be read from the layer chain.
+    #[error("lazy restore cannot serve pages {first}..{end}: {source}")]
+    Source {
+        /// First page of the window.
+        first: u64,
+        /// End of the window.
+        end: u64,
+        /// What the chain reported (names the layer file and frame).
+        #[source]
+        source: Box<LayerError>,
+    },
+    /// Installing pages failed.
+    #[error("lazy restore cannot install pages {first}..{end}: {message}")]
+    Install {
+        /// First page of the window.
+        first: u64,
+        /// End of the window.
+        end: u64,
+        /// The ioctl error.
+        message: String,
+    },
+    /// The chain is not the size of the memory.
+    #[error("layer chain of {chain} bytes restored into memory of {memory} bytes")]
+    SizeMismatch {
+        /// Bytes the chain describes.
+        chain: u64,
+        /// Bytes of memory.
+        memory: u64,
+    },
+}
+
+/// Counters of a lazy restore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LazyStats {
+    /// Faults served (windows installed because something touched them).
+    pub faults: u64,
+    /// Windows installed by the background filler.
+    pub filled: u64,
+    /// Windows installed as zero pages.
+    pub zero_windows: u64,
+}
+
+struct Shared {
+    uffd: Uffd,
+    base: usize,
+    memory_bytes: u64,
+    window_pages: u64,
+    windows: u64,
+    chain: LayerChain,
+    installed: Vec<AtomicBool>,
+    stop: AtomicBool,
+    faults: AtomicU64,
+    filled: AtomicU64,
+    zero_windows: AtomicU64,
+    /// `None` while running; then the outcome.
+    outcome: Mutex<Option<Result<(), String>>>,
+    done: Condvar,
+}
+
+// SAFETY: `base` is the address of the guest memory mapping, only used to compute ioctl ranges;
+// the mapping outlives the server (the owner keeps the GuestMemory alive until `finish`/drop).
+unsafe impl Send for Shared {}
+// SAFETY: as above; every other field is Sync.
+unsafe impl Sync for Shared {}
+
+/// A running lazy restore of one guest memory from one layer chain.
+pub struct PageServer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PageServer {
+    /// Registers `memory` (all zero, never touched) with userfaultfd and starts serving it from
+    /// `chain`. The guest may run as soon as this returns.
+    ///
+    /// # Errors
+    /// [`LazyError::SizeMismatch`], or [`LazyError::Setup`] if userfaultfd is unavailable.
+    pub fn start(memory: &GuestMemory, chain: LayerChain) -> Result<Self, LazyError> {
+        if chain.memory_bytes() != memory.size() {
+            return Err(LazyError::SizeMismatch {
+                chain: chain.memory_bytes(),
+                memory: memory.size(),
+            });
+        }
+        // Faults taken inside the kernel (KVM reading guest memory) must reach us too.
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| LazyError::Setup(format!("create: {e}")))?;
+        let base = memory.host_address(0);
+        uffd.register(base as *mut libc::c_void, memory.size() as usize)
+            .map_err(|e| LazyError::Setup(format!("register: {e}")))?;
+        let window_pages = chain.window_pages();
+        let windows = (memory.size() / PAGE_SIZE).div_ceil(window_pages);
+        let shared = Arc::new(Shared {
+            uffd,
+            base: base as usize,
+            memory_bytes: memory.size(),
+            window_pages,
+            windows,
+            chain,
+            installed: (0..windows).map(|_| AtomicBool::new(false)).collect(),
+            stop: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            filled: AtomicU64::new(0),
+            zero_windows: AtomicU64::new(0),
+            outcome: Mutex::new(None),
+            done: Condvar::new(),
+        });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("page-server".into())
+            .spawn(move || serve(&s))
+            .map_err(|e| LazyError::Setup(format!("server thread: {e}")))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LazyStats {
+        LazyStats {
+            faults: self.shared.faults.load(Ordering::Relaxed),
+            filled: self.shared.filled.load(Ordering::Relaxed),
+            zero_windows: self.shared.zero_windows.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every window is installed (or the server failed).
+    ///
+    /// # Errors
+    /// The error that stopped the server, naming the layer and frame.
+    pub fn wait(&self) -> Result<LazyStats, String> {
+        let mut outcome = self
+            .shared
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        while outcome.is_none() {
+            outcome = self
+                .shared
+                .done
+                .wait(outcome)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        outcome.clone().expect("set above").map(|()| self.stats())
+    }
+
+    /// The error that stopped the server, if it failed.
+    pub fn failure(&self) -> Option<String> {
+        match &*self
+            .shared
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn finish(s: &Shared, outcome: Result<(), String>) {
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "lazy restore failed");
+    }
+    *s.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+    s.done.notify_all();
+}
+
+/// The server thread: faults first, the filler when idle, until every window is installed.
+fn serve(s: &Shared) {
+    let mut scratch = WindowScratch::default();
+    let mut buf = vec![0u8; (s.window_pages * PAGE_SIZE) as usize];
+    let mut next_fill = 0;
+    let mut remaining = s.windows;
+    while remaining > 0 && !s.stop.load(Ordering::Relaxed) {
+        // Drain the faults that are waiting.
+        loop {
+            match s.uffd.read_event() {
+                Ok(Some(Event::Pagefault { addr, .. })) => {
+                    let page = (addr as usize - s.base) as u64 / PAGE_SIZE;
+                    let window = page / s.window_pages;
+                    match install(s, window, &mut buf, &mut scratch) {
+                        Ok(true) => {
+                            s.faults.fetch_add(1, Ordering::Relaxed);
+                            remaining -= 1;
+                        }
+                        Ok(false) => wake(s, window),
+                        Err(e) => return finish(s, Err(e.to_string())),
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return finish(s, Err(format!("reading userfaultfd events: {e}"))),
+            }
+        }
+        // One window nobody asked for, then look at faults again.
+        while next_fill < s.windows && s.installed[next_fill as usize].load(Ordering::Relaxed) {
+            next_fill += 1;
+        }
+        if next_fill < s.windows {
+            match install(s, next_fill, &mut buf, &mut scratch) {
+                Ok(true) => {
+                    s.filled.fetch_add(1, Ordering::Relaxed);
+                    remaining -= 1;
+                }
+                Ok(false) => {}
+                Err(e) => return finish(s, Err(e.to_string())),
+            }
+        } else if remaining > 0 {
+            wait_readable(s);
+        }
+    }
+    let _ = s
+        .uffd
+        .unregister(s.base as *mut libc::c_void, s.memory_bytes as usize);
+    finish(s, Ok(()));
+}
+
+fn wait_readable(s: &Shared) {
+    let mut pfd = libc::pollfd {
+        fd: s.uffd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, 100) };
+}
+
+/// Wakes threads waiting on a window another path already installed.
+fn wake(s: &Shared, window: u64) {
+    let (start, len) = range(s, window);
+    let _ = s.uffd.wake(start as *mut libc::c_void, len);
+}
+
+fn range(s: &Shared, window: u64) -> (usize, usize) {
+    let first = window * s.window_pages * PAGE_SIZE;
+    let end = ((window + 1) * s.window_pages * PAGE_SIZE).min(s.memory_bytes);
+    (s.base + first as usize, (end - first) as usize)
+}
+
+/// Installs window `window` if it is not yet; returns whether this call installed it.
+fn install(
+    s: &Shared,
+    window: u64,
+    buf: &mut [u8],
+    scratch: &mut WindowScratch,
+) -> Result<bool, LazyError> {
+    if s.installed[window as usize].load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+    let first = window * s.window_pages;
+    let (start, len) = range(s, window);
+    let end = first + len as u64 / PAGE_SIZE;
+    let has_data = s
+        .chain
+        .read_window(window, buf, scratch)
+        .map_err(|e| LazyError::Source {
+            first,
+            end,
+            source: Box::new(e),
+        })?;
+    let mut done = 0;
+    while done < len {
+        let dst = (start + done) as *mut libc::c_void;
+        let result = if has_data {
+            // SAFETY: `buf` holds `len` valid bytes and dst..dst+len lies in the registered
+            // guest memory mapping, which is alive while the server runs.
+            unsafe {
+                s.uffd
+                    .copy(buf[done..].as_ptr().cast(), dst, len - done, true)
+            }
+        } else {
+            // SAFETY: as above, for the destination range.
+            unsafe { s.uffd.zeropage(dst, len - done, true) }
+        };
+        match result {
+            Ok(n) => done += n,
+            // Interrupted part-way (the address space changed): retry the rest.
+            Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
+            Err(e) if is_eexist(&e) => {
+                // Some page of the window is present already (written through the memfd):
+                // install page by page around it.
+                install_pages(s, start + done, &buf[done..len], has_data)?;
+                done = len;
+            }
+            Err(e) => {
+                return Err(LazyError::Install {
+                    first,
+                    end,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    if !has_data {
+        s.zero_windows.fetch_add(1, Ordering::Relaxed);
+    }
+    s.installed[window as usize].store(true, Ordering::Relaxed);
+    Ok(true)
+}
+
+fn install_pages(s: &Shared, start: usize, bytes: &[u8], has_data: bool) -> Result<(), LazyError> {
+    for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+        let dst = (start + i * PAGE_SIZE as usize) as *mut libc::c_void;
+        let result = if has_data {
+            // SAFETY: one page of `bytes` into one page of the registered mapping.
+            unsafe { s.uffd.copy(page.as_ptr().cast(), dst, page.len(), true) }
+        } else {
+            // SAFETY: one page of the registered mapping.
+            unsafe { s.uffd.zeropage(dst, page.len(), true) }
+        };
+        match result {
+            Ok(_) => {}
+            Err(e) if is_eexist(&e) => {}
+            Err(e) => {
+                let page = (start - s.base) as u64 / PAGE_SIZE + i as u64;
+                return Err(LazyError::Install {
+                    first: page,
+                    end: page + 1,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether an install failed only because the pages are present already.
+fn is_eexist(e: &userfaultfd::Error) -> bool {
+    matches!(e, userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno)
+        if *errno as i32 == libc::EEXIST)
+}

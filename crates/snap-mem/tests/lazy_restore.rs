@@ -1,0 +1,140 @@
+//! Lazy restore through userfaultfd: memory touched in random order by several threads while
+//! the background filler runs ends up exactly the chain's image; a damaged frame stops the server
+//! with an error naming the layer and the frame.
+
+use snap_core::Id;
+use snap_mem::GuestMemory;
+use snap_mem::layer::{LayerChain, LayerOptions, NewLayer, write_layer};
+use snap_mem::lazy::PageServer;
+
+const SIZE: u64 = 32 << 20;
+const PAGES: u64 = SIZE / 4096;
+
+fn uffd_available(test: &str) -> bool {
+    // SAFETY: the userfaultfd syscall with valid flags; the returned fd is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if fd >= 0 {
+        // SAFETY: closing the fd just opened.
+        unsafe { libc::close(fd as i32) };
+        return true;
+    }
+    let e = std::io::Error::last_os_error();
+    if std::env::var("SNAP_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{test}: SNAP_REQUIRE_KVM=1 but userfaultfd is unavailable: {e}");
+    }
+    println!("SKIP {test}: userfaultfd unavailable: {e}");
+    false
+}
+
+/// A two-layer chain over scattered data (and long zero stretches), and the image it encodes.
+fn chain(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, Vec<u8>) {
+    let mem = GuestMemory::new(SIZE).unwrap();
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut pages: Vec<u64> = (0..3000).map(|_| next() % (PAGES / 2)).collect();
+    pages.sort_unstable();
+    pages.dedup();
+    for &p in &pages {
+        mem.write_at_offset(p * 4096 + (next() % 4000), &next().to_le_bytes())
+            .unwrap();
+    }
+    let options = LayerOptions {
+        frame_size: 64 << 10,
+        ..LayerOptions::default()
+    };
+    let full = dir.join("full");
+    let base = write_layer(
+        &full,
+        &NewLayer {
+            id: Id::random(),
+            parent: None,
+            memory_bytes: SIZE,
+        },
+        pages.iter().copied(),
+        &mem,
+        &options,
+    )
+    .unwrap();
+    let mut dirty: Vec<u64> = (0..500).map(|_| next() % PAGES).collect();
+    dirty.sort_unstable();
+    dirty.dedup();
+    for &p in &dirty {
+        mem.write_at_offset(p * 4096, &next().to_le_bytes())
+            .unwrap();
+    }
+    let diff = dir.join("diff");
+    write_layer(
+        &diff,
+        &NewLayer {
+            id: Id::random(),
+            parent: Some(base.as_parent()),
+            memory_bytes: SIZE,
+        },
+        dirty.iter().copied(),
+        &mem,
+        &options,
+    )
+    .unwrap();
+    (vec![full, diff], mem.to_vec())
+}
+
+#[test]
+fn lazily_restored_memory_equals_the_chain() {
+    if !uffd_available("lazily_restored_memory_equals_the_chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, image) = chain(dir.path());
+    let target = GuestMemory::new(SIZE).unwrap();
+    let server = PageServer::start(&target, LayerChain::open(&paths).unwrap()).unwrap();
+    // Two threads read pages in scattered order through the mapping (faults), while the
+    // filler installs the rest.
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (target, image) = (&target, &image);
+            s.spawn(move || {
+                let mut page = [0u8; 4096];
+                for i in 0..400u64 {
+                    let p = (i * 7919 + t * 104_729) % PAGES;
+                    target.read(p * 4096, &mut page).unwrap();
+                    let at = (p * 4096) as usize;
+                    assert_eq!(&page[..], &image[at..at + 4096], "page {p}");
+                }
+            });
+        }
+    });
+    let stats = server.wait().unwrap();
+    assert!(stats.faults > 0, "no fault was served: {stats:?}");
+    assert!(stats.filled > 0 && stats.zero_windows > 0, "{stats:?}");
+    assert_eq!(
+        stats.faults + stats.filled,
+        PAGES.div_ceil(16),
+        "every 64 KiB window installed exactly once"
+    );
+    assert!(
+        target.to_vec() == image,
+        "restored memory differs from the chain's image"
+    );
+}
+
+#[test]
+fn a_damaged_frame_stops_the_server_naming_layer_and_frame() {
+    if !uffd_available("a_damaged_frame_stops_the_server_naming_layer_and_frame") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _) = chain(dir.path());
+    let mut bytes = std::fs::read(&paths[0]).unwrap();
+    bytes[4096 + 3] ^= 0x20;
+    std::fs::write(&paths[0], bytes).unwrap();
+    let target = GuestMemory::new(SIZE).unwrap();
+    let server = PageServer::start(&target, LayerChain::open(&paths).unwrap()).unwrap();
+    let e = server.wait().unwrap_err();
+    assert!(e.contains("full") && e.contains("frame 0"), "{e}");
+    assert_eq!(server.failure().as_deref(), Some(e.as_str()));
+}
