@@ -5,8 +5,9 @@
 //! window around it: the chain's largest frame size, read and decompressed once) and, whenever no
 //! fault waits, installs the next window nobody asked for, so the server can finish. A window
 //! whose content is all zero is installed with UFFDIO_ZEROPAGE. A window that cannot be read (a
-//! damaged frame, a missing file) stops the server with an error naming the layer and the frame:
-//! the owner must then stop the guest; it is never given wrong memory.
+//! damaged frame, a missing file) stops the server with an error naming the layer and the frame,
+//! after the owner's failure hook has stopped the guest (see [`FailureHook`]); the guest never
+//! runs on wrong memory.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,7 +83,12 @@ struct Shared {
     /// `None` while running; then the outcome.
     outcome: Mutex<Option<Result<(), String>>>,
     done: Condvar,
+    on_failure: Option<FailureHook>,
 }
+
+/// Called on the server thread when the restore fails, before anything else happens: the owner
+/// stops the guest there (the faulting vCPUs stay blocked until it does).
+pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 
 // SAFETY: `base` is the address of the guest memory mapping, only used to compute ioctl ranges;
 // the mapping outlives the server (the owner keeps the GuestMemory alive until `finish`/drop).
@@ -103,6 +109,18 @@ impl PageServer {
     /// # Errors
     /// [`LazyError::SizeMismatch`], or [`LazyError::Setup`] if userfaultfd is unavailable.
     pub fn start(memory: &GuestMemory, chain: LayerChain) -> Result<Self, LazyError> {
+        Self::start_with_hook(memory, chain, None)
+    }
+
+    /// As [`PageServer::start`], calling `on_failure` with the error if the restore fails.
+    ///
+    /// # Errors
+    /// As [`PageServer::start`].
+    pub fn start_with_hook(
+        memory: &GuestMemory,
+        chain: LayerChain,
+        on_failure: Option<FailureHook>,
+    ) -> Result<Self, LazyError> {
         if chain.memory_bytes() != memory.size() {
             return Err(LazyError::SizeMismatch {
                 chain: chain.memory_bytes(),
@@ -135,6 +153,7 @@ impl PageServer {
             zero_windows: AtomicU64::new(0),
             outcome: Mutex::new(None),
             done: Condvar::new(),
+            on_failure,
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -176,6 +195,18 @@ impl PageServer {
         outcome.clone().expect("set above").map(|()| self.stats())
     }
 
+    /// Whether every window is installed.
+    pub fn is_complete(&self) -> bool {
+        matches!(
+            &*self
+                .shared
+                .outcome
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            Some(Ok(()))
+        )
+    }
+
     /// The error that stopped the server, if it failed.
     pub fn failure(&self) -> Option<String> {
         match &*self
@@ -202,6 +233,16 @@ impl Drop for PageServer {
 fn finish(s: &Shared, outcome: Result<(), String>) {
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "lazy restore failed");
+        // First the owner stops the guest (its vCPUs get a signal pending), then the range is
+        // unregistered, which wakes every thread blocked on a fault: their faults are retried
+        // without us (fresh zero pages) and KVM, seeing the signal, returns to userspace before
+        // the guest executes anything on them.
+        if let Some(hook) = &s.on_failure {
+            hook(e);
+        }
+        let _ = s
+            .uffd
+            .unregister(s.base as *mut libc::c_void, s.memory_bytes as usize);
     }
     *s.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
     s.done.notify_all();

@@ -26,6 +26,7 @@ fn bench(gib: u64, dirty: DirtyTracking, iters: usize) -> (Duration, u64) {
     };
     let options = VmOptions {
         dirty_tracking: dirty,
+        ..VmOptions::default()
     };
     let vm = Vm::create_with(config, &guest.boot_image(&config).unwrap(), &options).unwrap();
     vm.harvest_dirty().unwrap();

@@ -100,6 +100,9 @@ pub enum VmError {
     /// Dirty pages were asked for on a VM created without dirty tracking.
     #[error("this VM was created without dirty-page tracking")]
     DirtyTrackingOff,
+    /// A lazy restore could not be started.
+    #[error(transparent)]
+    Lazy(#[from] snap_mem::lazy::LazyError),
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -145,6 +145,18 @@ impl Shared {
         }
     }
 
+    /// Stops the guest for good: the VM is [`RunState::Failed`] and every vCPU is kicked out of
+    /// KVM_RUN (also out of a page fault it waits in).
+    pub(crate) fn fail(&self, why: String) {
+        let mut g = self.gate();
+        if !matches!(g.state, RunState::Failed(_)) {
+            tracing::error!(reason = %why, "VM can no longer run");
+            g.state = RunState::Failed(why);
+        }
+        Self::kick(&g, None);
+        self.cond.notify_all();
+    }
+
     pub(crate) fn wait_parked<'a>(&'a self, mut g: MutexGuard<'a, Gate>) -> MutexGuard<'a, Gate> {
         while !g.parked.iter().all(|&p| p) {
             g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());

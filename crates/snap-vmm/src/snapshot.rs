@@ -13,7 +13,7 @@ use snap_mem::layer::{Layer, LayerChain, LayerInfo, LayerOptions, NewLayer, writ
 
 use crate::error::VmError;
 use crate::state::VmState;
-use crate::vm::{Vm, VmOptions};
+use crate::vm::{MemoryRestore, Vm, VmOptions};
 
 /// Name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "vm.state";
@@ -66,6 +66,8 @@ pub fn save(
     if dir.exists() {
         return Err(snapshot_err(dir, "already exists"));
     }
+    // Pages a lazy restore has not installed yet read as zero through the memfd.
+    vm.wait_memory_resident()?;
     let state = vm.save()?;
     let dirty = match vm.harvest_dirty() {
         Ok(d) => Some(d),
@@ -215,7 +217,10 @@ pub fn restore(dir: &Path) -> Result<Vm, VmError> {
 /// As [`open`] and [`Vm::restore_with`].
 pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
     let (state, chain) = open(dir)?;
-    Vm::restore_with(&state, &chain, options)
+    match options.memory_restore {
+        MemoryRestore::Eager => Vm::restore_with(&state, &chain, options),
+        MemoryRestore::Lazy => Vm::restore_lazy(&state, chain, options),
+    }
 }
 
 /// Reverts `vm` (paused) to the snapshot in `dir`; it stays paused.

@@ -25,6 +25,7 @@ use snap_mem::dirty::{
     DirtyLog, DirtyTracker, DirtyTracking, KvmDirtyBitmap, KvmDirtyRing, PageBitmap,
 };
 use snap_mem::layer::{LayerChain, Restore};
+use snap_mem::lazy::{FailureHook, LazyStats, PageServer};
 
 /// Where KVM puts the TSS pages it needs (inside the MMIO gap, never RAM).
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -44,6 +45,8 @@ pub struct Vm {
     /// The memory layer this VM's memory equals plus its dirty pages: the last snapshot taken
     /// or restored. A diff snapshot is only correct against this layer.
     memory_base: Mutex<Option<Id>>,
+    /// The lazy restore serving this VM's memory, while it runs or after it finished.
+    page_server: Mutex<Option<PageServer>>,
 }
 
 /// Checks that a VM of this shape can be created on this host.
@@ -161,11 +164,24 @@ impl Machine {
     }
 }
 
+/// How a restored VM gets its memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MemoryRestore {
+    /// Everything is installed before the first guest instruction.
+    #[default]
+    Eager,
+    /// The guest runs at once; pages arrive through userfaultfd when touched, and a background
+    /// filler installs the rest.
+    Lazy,
+}
+
 /// How a VM runs, beyond its shape: not part of its saved state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VmOptions {
     /// How the guest's dirty pages are tracked (default: the KVM dirty bitmap).
     pub dirty_tracking: DirtyTracking,
+    /// How a restore installs memory (default: eagerly).
+    pub memory_restore: MemoryRestore,
 }
 
 impl Vm {
@@ -224,6 +240,12 @@ impl Vm {
         memory: &LayerChain,
         options: &VmOptions,
     ) -> Result<Self, VmError> {
+        if options.memory_restore == MemoryRestore::Lazy {
+            return Err(VmError::Snapshot {
+                dir: memory.newest().path().to_path_buf(),
+                problem: "a lazy restore takes the chain by value: use Vm::restore_lazy".into(),
+            });
+        }
         state.check()?;
         check_chain_size(memory, &state.config)?;
         let config = state.config;
@@ -251,6 +273,73 @@ impl Vm {
         let vm = Self::start_threads(machine, config, serial, serial_irq, output, vcpus)?;
         vm.set_memory_base(Some(memory.newest().info().id));
         Ok(vm)
+    }
+
+    /// Builds a new, paused VM whose memory is restored lazily from `memory`: nothing is copied
+    /// before the guest may run. If a page cannot be served (a damaged frame, a missing file) the
+    /// VM stops in [`RunState::Failed`] with the error naming the layer and the frame; it never
+    /// runs on wrong memory.
+    ///
+    /// # Errors
+    /// As [`Vm::restore`], and [`VmError::Lazy`] if userfaultfd cannot be set up.
+    pub fn restore_lazy(
+        state: &VmState,
+        memory: LayerChain,
+        options: &VmOptions,
+    ) -> Result<Self, VmError> {
+        state.check()?;
+        check_chain_size(&memory, &state.config)?;
+        let config = state.config;
+        let base = memory.newest().info().id;
+        let machine = Machine::new(&config, options)?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
+        let output = SerialOutput::default();
+        let serial =
+            SerialDevice::from_state(&state.serial, clone_fd(&serial_irq)?, output.clone())
+                .map_err(VmError::Serial)?;
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|s| {
+                let fd = machine.create_vcpu(s.index)?;
+                vcpu::restore(&fd, s, true)?;
+                Ok(fd)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        restore_vm_devices(&machine.vm_fd, state)?;
+        if let Some(t) = &machine.tracker {
+            t.reset(&machine.memory)?;
+        }
+        let vm = Self::start_threads(machine, config, serial, serial_irq, output, vcpus)?;
+        let shared = Arc::downgrade(&vm.shared);
+        let hook: FailureHook = Box::new(move |error: &str| {
+            if let Some(s) = shared.upgrade() {
+                s.fail(format!("lazy memory restore failed: {error}"));
+            }
+        });
+        let server = PageServer::start_with_hook(&vm.shared.memory, memory, Some(hook))?;
+        *vm.page_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+        vm.set_memory_base(Some(base));
+        Ok(vm)
+    }
+
+    /// Waits until a lazy restore has installed all of memory (at once for other VMs). Reading
+    /// memory through the memfd (as snapshots do) needs this.
+    ///
+    /// # Errors
+    /// [`VmError::Failed`] if the lazy restore failed.
+    pub fn wait_memory_resident(&self) -> Result<(), VmError> {
+        let server = self.page_server.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = &*server {
+            s.wait().map_err(VmError::Failed)?;
+        }
+        Ok(())
+    }
+
+    /// Counters of the lazy restore this VM came from, if it came from one.
+    pub fn lazy_stats(&self) -> Option<LazyStats> {
+        let server = self.page_server.lock().unwrap_or_else(|e| e.into_inner());
+        server.as_ref().map(PageServer::stats)
     }
 
     fn start_threads(
@@ -295,6 +384,7 @@ impl Vm {
             output,
             control: Mutex::new(()),
             memory_base: Mutex::new(None),
+            page_server: Mutex::new(None),
         };
         for i in 0..n {
             let shared = Arc::clone(&vm.shared);
@@ -514,6 +604,12 @@ impl Vm {
         for layer in memory.layers() {
             layer.verify()?;
         }
+        // A lazy restore still filling memory would install its pages over the revert.
+        self.wait_memory_resident()?;
+        self.page_server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let previous = self.save_locked()?;
         if let Err(e) = self.load_devices(state) {
             if let Err(undo) = self.load_devices(&previous) {
@@ -559,8 +655,7 @@ impl Vm {
     }
 
     fn fail(&self, why: String) {
-        tracing::error!(reason = %why, "VM can no longer run");
-        self.shared.gate().state = RunState::Failed(why);
+        self.shared.fail(why);
     }
 }
 

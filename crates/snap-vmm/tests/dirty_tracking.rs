@@ -21,6 +21,7 @@ fn backends() -> [(&'static str, DirtyTracking); 2] {
 fn create(config: VmConfig, guest: &TestGuest, dirty: DirtyTracking) -> Vm {
     let options = VmOptions {
         dirty_tracking: dirty,
+        ..VmOptions::default()
     };
     Vm::create_with(config, &guest.boot_image(&config).unwrap(), &options).unwrap()
 }

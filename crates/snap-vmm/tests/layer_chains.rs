@@ -15,6 +15,7 @@ fn chains(dirty: DirtyTracking, vcpus: u32, test: &str) {
     }
     let options = VmOptions {
         dirty_tracking: dirty,
+        ..VmOptions::default()
     };
     let (config, guest) = small(vcpus);
     let model = guest.model(vcpus).output;
@@ -117,6 +118,7 @@ fn a_failed_diff_snapshot_loses_no_pages() {
     for dirty in [DirtyTracking::Bitmap, DirtyTracking::Ring { entries: 4096 }] {
         let options = VmOptions {
             dirty_tracking: dirty,
+            ..VmOptions::default()
         };
         let (config, guest) = small(2);
         let model = guest.model(2).output;
