@@ -251,26 +251,7 @@ impl Vm {
         let config = state.config;
         let machine = Machine::new(&config, options)?;
         memory.materialize_into(&machine.memory, Restore::Fresh)?;
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
-        let output = SerialOutput::default();
-        let serial =
-            SerialDevice::from_state(&state.serial, clone_fd(&serial_irq)?, output.clone())
-                .map_err(VmError::Serial)?;
-        let vcpus = state
-            .vcpus
-            .iter()
-            .map(|s| {
-                let fd = machine.create_vcpu(s.index)?;
-                vcpu::restore(&fd, s, true)?;
-                Ok(fd)
-            })
-            .collect::<Result<Vec<_>, VmError>>()?;
-        restore_vm_devices(&machine.vm_fd, state)?;
-        // Memory now equals the snapshot: the next diff is relative to it.
-        if let Some(t) = &machine.tracker {
-            t.reset(&machine.memory)?;
-        }
-        let vm = Self::start_threads(machine, config, serial, serial_irq, output, vcpus)?;
+        let vm = Self::start_restored(machine, state)?;
         vm.set_memory_base(Some(memory.newest().info().id));
         Ok(vm)
     }
@@ -292,25 +273,7 @@ impl Vm {
         let config = state.config;
         let base = memory.newest().info().id;
         let machine = Machine::new(&config, options)?;
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
-        let output = SerialOutput::default();
-        let serial =
-            SerialDevice::from_state(&state.serial, clone_fd(&serial_irq)?, output.clone())
-                .map_err(VmError::Serial)?;
-        let vcpus = state
-            .vcpus
-            .iter()
-            .map(|s| {
-                let fd = machine.create_vcpu(s.index)?;
-                vcpu::restore(&fd, s, true)?;
-                Ok(fd)
-            })
-            .collect::<Result<Vec<_>, VmError>>()?;
-        restore_vm_devices(&machine.vm_fd, state)?;
-        if let Some(t) = &machine.tracker {
-            t.reset(&machine.memory)?;
-        }
-        let vm = Self::start_threads(machine, config, serial, serial_irq, output, vcpus)?;
+        let vm = Self::start_restored(machine, state)?;
         let shared = Arc::downgrade(&vm.shared);
         let hook: FailureHook = Box::new(move |error: &str| {
             if let Some(s) = shared.upgrade() {
@@ -340,6 +303,30 @@ impl Vm {
     pub fn lazy_stats(&self) -> Option<LazyStats> {
         let server = self.page_server.lock().unwrap_or_else(|e| e.into_inner());
         server.as_ref().map(PageServer::stats)
+    }
+
+    /// Loads every vCPU and device of `state` into a new machine, resets dirty tracking (memory
+    /// now is, or will be, the snapshot's) and starts the vCPU threads, paused.
+    fn start_restored(machine: Machine, state: &VmState) -> Result<Self, VmError> {
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
+        let output = SerialOutput::default();
+        let serial =
+            SerialDevice::from_state(&state.serial, clone_fd(&serial_irq)?, output.clone())
+                .map_err(VmError::Serial)?;
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|s| {
+                let fd = machine.create_vcpu(s.index)?;
+                vcpu::restore(&fd, s, true)?;
+                Ok(fd)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        restore_vm_devices(&machine.vm_fd, state)?;
+        if let Some(t) = &machine.tracker {
+            t.reset(&machine.memory)?;
+        }
+        Self::start_threads(machine, state.config, serial, serial_irq, output, vcpus)
     }
 
     fn start_threads(
