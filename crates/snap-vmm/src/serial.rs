@@ -48,6 +48,25 @@ impl SerialOutput {
         self.lock().iter().filter(|&&b| b == b'\n').count()
     }
 
+    /// Waits until at least `n` bytes were written; returns false on timeout. Waiters are woken at
+    /// the first byte and at each line end.
+    pub fn wait_for_bytes(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.inner;
+        let mut buf = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while buf.len() < n {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            buf = cond
+                .wait_timeout(buf, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
     /// Waits until at least `n` complete lines were written; returns false on timeout.
     pub fn wait_for_lines(&self, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -75,8 +94,11 @@ impl SerialOutput {
 
 impl Write for SerialOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.lock().extend_from_slice(buf);
-        if buf.contains(&b'\n') {
+        let mut out = self.lock();
+        let first = out.is_empty();
+        out.extend_from_slice(buf);
+        drop(out);
+        if first || buf.contains(&b'\n') {
             self.inner.1.notify_all();
         }
         Ok(buf.len())

@@ -1,0 +1,148 @@
+//! Restore latency, eager against lazy, at growing guest memory sizes, in the same run.
+//!
+//! The guest touches a fixed working set (the rest of memory is never touched, so it is not in
+//! the snapshot). For each size a full snapshot is taken mid-run; then, alternating modes, the
+//! snapshot is restored into a new VM and resumed, and the bench records:
+//! - the restore call (VM built, paused);
+//! - restore call to the guest's first serial byte after resuming: the guest has run again
+//!   (its instructions up to that byte, and every fault they take, included);
+//! - restore call to 10 more lines of output: a fixed amount of work after the restore;
+//! - for lazy restores, the faults served and windows filled in the background.
+//!
+//! Run: `cargo bench -p snap-vmm --bench restore` (SNAP_BENCH_ITERS, SNAP_BENCH_SIZES_MIB, and
+//! SNAP_BENCH_FRAME_KIB for the layer frame size, which is the lazy restore unit, and
+//! SNAP_BENCH_DIRTY=bitmap|ring|off for the restored VMs' dirty tracking).
+
+use std::time::{Duration, Instant};
+
+use snap_vmm::{
+    DirtyTracking, LayerOptions, MemoryRestore, TestGuest, Vm, VmConfig, VmOptions, snapshot,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+struct Sample {
+    call: Duration,
+    first_output: Duration,
+    work: Duration,
+    faults: u64,
+    filled: u64,
+}
+
+fn restore_once(dir: &std::path::Path, mode: MemoryRestore, dirty: DirtyTracking) -> Sample {
+    let options = VmOptions {
+        memory_restore: mode,
+        dirty_tracking: dirty,
+    };
+    let t = Instant::now();
+    let vm = snapshot::restore_with(dir, &options).unwrap();
+    let call = t.elapsed();
+    vm.resume().unwrap();
+    assert!(vm.serial_output().wait_for_bytes(1, TIMEOUT));
+    let first_output = t.elapsed();
+    assert!(vm.serial_output().wait_for_lines(10, TIMEOUT));
+    let work = t.elapsed();
+    let stats = vm.lazy_stats().unwrap_or_default();
+    Sample {
+        call,
+        first_output,
+        work,
+        faults: stats.faults,
+        filled: stats.filled,
+    }
+}
+
+fn main() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("SKIP restore bench: /dev/kvm cannot be opened");
+        return;
+    }
+    let iters: usize = std::env::var("SNAP_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(11);
+    let sizes: Vec<u64> = std::env::var("SNAP_BENCH_SIZES_MIB")
+        .unwrap_or_else(|_| "256,1024,4096,16384".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let frame_kib: u32 = std::env::var("SNAP_BENCH_FRAME_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let layer_options = LayerOptions {
+        frame_size: frame_kib << 10,
+        ..LayerOptions::default()
+    };
+    let dirty = match std::env::var("SNAP_BENCH_DIRTY").as_deref() {
+        Ok("off") => DirtyTracking::Off,
+        Ok("ring") => DirtyTracking::Ring { entries: 4096 },
+        _ => DirtyTracking::Bitmap,
+    };
+    println!(
+        "frame size (restore unit): {frame_kib} KiB; dirty tracking of restored VMs: {dirty:?}"
+    );
+    println!(
+        "| guest memory | mode | restore call | to first guest output | to 10 lines of work | faults served | windows filled in background |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for mib in sizes {
+        let config = VmConfig {
+            memory_bytes: mib << 20,
+            vcpus: 1,
+        };
+        let guest = TestGuest {
+            seed: 11,
+            working_set_pages: 4096,
+            mutations_per_tick: 64,
+            ticks: 100_000,
+        };
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("snap");
+        {
+            let vm = Vm::create(config, &guest.boot_image(&config).unwrap()).unwrap();
+            vm.resume().unwrap();
+            assert!(vm.serial_output().wait_for_lines(40, TIMEOUT));
+            vm.pause();
+            snapshot::save(&vm, &dir, None, &layer_options).unwrap();
+        }
+        let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+        for i in 0..iters * 2 {
+            // Alternate which mode goes first; drop the first round of each (warm-up).
+            let m = (i + i / 2) % 2;
+            let mode = [MemoryRestore::Eager, MemoryRestore::Lazy][m];
+            let s = restore_once(&dir, mode, dirty);
+            if i >= 2 {
+                samples[m].push(s);
+            }
+        }
+        for (m, name) in [(0, "eager"), (1, "lazy")] {
+            let v = &mut samples[m];
+            let mut call: Vec<_> = v.iter().map(|s| s.call).collect();
+            let mut first: Vec<_> = v.iter().map(|s| s.first_output).collect();
+            let mut work: Vec<_> = v.iter().map(|s| s.work).collect();
+            let faults = v.iter().map(|s| s.faults).sum::<u64>() / v.len() as u64;
+            let filled = v.iter().map(|s| s.filled).sum::<u64>() / v.len() as u64;
+            println!(
+                "| {mib} MiB | {name} | {} | {} | {} | {faults} | {filled} |",
+                ms(median(&mut call)),
+                ms(median(&mut first)),
+                ms(median(&mut work))
+            );
+        }
+    }
+}
