@@ -57,6 +57,12 @@ pub enum LazyError {
     },
 }
 
+/// Prefetch windows installed between two looks at the fault queue.
+const PREFETCH_BATCH: usize = 8;
+
+/// How long a recording restore waits for the guest's first fault before it fills anyway.
+const FIRST_FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Counters of a lazy restore.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LazyStats {
@@ -66,6 +72,28 @@ pub struct LazyStats {
     pub filled: u64,
     /// Windows installed as zero pages.
     pub zero_windows: u64,
+    /// Windows installed from the prefetch list before anyone touched them.
+    pub prefetched: u64,
+}
+
+/// Called when every window is installed, with the windows the guest faulted on, in order: its
+/// working set, to prefetch on the next restore of the same snapshot.
+pub type CompleteHook = Box<dyn Fn(&[u64]) + Send + Sync>;
+
+/// What a lazy restore does besides serving faults.
+#[derive(Default)]
+pub struct LazyOptions {
+    /// Stops the guest when a page cannot be served (see [`FailureHook`]).
+    pub on_failure: Option<FailureHook>,
+    /// Receives the recorded working set when the restore completes.
+    pub on_complete: Option<CompleteHook>,
+    /// Windows to install first, in this order, while the guest already runs (a working set
+    /// recorded by an earlier restore).
+    pub prefetch: Vec<u64>,
+    /// Hold the background filler back until the guest has faulted and then not faulted for this
+    /// long (or 10 s passed without any fault): while recording a working set, the filler would
+    /// otherwise install windows before the guest asks for them.
+    pub fill_after_quiet: Option<std::time::Duration>,
 }
 
 struct Shared {
@@ -83,7 +111,10 @@ struct Shared {
     /// `None` while running; then the outcome.
     outcome: Mutex<Option<Result<(), String>>>,
     done: Condvar,
-    on_failure: Option<FailureHook>,
+    options: LazyOptions,
+    prefetched: AtomicU64,
+    /// Windows installed because of a fault, in order.
+    fault_log: Mutex<Vec<u64>>,
 }
 
 /// Called on the server thread when the restore fails, before anything else happens: the owner
@@ -109,17 +140,17 @@ impl PageServer {
     /// # Errors
     /// [`LazyError::SizeMismatch`], or [`LazyError::Setup`] if userfaultfd is unavailable.
     pub fn start(memory: &GuestMemory, chain: LayerChain) -> Result<Self, LazyError> {
-        Self::start_with_hook(memory, chain, None)
+        Self::start_with(memory, chain, LazyOptions::default())
     }
 
-    /// As [`PageServer::start`], calling `on_failure` with the error if the restore fails.
+    /// As [`PageServer::start`], with hooks and a prefetch list.
     ///
     /// # Errors
     /// As [`PageServer::start`].
-    pub fn start_with_hook(
+    pub fn start_with(
         memory: &GuestMemory,
         chain: LayerChain,
-        on_failure: Option<FailureHook>,
+        options: LazyOptions,
     ) -> Result<Self, LazyError> {
         if chain.memory_bytes() != memory.size() {
             return Err(LazyError::SizeMismatch {
@@ -153,7 +184,9 @@ impl PageServer {
             zero_windows: AtomicU64::new(0),
             outcome: Mutex::new(None),
             done: Condvar::new(),
-            on_failure,
+            options,
+            prefetched: AtomicU64::new(0),
+            fault_log: Mutex::new(Vec::new()),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -172,6 +205,7 @@ impl PageServer {
             faults: self.shared.faults.load(Ordering::Relaxed),
             filled: self.shared.filled.load(Ordering::Relaxed),
             zero_windows: self.shared.zero_windows.load(Ordering::Relaxed),
+            prefetched: self.shared.prefetched.load(Ordering::Relaxed),
         }
     }
 
@@ -237,7 +271,7 @@ fn finish(s: &Shared, outcome: Result<(), String>) {
         // unregistered, which wakes every thread blocked on a fault: their faults are retried
         // without us (fresh zero pages) and KVM, seeing the signal, returns to userspace before
         // the guest executes anything on them.
-        if let Some(hook) = &s.on_failure {
+        if let Some(hook) = &s.options.on_failure {
             hook(e);
         }
         let _ = s
@@ -253,17 +287,25 @@ fn serve(s: &Shared) {
     let mut scratch = WindowScratch::default();
     let mut buf = vec![0u8; (s.window_pages * PAGE_SIZE) as usize];
     let mut next_fill = 0;
+    let mut next_prefetch = 0;
     let mut remaining = s.windows;
+    let started = std::time::Instant::now();
+    let mut last_fault: Option<std::time::Instant> = None;
     while remaining > 0 && !s.stop.load(Ordering::Relaxed) {
         // Drain the faults that are waiting.
         loop {
             match s.uffd.read_event() {
                 Ok(Some(Event::Pagefault { addr, .. })) => {
+                    last_fault = Some(std::time::Instant::now());
                     let page = (addr as usize - s.base) as u64 / PAGE_SIZE;
                     let window = page / s.window_pages;
                     match install(s, window, &mut buf, &mut scratch) {
                         Ok(true) => {
                             s.faults.fetch_add(1, Ordering::Relaxed);
+                            s.fault_log
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(window);
                             remaining -= 1;
                         }
                         Ok(false) => wake(s, window),
@@ -273,6 +315,37 @@ fn serve(s: &Shared) {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => return finish(s, Err(format!("reading userfaultfd events: {e}"))),
+            }
+        }
+        // The recorded working set first, a few windows at a time so that it stays ahead of
+        // the guest (which faults on the same windows in the same order), then everything else.
+        if next_prefetch < s.options.prefetch.len() {
+            let batch = &s.options.prefetch[next_prefetch..];
+            let batch = &batch[..batch.len().min(PREFETCH_BATCH)];
+            next_prefetch += batch.len();
+            for &window in batch.iter().filter(|&&w| w < s.windows) {
+                match install(s, window, &mut buf, &mut scratch) {
+                    Ok(true) => {
+                        s.prefetched.fetch_add(1, Ordering::Relaxed);
+                        remaining -= 1;
+                    }
+                    Ok(false) => {}
+                    Err(e) => return finish(s, Err(e.to_string())),
+                }
+            }
+            continue;
+        }
+        if let Some(quiet) = s.options.fill_after_quiet {
+            // Before the first fault the guest has not started: wait for it (bounded, so that
+            // memory completes even if it never runs), then for a quiet spell after its faults.
+            let (since, quiet) = match last_fault {
+                Some(t) => (t.elapsed(), quiet),
+                None => (started.elapsed(), FIRST_FAULT_WAIT),
+            };
+            if since < quiet {
+                let wait = (quiet - since).as_millis().clamp(1, 100) as i32;
+                poll_readable(s, wait);
+                continue;
             }
         }
         // One window nobody asked for, then look at faults again.
@@ -295,17 +368,31 @@ fn serve(s: &Shared) {
     let _ = s
         .uffd
         .unregister(s.base as *mut libc::c_void, s.memory_bytes as usize);
+    if remaining > 0 {
+        return finish(
+            s,
+            Err("the page server was stopped before memory was complete".into()),
+        );
+    }
+    if let Some(hook) = &s.options.on_complete {
+        hook(&s.fault_log.lock().unwrap_or_else(|e| e.into_inner()));
+    }
     finish(s, Ok(()));
 }
 
 fn wait_readable(s: &Shared) {
+    poll_readable(s, 100);
+}
+
+/// Waits up to `ms` milliseconds for a fault event; returns whether one is waiting.
+fn poll_readable(s: &Shared, ms: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd: s.uffd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, 100) };
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 /// Wakes threads waiting on a window another path already installed.

@@ -8,8 +8,9 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use snap_core::Id;
+use snap_core::{FileError, FormatSpec, Id};
 use snap_mem::layer::{Layer, LayerChain, LayerInfo, LayerOptions, NewLayer, write_layer};
+use snap_mem::lazy::CompleteHook;
 
 use crate::error::VmError;
 use crate::state::VmState;
@@ -220,7 +221,68 @@ pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
     match options.memory_restore {
         MemoryRestore::Eager => Vm::restore_with(&state, &chain, options),
         MemoryRestore::Lazy => Vm::restore_lazy(&state, chain, options),
+        MemoryRestore::Prefetch => {
+            let path = dir.join(WORKING_SET_FILE);
+            let window_pages = chain.window_pages();
+            match read_working_set(&path, window_pages) {
+                Some(windows) => Vm::restore_lazy_with(&state, chain, options, windows, None),
+                None => {
+                    let record: CompleteHook = Box::new(move |windows: &[u64]| {
+                        if let Err(e) = write_working_set(&path, window_pages, windows) {
+                            tracing::warn!(error = %e, "cannot store the recorded working set");
+                        }
+                    });
+                    Vm::restore_lazy_with(&state, chain, options, Vec::new(), Some(record))
+                }
+            }
+        }
     }
+}
+
+/// Name of the file holding a snapshot's recorded working set (written by the first
+/// [`MemoryRestore::Prefetch`] restore of it).
+pub const WORKING_SET_FILE: &str = "working-set";
+
+/// File format of a recorded working set: the window size in pages, then the windows the guest
+/// faulted on, in order (all u64, little endian).
+pub const WORKING_SET_FORMAT: FormatSpec = FormatSpec {
+    name: "working set",
+    magic: *b"SNAPWSET",
+    version: 1,
+    min_version: 1,
+    max_payload: 64 << 20,
+};
+
+fn write_working_set(path: &Path, window_pages: u64, windows: &[u64]) -> Result<(), FileError> {
+    let payload: Vec<u8> = std::iter::once(window_pages)
+        .chain(windows.iter().copied())
+        .flat_map(u64::to_le_bytes)
+        .collect();
+    WORKING_SET_FORMAT.write_file(path, &payload)
+}
+
+/// The recorded working set of a snapshot, if there is a usable one: a missing file, a damaged
+/// one or one recorded with another window size is ignored (it is only a hint).
+pub fn read_working_set(path: &Path, window_pages: u64) -> Option<Vec<u64>> {
+    let payload = match WORKING_SET_FORMAT.read_file(path) {
+        Ok(p) => p,
+        Err(e) => {
+            if e.io_error()
+                .is_none_or(|io| io.kind() != std::io::ErrorKind::NotFound)
+            {
+                tracing::warn!(error = %e, "ignoring the recorded working set");
+            }
+            return None;
+        }
+    };
+    let mut words = payload
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    if payload.len() % 8 != 0 || words.next() != Some(window_pages) {
+        tracing::warn!(path = %path.display(), "ignoring a working set recorded for another layout");
+        return None;
+    }
+    Some(words.collect())
 }
 
 /// Reverts `vm` (paused) to the snapshot in `dir`; it stays paused.

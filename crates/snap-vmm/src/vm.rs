@@ -25,7 +25,10 @@ use snap_mem::dirty::{
     DirtyLog, DirtyTracker, DirtyTracking, KvmDirtyBitmap, KvmDirtyRing, PageBitmap,
 };
 use snap_mem::layer::{LayerChain, Restore};
-use snap_mem::lazy::{FailureHook, LazyStats, PageServer};
+use snap_mem::lazy::{CompleteHook, FailureHook, LazyOptions, LazyStats, PageServer};
+
+/// How long a recording lazy restore waits without faults before it fills the rest of memory.
+const RECORDING_QUIET: Duration = Duration::from_millis(200);
 
 /// Where KVM puts the TSS pages it needs (inside the MMIO gap, never RAM).
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -173,6 +176,10 @@ pub enum MemoryRestore {
     /// The guest runs at once; pages arrive through userfaultfd when touched, and a background
     /// filler installs the rest.
     Lazy,
+    /// Lazy, and the snapshot's working set goes first: the first such restore of a snapshot
+    /// records the windows the guest faulted on, in order, and stores them with the snapshot;
+    /// later ones install that set in bulk while the guest already runs.
+    Prefetch,
 }
 
 /// How a VM runs, beyond its shape: not part of its saved state.
@@ -240,7 +247,7 @@ impl Vm {
         memory: &LayerChain,
         options: &VmOptions,
     ) -> Result<Self, VmError> {
-        if options.memory_restore == MemoryRestore::Lazy {
+        if options.memory_restore != MemoryRestore::Eager {
             return Err(VmError::Snapshot {
                 dir: memory.newest().path().to_path_buf(),
                 problem: "a lazy restore takes the chain by value: use Vm::restore_lazy".into(),
@@ -268,6 +275,23 @@ impl Vm {
         memory: LayerChain,
         options: &VmOptions,
     ) -> Result<Self, VmError> {
+        Self::restore_lazy_with(state, memory, options, Vec::new(), None)
+    }
+
+    /// As [`Vm::restore_lazy`], installing the windows of `prefetch` first (while the guest
+    /// already runs) and handing the windows the guest faulted on to `on_complete` when memory
+    /// is complete. With `on_complete` the background filler waits until the guest has not
+    /// faulted for 200 ms, so that the recording holds the guest's working set.
+    ///
+    /// # Errors
+    /// As [`Vm::restore_lazy`].
+    pub fn restore_lazy_with(
+        state: &VmState,
+        memory: LayerChain,
+        options: &VmOptions,
+        prefetch: Vec<u64>,
+        on_complete: Option<CompleteHook>,
+    ) -> Result<Self, VmError> {
         state.check()?;
         check_chain_size(&memory, &state.config)?;
         let config = state.config;
@@ -280,7 +304,15 @@ impl Vm {
                 s.fail(format!("lazy memory restore failed: {error}"));
             }
         });
-        let server = PageServer::start_with_hook(&vm.shared.memory, memory, Some(hook))?;
+        // While recording a working set, the filler waits until the guest stops faulting.
+        let fill_after_quiet = on_complete.as_ref().map(|_| RECORDING_QUIET);
+        let lazy = LazyOptions {
+            on_failure: Some(hook),
+            on_complete,
+            prefetch,
+            fill_after_quiet,
+        };
+        let server = PageServer::start_with(&vm.shared.memory, memory, lazy)?;
         *vm.page_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         vm.set_memory_base(Some(base));
         Ok(vm)
