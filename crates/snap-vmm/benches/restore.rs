@@ -1,4 +1,5 @@
-//! Restore latency, eager against lazy, at growing guest memory sizes, in the same run.
+//! Restore latency, eager against lazy against prefetch, at growing guest memory sizes, in the
+//! same run.
 //!
 //! The guest touches a fixed working set (the rest of memory is never touched, so it is not in
 //! the snapshot). For each size a full snapshot is taken mid-run; then, alternating modes, the
@@ -7,7 +8,8 @@
 //! - restore call to the guest's first serial byte after resuming: the guest has run again
 //!   (its instructions up to that byte, and every fault they take, included);
 //! - restore call to 10 more lines of output: a fixed amount of work after the restore;
-//! - for lazy restores, the faults served and windows filled in the background.
+//! - for lazy and prefetch restores, the faults served and the windows installed without a fault
+//!   (prefetched from the recorded working set, or filled in the background).
 //!
 //! Run: `cargo bench -p snap-vmm --bench restore` (SNAP_BENCH_ITERS, SNAP_BENCH_SIZES_MIB, and
 //! SNAP_BENCH_FRAME_KIB for the layer frame size, which is the lazy restore unit, and
@@ -57,7 +59,7 @@ fn restore_once(dir: &std::path::Path, mode: MemoryRestore, dirty: DirtyTracking
         first_output,
         work,
         faults: stats.faults,
-        filled: stats.filled,
+        filled: stats.filled + stats.prefetched,
     }
 }
 
@@ -97,7 +99,7 @@ fn main() {
         "frame size (restore unit): {frame_kib} KiB; dirty tracking of restored VMs: {dirty:?}"
     );
     println!(
-        "| guest memory | mode | restore call | to first guest output | to 10 lines of work | faults served | windows filled in background |"
+        "| guest memory | mode | restore call | to first guest output | to 10 lines of work | faults served | windows installed without a fault |"
     );
     println!("|---|---|---|---|---|---|---|");
     for mib in sizes {
@@ -120,17 +122,32 @@ fn main() {
             vm.pause();
             snapshot::save(&vm, &dir, None, &layer_options).unwrap();
         }
-        let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
-        for i in 0..iters * 2 {
-            // Alternate which mode goes first; drop the first round of each (warm-up).
-            let m = (i + i / 2) % 2;
-            let mode = [MemoryRestore::Eager, MemoryRestore::Lazy][m];
-            let s = restore_once(&dir, mode, dirty);
-            if i >= 2 {
+        // Record the working set once (a prefetch restore of a snapshot without one records it).
+        {
+            let options = VmOptions {
+                memory_restore: MemoryRestore::Prefetch,
+                dirty_tracking: dirty,
+            };
+            let vm = snapshot::restore_with(&dir, &options).unwrap();
+            vm.resume().unwrap();
+            assert!(vm.serial_output().wait_for_lines(10, TIMEOUT));
+            vm.wait_memory_resident().unwrap();
+        }
+        let modes = [
+            MemoryRestore::Eager,
+            MemoryRestore::Lazy,
+            MemoryRestore::Prefetch,
+        ];
+        let mut samples: [Vec<Sample>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for i in 0..iters * 3 {
+            // Rotate which mode goes first; drop the first round (warm-up).
+            let m = (i + i / 3) % 3;
+            let s = restore_once(&dir, modes[m], dirty);
+            if i >= 3 {
                 samples[m].push(s);
             }
         }
-        for (m, name) in [(0, "eager"), (1, "lazy")] {
+        for (m, name) in [(0, "eager"), (1, "lazy"), (2, "prefetch")] {
             let v = &mut samples[m];
             let mut call: Vec<_> = v.iter().map(|s| s.call).collect();
             let mut first: Vec<_> = v.iter().map(|s| s.first_output).collect();
