@@ -26,16 +26,16 @@ pub enum LazyError {
     /// userfaultfd could not be set up.
     #[error("userfaultfd: {0}")]
     Setup(String),
-    /// A window of memory could not be read from the layer chain.
+    /// A window of memory could not be read from the page source.
     #[error("lazy restore cannot serve pages {first}..{end}: {source}")]
     Source {
         /// First page of the window.
         first: u64,
         /// End of the window.
         end: u64,
-        /// What the chain reported (names the layer file and frame).
+        /// What the source reported (for a layer chain: the layer file and the frame).
         #[source]
-        source: Box<LayerError>,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Installing pages failed.
     #[error("lazy restore cannot install pages {first}..{end}: {message}")]
@@ -59,6 +59,51 @@ pub enum LazyError {
 
 /// Prefetch windows installed between two looks at the fault queue.
 const PREFETCH_BATCH: usize = 8;
+
+/// Where a lazy restore reads memory from, one window at a time: a layer chain here, a remote
+/// store later. The page server does not care where the bytes come from.
+pub trait WindowSource: Send + Sync {
+    /// Bytes of memory the source describes.
+    fn memory_bytes(&self) -> u64;
+
+    /// Pages per window: the unit in which faults are served.
+    fn window_pages(&self) -> u64;
+
+    /// Fills `buf` (`window_pages() * 4096` bytes) with window `window`; returns whether any
+    /// page of it holds data (all zero otherwise).
+    ///
+    /// # Errors
+    /// Whatever keeps the source from giving the window's exact bytes.
+    fn read_window(
+        &self,
+        window: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+impl WindowSource for LayerChain {
+    fn memory_bytes(&self) -> u64 {
+        LayerChain::memory_bytes(self)
+    }
+
+    fn window_pages(&self) -> u64 {
+        LayerChain::window_pages(self)
+    }
+
+    fn read_window(
+        &self,
+        window: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<WindowScratch> = std::cell::RefCell::default();
+        }
+        SCRATCH.with(|scratch| {
+            LayerChain::read_window(self, window, buf, &mut scratch.borrow_mut())
+                .map_err(|e: LayerError| e.into())
+        })
+    }
+}
 
 /// How long a recording restore waits for the guest's first fault before it fills anyway.
 const FIRST_FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -102,7 +147,7 @@ struct Shared {
     memory_bytes: u64,
     window_pages: u64,
     windows: u64,
-    chain: LayerChain,
+    source: Box<dyn WindowSource>,
     installed: Vec<AtomicBool>,
     stop: AtomicBool,
     faults: AtomicU64,
@@ -127,7 +172,7 @@ unsafe impl Send for Shared {}
 // SAFETY: as above; every other field is Sync.
 unsafe impl Sync for Shared {}
 
-/// A running lazy restore of one guest memory from one layer chain.
+/// A running lazy restore of one guest memory from one page source.
 pub struct PageServer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -139,8 +184,11 @@ impl PageServer {
     ///
     /// # Errors
     /// [`LazyError::SizeMismatch`], or [`LazyError::Setup`] if userfaultfd is unavailable.
-    pub fn start(memory: &GuestMemory, chain: LayerChain) -> Result<Self, LazyError> {
-        Self::start_with(memory, chain, LazyOptions::default())
+    pub fn start(
+        memory: &GuestMemory,
+        source: impl WindowSource + 'static,
+    ) -> Result<Self, LazyError> {
+        Self::start_with(memory, source, LazyOptions::default())
     }
 
     /// As [`PageServer::start`], with hooks and a prefetch list.
@@ -149,12 +197,12 @@ impl PageServer {
     /// As [`PageServer::start`].
     pub fn start_with(
         memory: &GuestMemory,
-        chain: LayerChain,
+        source: impl WindowSource + 'static,
         options: LazyOptions,
     ) -> Result<Self, LazyError> {
-        if chain.memory_bytes() != memory.size() {
+        if source.memory_bytes() != memory.size() {
             return Err(LazyError::SizeMismatch {
-                chain: chain.memory_bytes(),
+                chain: source.memory_bytes(),
                 memory: memory.size(),
             });
         }
@@ -168,7 +216,7 @@ impl PageServer {
         let base = memory.host_address(0);
         uffd.register(base as *mut libc::c_void, memory.size() as usize)
             .map_err(|e| LazyError::Setup(format!("register: {e}")))?;
-        let window_pages = chain.window_pages();
+        let window_pages = source.window_pages();
         let windows = (memory.size() / PAGE_SIZE).div_ceil(window_pages);
         let shared = Arc::new(Shared {
             uffd,
@@ -176,7 +224,7 @@ impl PageServer {
             memory_bytes: memory.size(),
             window_pages,
             windows,
-            chain,
+            source: Box::new(source),
             installed: (0..windows).map(|_| AtomicBool::new(false)).collect(),
             stop: AtomicBool::new(false),
             faults: AtomicU64::new(0),
@@ -284,7 +332,6 @@ fn finish(s: &Shared, outcome: Result<(), String>) {
 
 /// The server thread: faults first, the filler when idle, until every window is installed.
 fn serve(s: &Shared) {
-    let mut scratch = WindowScratch::default();
     let mut buf = vec![0u8; (s.window_pages * PAGE_SIZE) as usize];
     let mut next_fill = 0;
     let mut next_prefetch = 0;
@@ -299,7 +346,7 @@ fn serve(s: &Shared) {
                     last_fault = Some(std::time::Instant::now());
                     let page = (addr as usize - s.base) as u64 / PAGE_SIZE;
                     let window = page / s.window_pages;
-                    match install(s, window, &mut buf, &mut scratch) {
+                    match install(s, window, &mut buf) {
                         Ok(true) => {
                             s.faults.fetch_add(1, Ordering::Relaxed);
                             s.fault_log
@@ -324,7 +371,7 @@ fn serve(s: &Shared) {
             let batch = &batch[..batch.len().min(PREFETCH_BATCH)];
             next_prefetch += batch.len();
             for &window in batch.iter().filter(|&&w| w < s.windows) {
-                match install(s, window, &mut buf, &mut scratch) {
+                match install(s, window, &mut buf) {
                     Ok(true) => {
                         s.prefetched.fetch_add(1, Ordering::Relaxed);
                         remaining -= 1;
@@ -353,7 +400,7 @@ fn serve(s: &Shared) {
             next_fill += 1;
         }
         if next_fill < s.windows {
-            match install(s, next_fill, &mut buf, &mut scratch) {
+            match install(s, next_fill, &mut buf) {
                 Ok(true) => {
                     s.filled.fetch_add(1, Ordering::Relaxed);
                     remaining -= 1;
@@ -408,12 +455,7 @@ fn range(s: &Shared, window: u64) -> (usize, usize) {
 }
 
 /// Installs window `window` if it is not yet; returns whether this call installed it.
-fn install(
-    s: &Shared,
-    window: u64,
-    buf: &mut [u8],
-    scratch: &mut WindowScratch,
-) -> Result<bool, LazyError> {
+fn install(s: &Shared, window: u64, buf: &mut [u8]) -> Result<bool, LazyError> {
     if s.installed[window as usize].load(Ordering::Relaxed) {
         return Ok(false);
     }
@@ -421,13 +463,9 @@ fn install(
     let (start, len) = range(s, window);
     let end = first + len as u64 / PAGE_SIZE;
     let has_data = s
-        .chain
-        .read_window(window, buf, scratch)
-        .map_err(|e| LazyError::Source {
-            first,
-            end,
-            source: Box::new(e),
-        })?;
+        .source
+        .read_window(window, buf)
+        .map_err(|source| LazyError::Source { first, end, source })?;
     let mut done = 0;
     while done < len {
         let dst = (start + done) as *mut libc::c_void;
