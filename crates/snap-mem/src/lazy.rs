@@ -108,20 +108,20 @@ impl WindowSource for LayerChain {
 /// How long a recording restore waits for the guest's first fault before it fills anyway.
 const FIRST_FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Counters of a lazy restore.
+/// Counters of a lazy restore, in restore units.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LazyStats {
-    /// Faults served (windows installed because something touched them).
+    /// Faults served (units installed because something touched them).
     pub faults: u64,
-    /// Windows installed by the background filler.
+    /// Units installed by the background filler.
     pub filled: u64,
-    /// Windows installed as zero pages.
-    pub zero_windows: u64,
-    /// Windows installed from the prefetch list before anyone touched them.
+    /// Units installed as zero pages.
+    pub zero_units: u64,
+    /// Units installed from the prefetch list before anyone touched them.
     pub prefetched: u64,
 }
 
-/// Called when every window is installed, with the windows the guest faulted on, in order: its
+/// Called when every unit is installed, with the units the guest faulted on, in order: its
 /// working set, to prefetch on the next restore of the same snapshot.
 pub type CompleteHook = Box<dyn Fn(&[u64]) + Send + Sync>;
 
@@ -132,9 +132,12 @@ pub struct LazyOptions {
     pub on_failure: Option<FailureHook>,
     /// Receives the recorded working set when the restore completes.
     pub on_complete: Option<CompleteHook>,
-    /// Windows to install first, in this order, while the guest already runs (a working set
-    /// recorded by an earlier restore).
+    /// Units to install first, in this order, while the guest already runs (a working set
+    /// recorded by an earlier restore with the same unit).
     pub prefetch: Vec<u64>,
+    /// Bytes installed per fault: a power of two from 4 KiB up to the source's window (the
+    /// default). A window is read and decompressed once and kept while its units go in.
+    pub unit_bytes: Option<u64>,
     /// Hold the background filler back until the guest has faulted and then not faulted for this
     /// long (or 10 s passed without any fault): while recording a working set, the filler would
     /// otherwise install windows before the guest asks for them.
@@ -147,18 +150,22 @@ struct Shared {
     memory_bytes: u64,
     window_pages: u64,
     windows: u64,
+    /// Pages per restore unit (divides `window_pages`).
+    unit_pages: u64,
+    units: u64,
     source: Box<dyn WindowSource>,
+    /// Per unit: installed yet?
     installed: Vec<AtomicBool>,
     stop: AtomicBool,
     faults: AtomicU64,
     filled: AtomicU64,
-    zero_windows: AtomicU64,
+    zero_units: AtomicU64,
     /// `None` while running; then the outcome.
     outcome: Mutex<Option<Result<(), String>>>,
     done: Condvar,
     options: LazyOptions,
     prefetched: AtomicU64,
-    /// Windows installed because of a fault, in order.
+    /// Units installed because of a fault, in order.
     fault_log: Mutex<Vec<u64>>,
 }
 
@@ -218,18 +225,33 @@ impl PageServer {
             .map_err(|e| LazyError::Setup(format!("register: {e}")))?;
         let window_pages = source.window_pages();
         let windows = (memory.size() / PAGE_SIZE).div_ceil(window_pages);
+        let unit_pages = match options.unit_bytes {
+            None => window_pages,
+            Some(b) if b.is_power_of_two() && b >= PAGE_SIZE && b / PAGE_SIZE <= window_pages => {
+                b / PAGE_SIZE
+            }
+            Some(b) => {
+                return Err(LazyError::Setup(format!(
+                    "restore unit of {b} bytes: must be a power of two from 4096 to the window of {} bytes",
+                    window_pages * PAGE_SIZE
+                )));
+            }
+        };
+        let units = (memory.size() / PAGE_SIZE).div_ceil(unit_pages);
         let shared = Arc::new(Shared {
             uffd,
             base: base as usize,
             memory_bytes: memory.size(),
             window_pages,
             windows,
+            unit_pages,
+            units,
             source: Box::new(source),
-            installed: (0..windows).map(|_| AtomicBool::new(false)).collect(),
+            installed: (0..units).map(|_| AtomicBool::new(false)).collect(),
             stop: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             filled: AtomicU64::new(0),
-            zero_windows: AtomicU64::new(0),
+            zero_units: AtomicU64::new(0),
             outcome: Mutex::new(None),
             done: Condvar::new(),
             options,
@@ -252,7 +274,7 @@ impl PageServer {
         LazyStats {
             faults: self.shared.faults.load(Ordering::Relaxed),
             filled: self.shared.filled.load(Ordering::Relaxed),
-            zero_windows: self.shared.zero_windows.load(Ordering::Relaxed),
+            zero_units: self.shared.zero_units.load(Ordering::Relaxed),
             prefetched: self.shared.prefetched.load(Ordering::Relaxed),
         }
     }
@@ -332,10 +354,10 @@ fn finish(s: &Shared, outcome: Result<(), String>) {
 
 /// The server thread: faults first, the filler when idle, until every window is installed.
 fn serve(s: &Shared) {
-    let mut buf = vec![0u8; (s.window_pages * PAGE_SIZE) as usize];
+    let mut cache = WindowCache::default();
     let mut next_fill = 0;
     let mut next_prefetch = 0;
-    let mut remaining = s.windows;
+    let mut remaining = s.units;
     let started = std::time::Instant::now();
     let mut last_fault: Option<std::time::Instant> = None;
     while remaining > 0 && !s.stop.load(Ordering::Relaxed) {
@@ -345,17 +367,17 @@ fn serve(s: &Shared) {
                 Ok(Some(Event::Pagefault { addr, .. })) => {
                     last_fault = Some(std::time::Instant::now());
                     let page = (addr as usize - s.base) as u64 / PAGE_SIZE;
-                    let window = page / s.window_pages;
-                    match install(s, window, &mut buf) {
-                        Ok(true) => {
-                            s.faults.fetch_add(1, Ordering::Relaxed);
+                    let unit = page / s.unit_pages;
+                    match install(s, unit, 1, &mut cache) {
+                        Ok(0) => wake(s, unit),
+                        Ok(n) => {
+                            s.faults.fetch_add(n, Ordering::Relaxed);
                             s.fault_log
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .push(window);
-                            remaining -= 1;
+                                .push(unit);
+                            remaining -= n;
                         }
-                        Ok(false) => wake(s, window),
                         Err(e) => return finish(s, Err(e.to_string())),
                     }
                 }
@@ -364,19 +386,18 @@ fn serve(s: &Shared) {
                 Err(e) => return finish(s, Err(format!("reading userfaultfd events: {e}"))),
             }
         }
-        // The recorded working set first, a few windows at a time so that it stays ahead of
-        // the guest (which faults on the same windows in the same order), then everything else.
+        // The recorded working set first, a few units at a time so that it stays ahead of the
+        // guest (which faults on the same units in the same order), then everything else.
         if next_prefetch < s.options.prefetch.len() {
             let batch = &s.options.prefetch[next_prefetch..];
             let batch = &batch[..batch.len().min(PREFETCH_BATCH)];
             next_prefetch += batch.len();
-            for &window in batch.iter().filter(|&&w| w < s.windows) {
-                match install(s, window, &mut buf) {
-                    Ok(true) => {
-                        s.prefetched.fetch_add(1, Ordering::Relaxed);
-                        remaining -= 1;
+            for &unit in batch.iter().filter(|&&u| u < s.units) {
+                match install(s, unit, 1, &mut cache) {
+                    Ok(n) => {
+                        s.prefetched.fetch_add(n, Ordering::Relaxed);
+                        remaining -= n;
                     }
-                    Ok(false) => {}
                     Err(e) => return finish(s, Err(e.to_string())),
                 }
             }
@@ -395,17 +416,17 @@ fn serve(s: &Shared) {
                 continue;
             }
         }
-        // One window nobody asked for, then look at faults again.
-        while next_fill < s.windows && s.installed[next_fill as usize].load(Ordering::Relaxed) {
-            next_fill += 1;
-        }
+        // The not yet installed units of one window nobody asked for, then faults again.
         if next_fill < s.windows {
-            match install(s, next_fill, &mut buf) {
-                Ok(true) => {
-                    s.filled.fetch_add(1, Ordering::Relaxed);
-                    remaining -= 1;
+            let upw = s.window_pages / s.unit_pages;
+            let first = next_fill * upw;
+            let count = upw.min(s.units - first);
+            next_fill += 1;
+            match install(s, first, count, &mut cache) {
+                Ok(n) => {
+                    s.filled.fetch_add(n, Ordering::Relaxed);
+                    remaining -= n;
                 }
-                Ok(false) => {}
                 Err(e) => return finish(s, Err(e.to_string())),
             }
         } else if remaining > 0 {
@@ -427,6 +448,39 @@ fn serve(s: &Shared) {
     finish(s, Ok(()));
 }
 
+/// The last few windows read, so that the units of a window are served from one read.
+#[derive(Default)]
+struct WindowCache {
+    /// (window, bytes, whether any page holds data), most recently used last.
+    entries: Vec<(u64, Vec<u8>, bool)>,
+}
+
+/// Windows kept decompressed.
+const CACHED_WINDOWS: usize = 4;
+
+impl WindowCache {
+    fn get(&mut self, s: &Shared, window: u64) -> Result<&(u64, Vec<u8>, bool), LazyError> {
+        if let Some(i) = self.entries.iter().position(|e| e.0 == window) {
+            let e = self.entries.remove(i);
+            self.entries.push(e);
+        } else {
+            let mut buf = if self.entries.len() >= CACHED_WINDOWS {
+                self.entries.remove(0).1
+            } else {
+                vec![0u8; (s.window_pages * PAGE_SIZE) as usize]
+            };
+            let first = window * s.window_pages;
+            let end = (first + s.window_pages).min(s.memory_bytes / PAGE_SIZE);
+            let has_data = s
+                .source
+                .read_window(window, &mut buf)
+                .map_err(|source| LazyError::Source { first, end, source })?;
+            self.entries.push((window, buf, has_data));
+        }
+        Ok(self.entries.last().expect("just pushed"))
+    }
+}
+
 fn wait_readable(s: &Shared) {
     poll_readable(s, 100);
 }
@@ -442,68 +496,103 @@ fn poll_readable(s: &Shared, ms: i32) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
-/// Wakes threads waiting on a window another path already installed.
-fn wake(s: &Shared, window: u64) {
-    let (start, len) = range(s, window);
+/// Wakes threads waiting on a unit another path already installed.
+fn wake(s: &Shared, unit: u64) {
+    let (start, len) = range(s, unit, 1);
     let _ = s.uffd.wake(start as *mut libc::c_void, len);
 }
 
-fn range(s: &Shared, window: u64) -> (usize, usize) {
-    let first = window * s.window_pages * PAGE_SIZE;
-    let end = ((window + 1) * s.window_pages * PAGE_SIZE).min(s.memory_bytes);
+/// Host address and length of `count` units from `unit` (clipped to memory).
+fn range(s: &Shared, unit: u64, count: u64) -> (usize, usize) {
+    let first = unit * s.unit_pages * PAGE_SIZE;
+    let end = ((unit + count) * s.unit_pages * PAGE_SIZE).min(s.memory_bytes);
     (s.base + first as usize, (end - first) as usize)
 }
 
-/// Installs window `window` if it is not yet; returns whether this call installed it.
-fn install(s: &Shared, window: u64, buf: &mut [u8]) -> Result<bool, LazyError> {
-    if s.installed[window as usize].load(Ordering::Relaxed) {
-        return Ok(false);
+/// Installs the units of `unit..unit + count` (all in one window) that are not installed yet,
+/// one ioctl per run of them; returns how many this call installed.
+fn install(s: &Shared, unit: u64, count: u64, cache: &mut WindowCache) -> Result<u64, LazyError> {
+    let pending = |u: u64| !s.installed[u as usize].load(Ordering::Relaxed);
+    if !(unit..unit + count).any(pending) {
+        return Ok(0);
     }
-    let first = window * s.window_pages;
-    let (start, len) = range(s, window);
-    let end = first + len as u64 / PAGE_SIZE;
-    let has_data = s
-        .source
-        .read_window(window, buf)
-        .map_err(|source| LazyError::Source { first, end, source })?;
+    let upw = s.window_pages / s.unit_pages;
+    let window = unit / upw;
+    let (_, data, has_data) = cache.get(s, window)?;
+    let has_data = *has_data;
+    let window_start = window * s.window_pages * PAGE_SIZE;
+    let mut installed = 0;
+    let mut u = unit;
+    while u < unit + count {
+        if !pending(u) {
+            u += 1;
+            continue;
+        }
+        let run_start = u;
+        while u < unit + count && pending(u) {
+            u += 1;
+        }
+        let (start, len) = range(s, run_start, u - run_start);
+        let off = (run_start * s.unit_pages * PAGE_SIZE - window_start) as usize;
+        let bytes = &data[off..off + len];
+        let zero = !has_data || crate::layer::is_zero(bytes);
+        install_bytes(s, start, bytes, zero, run_start)?;
+        for v in run_start..u {
+            s.installed[v as usize].store(true, Ordering::Relaxed);
+        }
+        if zero {
+            s.zero_units.fetch_add(u - run_start, Ordering::Relaxed);
+        }
+        installed += u - run_start;
+    }
+    Ok(installed)
+}
+
+/// One UFFDIO_COPY (or UFFDIO_ZEROPAGE) of `bytes` at host address `start`, retried after a
+/// partial copy, page by page around pages that are present already.
+fn install_bytes(
+    s: &Shared,
+    start: usize,
+    bytes: &[u8],
+    zero: bool,
+    unit: u64,
+) -> Result<(), LazyError> {
+    let len = bytes.len();
     let mut done = 0;
     while done < len {
         let dst = (start + done) as *mut libc::c_void;
-        let result = if has_data {
-            // SAFETY: `buf` holds `len` valid bytes and dst..dst+len lies in the registered
+        let result = if zero {
+            // SAFETY: dst..dst+len lies in the registered guest memory mapping, which is alive
+            // while the server runs.
+            unsafe { s.uffd.zeropage(dst, len - done, true) }
+        } else {
+            // SAFETY: `bytes` holds `len` valid bytes and dst..dst+len lies in the registered
             // guest memory mapping, which is alive while the server runs.
             unsafe {
                 s.uffd
-                    .copy(buf[done..].as_ptr().cast(), dst, len - done, true)
+                    .copy(bytes[done..].as_ptr().cast(), dst, len - done, true)
             }
-        } else {
-            // SAFETY: as above, for the destination range.
-            unsafe { s.uffd.zeropage(dst, len - done, true) }
         };
         match result {
             Ok(n) => done += n,
             // Interrupted part-way (the address space changed): retry the rest.
             Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
             Err(e) if is_eexist(&e) => {
-                // Some page of the window is present already (written through the memfd):
-                // install page by page around it.
-                install_pages(s, start + done, &buf[done..len], has_data)?;
+                // Some page is present already (written through the memfd): go page by page.
+                install_pages(s, start + done, &bytes[done..], !zero)?;
                 done = len;
             }
             Err(e) => {
+                let first = unit * s.unit_pages;
                 return Err(LazyError::Install {
                     first,
-                    end,
+                    end: first + (len as u64).div_ceil(PAGE_SIZE),
                     message: e.to_string(),
                 });
             }
         }
     }
-    if !has_data {
-        s.zero_windows.fetch_add(1, Ordering::Relaxed);
-    }
-    s.installed[window as usize].store(true, Ordering::Relaxed);
-    Ok(true)
+    Ok(())
 }
 
 fn install_pages(s: &Shared, start: usize, bytes: &[u8], has_data: bool) -> Result<(), LazyError> {

@@ -110,7 +110,7 @@ fn lazily_restored_memory_equals_the_chain() {
     });
     let stats = server.wait().unwrap();
     assert!(stats.faults > 0, "no fault was served: {stats:?}");
-    assert!(stats.filled > 0 && stats.zero_windows > 0, "{stats:?}");
+    assert!(stats.filled > 0 && stats.zero_units > 0, "{stats:?}");
     assert_eq!(
         stats.faults + stats.filled,
         PAGES.div_ceil(16),
@@ -120,6 +120,47 @@ fn lazily_restored_memory_equals_the_chain() {
         target.to_vec() == image,
         "restored memory differs from the chain's image"
     );
+}
+
+#[test]
+fn small_units_serve_single_pages_from_one_window_read() {
+    if !uffd_available("small_units_serve_single_pages_from_one_window_read") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, image) = chain(dir.path());
+    for unit in [4096u64, 16384] {
+        let target = GuestMemory::new(SIZE).unwrap();
+        let options = snap_mem::lazy::LazyOptions {
+            unit_bytes: Some(unit),
+            ..Default::default()
+        };
+        let server =
+            PageServer::start_with(&target, LayerChain::open(&paths).unwrap(), options).unwrap();
+        let mut page = [0u8; 4096];
+        for i in 0..300u64 {
+            let p = (i * 7919) % PAGES;
+            target.read(p * 4096, &mut page).unwrap();
+            let at = (p * 4096) as usize;
+            assert_eq!(&page[..], &image[at..at + 4096], "unit {unit}, page {p}");
+        }
+        let stats = server.wait().unwrap();
+        assert_eq!(
+            stats.faults + stats.filled,
+            SIZE / unit,
+            "unit {unit}: {stats:?}"
+        );
+        assert!(
+            target.to_vec() == image,
+            "unit {unit}: restored memory differs"
+        );
+    }
+    let bad = snap_mem::lazy::LazyOptions {
+        unit_bytes: Some(3000),
+        ..Default::default()
+    };
+    let target = GuestMemory::new(SIZE).unwrap();
+    assert!(PageServer::start_with(&target, LayerChain::open(&paths).unwrap(), bad).is_err());
 }
 
 #[test]

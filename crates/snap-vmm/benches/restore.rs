@@ -44,6 +44,7 @@ fn restore_once(dir: &std::path::Path, mode: MemoryRestore, dirty: DirtyTracking
     let options = VmOptions {
         memory_restore: mode,
         dirty_tracking: dirty,
+        ..VmOptions::default()
     };
     let t = Instant::now();
     let vm = snapshot::restore_with(dir, &options).unwrap();
@@ -127,6 +128,7 @@ fn main() {
             let options = VmOptions {
                 memory_restore: MemoryRestore::Prefetch,
                 dirty_tracking: dirty,
+                ..VmOptions::default()
             };
             let vm = snapshot::restore_with(&dir, &options).unwrap();
             vm.resume().unwrap();

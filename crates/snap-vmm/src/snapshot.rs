@@ -223,12 +223,14 @@ pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
         MemoryRestore::Lazy => Vm::restore_lazy(&state, chain, options),
         MemoryRestore::Prefetch => {
             let path = dir.join(WORKING_SET_FILE);
-            let window_pages = chain.window_pages();
-            match read_working_set(&path, window_pages) {
-                Some(windows) => Vm::restore_lazy_with(&state, chain, options, windows, None),
+            let unit_pages = options
+                .restore_unit_bytes
+                .map_or(chain.window_pages(), |b| b / 4096);
+            match read_working_set(&path, unit_pages) {
+                Some(units) => Vm::restore_lazy_with(&state, chain, options, units, None),
                 None => {
-                    let record: CompleteHook = Box::new(move |windows: &[u64]| {
-                        if let Err(e) = write_working_set(&path, window_pages, windows) {
+                    let record: CompleteHook = Box::new(move |units: &[u64]| {
+                        if let Err(e) = write_working_set(&path, unit_pages, units) {
                             tracing::warn!(error = %e, "cannot store the recorded working set");
                         }
                     });
@@ -243,7 +245,7 @@ pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
 /// [`MemoryRestore::Prefetch`] restore of it).
 pub const WORKING_SET_FILE: &str = "working-set";
 
-/// File format of a recorded working set: the window size in pages, then the windows the guest
+/// File format of a recorded working set: the restore unit in pages, then the units the guest
 /// faulted on, in order (all u64, little endian).
 pub const WORKING_SET_FORMAT: FormatSpec = FormatSpec {
     name: "working set",
@@ -253,17 +255,18 @@ pub const WORKING_SET_FORMAT: FormatSpec = FormatSpec {
     max_payload: 64 << 20,
 };
 
-fn write_working_set(path: &Path, window_pages: u64, windows: &[u64]) -> Result<(), FileError> {
-    let payload: Vec<u8> = std::iter::once(window_pages)
-        .chain(windows.iter().copied())
+fn write_working_set(path: &Path, unit_pages: u64, units: &[u64]) -> Result<(), FileError> {
+    let payload: Vec<u8> = std::iter::once(unit_pages)
+        .chain(units.iter().copied())
         .flat_map(u64::to_le_bytes)
         .collect();
     WORKING_SET_FORMAT.write_file(path, &payload)
 }
 
-/// The recorded working set of a snapshot, if there is a usable one: a missing file, a damaged
-/// one or one recorded with another window size is ignored (it is only a hint).
-pub fn read_working_set(path: &Path, window_pages: u64) -> Option<Vec<u64>> {
+/// The recorded working set of a snapshot (restore units, in fault order), if there is a usable
+/// one: a missing file, a damaged one or one recorded with another unit is ignored (it is only a
+/// hint).
+pub fn read_working_set(path: &Path, unit_pages: u64) -> Option<Vec<u64>> {
     let payload = match WORKING_SET_FORMAT.read_file(path) {
         Ok(p) => p,
         Err(e) => {
@@ -278,7 +281,7 @@ pub fn read_working_set(path: &Path, window_pages: u64) -> Option<Vec<u64>> {
     let mut words = payload
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
-    if payload.len() % 8 != 0 || words.next() != Some(window_pages) {
+    if payload.len() % 8 != 0 || words.next() != Some(unit_pages) {
         tracing::warn!(path = %path.display(), "ignoring a working set recorded for another layout");
         return None;
     }

@@ -189,6 +189,9 @@ pub struct VmOptions {
     pub dirty_tracking: DirtyTracking,
     /// How a restore installs memory (default: eagerly).
     pub memory_restore: MemoryRestore,
+    /// Bytes a lazy or prefetch restore installs per fault: a power of two from 4 KiB up to the
+    /// snapshot's frame size (the default: the frame is the unit).
+    pub restore_unit_bytes: Option<u64>,
 }
 
 impl Vm {
@@ -278,8 +281,8 @@ impl Vm {
         Self::restore_lazy_with(state, memory, options, Vec::new(), None)
     }
 
-    /// As [`Vm::restore_lazy`], installing the windows of `prefetch` first (while the guest
-    /// already runs) and handing the windows the guest faulted on to `on_complete` when memory
+    /// As [`Vm::restore_lazy`], installing the units of `prefetch` first (while the guest
+    /// already runs) and handing the units the guest faulted on to `on_complete` when memory
     /// is complete. With `on_complete` the background filler waits until the guest has not
     /// faulted for 200 ms, so that the recording holds the guest's working set.
     ///
@@ -311,6 +314,7 @@ impl Vm {
             on_complete,
             prefetch,
             fill_after_quiet,
+            unit_bytes: options.restore_unit_bytes,
         };
         let server = PageServer::start_with(&vm.shared.memory, memory, lazy)?;
         *vm.page_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);

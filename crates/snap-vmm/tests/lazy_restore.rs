@@ -176,3 +176,42 @@ fn prefetch_records_the_working_set_then_installs_it_first() {
     );
     assert_same_memory(&second.memory().to_vec(), &first.memory().to_vec());
 }
+
+/// The restore unit is configurable down to one page: a lazy restore with 4 KiB units (pages
+/// served one at a time out of a frame read once) continues exactly too; a unit that is not a
+/// power of two is refused.
+#[test]
+fn lazy_restore_with_page_sized_units() {
+    if !kvm_available("lazy_restore_with_page_sized_units") {
+        return;
+    }
+    let (config, guest) = small(2);
+    let model = guest.model(2).output;
+    let vm = boot(config, &guest);
+    let root = SnapDir::new();
+    let cut = pause_after(&vm, 6);
+    save_full(&vm, root.path());
+    run_to_end(&vm);
+    let options = VmOptions {
+        memory_restore: MemoryRestore::Lazy,
+        restore_unit_bytes: Some(4096),
+        ..VmOptions::default()
+    };
+    let restored = snapshot::restore_with(root.path(), &options).unwrap();
+    run_to_end(&restored);
+    assert_eq!(restored.serial_output().text(), model[cut..]);
+    restored.wait_memory_resident().unwrap();
+    assert_same_memory(&restored.memory().to_vec(), &vm.memory().to_vec());
+    let stats = restored.lazy_stats().unwrap();
+    assert_eq!(
+        stats.faults + stats.filled,
+        config.memory_bytes / 4096,
+        "{stats:?}"
+    );
+
+    let bad = VmOptions {
+        restore_unit_bytes: Some(12288),
+        ..options
+    };
+    assert!(snapshot::restore_with(root.path(), &bad).is_err());
+}

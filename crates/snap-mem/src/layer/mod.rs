@@ -112,6 +112,7 @@ pub use meta::{
     DEFAULT_FRAME_SIZE, DEFAULT_ZSTD_LEVEL, Digest, FrameInfo, LayerInfo, LayerOptions,
     MAX_FRAME_SIZE, MAX_MEMORY_BYTES, MIN_FRAME_SIZE, NewLayer, PAGE, PageEntry, ParentRef,
 };
+pub(crate) use page_io::is_zero;
 pub use page_io::{PageSink, PageSource};
 pub use reader::Layer;
 pub use writer::write_layer;
