@@ -8,7 +8,7 @@
 //! - restore call to the guest's first serial byte after resuming: the guest has run again
 //!   (its instructions up to that byte, and every fault they take, included);
 //! - restore call to 10 more lines of output: a fixed amount of work after the restore;
-//! - for lazy and prefetch restores, the faults served and the windows installed without a fault
+//! - for lazy and prefetch restores, the faults served and the units installed without a fault
 //!   (prefetched from the recorded working set, or filled in the background).
 //!
 //! Run: `cargo bench -p snap-vmm --bench restore` (SNAP_BENCH_ITERS, SNAP_BENCH_SIZES_MIB, and
@@ -100,7 +100,7 @@ fn main() {
         "frame size (restore unit): {frame_kib} KiB; dirty tracking of restored VMs: {dirty:?}"
     );
     println!(
-        "| guest memory | mode | restore call | to first guest output | to 10 lines of work | faults served | windows installed without a fault |"
+        "| guest memory | mode | restore call | to first guest output | to 10 lines of work | faults served | units installed without a fault |"
     );
     println!("|---|---|---|---|---|---|---|");
     for mib in sizes {
