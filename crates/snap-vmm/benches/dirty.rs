@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use snap_vmm::{DirtyTracking, TestGuest, Vm, VmConfig, VmOptions};
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+mod common;
+
+use common::{env_list, env_u64, kvm_available, median};
 
 fn bench(gib: u64, dirty: DirtyTracking, iters: usize) -> (Duration, u64) {
     let config = VmConfig {
@@ -53,24 +52,11 @@ fn bench(gib: u64, dirty: DirtyTracking, iters: usize) -> (Duration, u64) {
 }
 
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIP dirty bench: /dev/kvm cannot be opened");
+    if !kvm_available("dirty bench") {
         return;
     }
-    let iters: usize = std::env::var("SNAP_BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(21);
-    let sizes: Vec<u64> = std::env::var("SNAP_BENCH_SIZES_GIB")
-        .unwrap_or_else(|_| "1,4,16".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+    let iters = env_u64("SNAP_BENCH_ITERS", 21) as usize;
+    let sizes = env_list("SNAP_BENCH_SIZES_GIB", "1,4,16");
     println!(
         "| guest memory | dirty pages per harvest | KVM dirty bitmap | KVM dirty ring (4096 entries) | ring / bitmap |"
     );

@@ -23,10 +23,9 @@ use snap_vmm::{
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+mod common;
+
+use common::{env_list, env_u64, kvm_available, median};
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
@@ -65,28 +64,12 @@ fn restore_once(dir: &std::path::Path, mode: MemoryRestore, dirty: DirtyTracking
 }
 
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIP restore bench: /dev/kvm cannot be opened");
+    if !kvm_available("restore bench") {
         return;
     }
-    let iters: usize = std::env::var("SNAP_BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(11);
-    let sizes: Vec<u64> = std::env::var("SNAP_BENCH_SIZES_MIB")
-        .unwrap_or_else(|_| "256,1024,4096,16384".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let frame_kib: u32 = std::env::var("SNAP_BENCH_FRAME_KIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+    let iters = env_u64("SNAP_BENCH_ITERS", 11) as usize;
+    let sizes = env_list("SNAP_BENCH_SIZES_MIB", "256,1024,4096,16384");
+    let frame_kib = env_u64("SNAP_BENCH_FRAME_KIB", 256) as u32;
     let layer_options = LayerOptions {
         frame_size: frame_kib << 10,
         ..LayerOptions::default()

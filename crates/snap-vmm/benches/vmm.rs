@@ -18,17 +18,9 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
 use snap_vmm::{LayerOptions, TestGuest, Vm, VmConfig, snapshot, vcpu};
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+use common::{env_u64, kvm_available, median};
 
 fn p99(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -353,13 +345,7 @@ fn bench_save_restore(iters: usize, vcpus: u32, memory: u64, full: bool) {
 }
 
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIP vmm bench: /dev/kvm cannot be opened");
+    if !kvm_available("vmm bench") {
         return;
     }
     let memory = env_u64("SNAP_BENCH_MEMORY_MIB", 256) << 20;

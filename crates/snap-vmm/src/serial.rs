@@ -51,10 +51,21 @@ impl SerialOutput {
     /// Waits until at least `n` bytes were written; returns false on timeout. Waiters are woken at
     /// the first byte and at each line end.
     pub fn wait_for_bytes(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_until(timeout, |buf| buf.len() >= n)
+    }
+
+    /// Waits until at least `n` complete lines were written; returns false on timeout.
+    pub fn wait_for_lines(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_until(timeout, |buf| {
+            buf.iter().filter(|&&b| b == b'\n').count() >= n
+        })
+    }
+
+    fn wait_until(&self, timeout: Duration, ready: impl Fn(&[u8]) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let (lock, cond) = &*self.inner;
         let mut buf = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while buf.len() < n {
+        while !ready(&buf) {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -65,26 +76,6 @@ impl SerialOutput {
                 .0;
         }
         true
-    }
-
-    /// Waits until at least `n` complete lines were written; returns false on timeout.
-    pub fn wait_for_lines(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let (lock, cond) = &*self.inner;
-        let mut buf = lock.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if buf.iter().filter(|&&b| b == b'\n').count() >= n {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            buf = cond
-                .wait_timeout(buf, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
