@@ -7,7 +7,7 @@ use snap_core::{FormatSpec, HEADER_LEN, Id};
 
 use super::error::LayerError;
 use super::mask::PageMask;
-use super::meta::{Digest, MAX_MEMORY_BYTES, PAGE, ParentRef, check_frame_size};
+use super::meta::{Digest, LayerInfo, MAX_MEMORY_BYTES, PAGE, ParentRef, check_frame_size};
 use super::table::FrameTable;
 
 /// Bytes of the superblock (the payload of the file header).
@@ -161,6 +161,25 @@ pub(crate) struct Index {
     pub frame_size: u32,
     pub zstd_level: i32,
     pub table: FrameTable,
+}
+
+impl Index {
+    /// The summary of the layer this index describes, whose digest and file size are given.
+    pub(crate) fn info(&self, digest: Digest, stored_bytes: u64) -> LayerInfo {
+        let (pages_present, pages_stored) = self.table.counts();
+        LayerInfo {
+            id: self.id,
+            digest,
+            parent: self.parent,
+            memory_bytes: self.memory_bytes,
+            frame_size: self.frame_size,
+            zstd_level: self.zstd_level,
+            frames: self.table.len(),
+            pages_present,
+            pages_stored,
+            stored_bytes,
+        }
+    }
 }
 
 /// An index payload: the parent link, then `content`.

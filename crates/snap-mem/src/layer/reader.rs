@@ -88,19 +88,7 @@ impl Layer {
         let file = File::open(path).map_err(|e| io("open", e))?;
         let (sb, payload) = read_index_payload(path, &file)?;
         let (index, digest) = Index::decode(path, &payload, sb.frames_len)?;
-        let (pages_present, pages_stored) = index.table.counts();
-        let info = LayerInfo {
-            id: index.id,
-            digest,
-            parent: index.parent,
-            memory_bytes: index.memory_bytes,
-            frame_size: index.frame_size,
-            zstd_level: index.zstd_level,
-            frames: index.table.len(),
-            pages_present,
-            pages_stored,
-            stored_bytes: sb.file_len,
-        };
+        let info = index.info(digest, sb.file_len);
         Ok(Self {
             path: path.to_path_buf(),
             file,

@@ -181,22 +181,11 @@ pub(crate) fn write_frames<P: Sync, S>(
         .map_err(|e| io("write superblock", e))?;
     tmp.commit()?;
 
-    let (pages_present, pages_stored) = index.table.counts();
-    let info = LayerInfo {
-        id: layer.id,
-        digest,
-        parent: layer.parent,
-        memory_bytes: layer.memory_bytes,
-        frame_size: options.frame_size,
-        zstd_level: options.zstd_level,
-        frames: index.table.len(),
-        pages_present,
-        pages_stored,
-        stored_bytes: sb.file_len,
-    };
+    let info = index.info(digest, sb.file_len);
     tracing::debug!(
-        path = %path.display(), id = %info.id, frames = info.frames, pages_present,
-        pages_stored, bytes = info.stored_bytes, "wrote memory layer"
+        path = %path.display(), id = %info.id, frames = info.frames,
+        pages_present = info.pages_present, pages_stored = info.pages_stored,
+        bytes = info.stored_bytes, "wrote memory layer"
     );
     Ok(info)
 }
