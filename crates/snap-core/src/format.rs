@@ -337,10 +337,55 @@ impl FormatSpec {
         self.check_header(header, total_len)
     }
 
+    /// As [`decode_header`](FormatSpec::decode_header) for a blob at the start of a longer
+    /// file of `total_len` bytes: bytes after the payload are allowed (they belong to the file's
+    /// own layout), a payload running past the end is not.
+    ///
+    /// # Errors
+    /// As [`decode_header`](FormatSpec::decode_header), without
+    /// [`FormatErrorKind::TrailingBytes`].
+    pub fn decode_header_prefix(
+        &self,
+        header: &[u8],
+        total_len: u64,
+    ) -> Result<HeaderInfo, FormatError> {
+        let h = self.check_header_fields(header)?;
+        self.check_available(&h, total_len, true)?;
+        Ok(h)
+    }
+
+    /// Decodes the blob at the start of `bytes`, ignoring what follows its payload; returns it
+    /// with the number of bytes it spans (header included).
+    ///
+    /// # Errors
+    /// As [`decode`](FormatSpec::decode), without [`FormatErrorKind::TrailingBytes`].
+    pub fn decode_prefix<'a>(&self, bytes: &'a [u8]) -> Result<(Decoded<'a>, usize), FormatError> {
+        let header = &bytes[..bytes.len().min(HEADER_LEN)];
+        let h = self.decode_header_prefix(header, bytes.len() as u64)?;
+        // Checked above: the payload lies within `bytes`.
+        let end = HEADER_LEN + h.payload_len as usize;
+        let payload = &bytes[HEADER_LEN..end];
+        self.check_payload_crc(&h, payload)?;
+        Ok((
+            Decoded {
+                version: h.version,
+                payload,
+            },
+            end,
+        ))
+    }
+
     /// Runs every check that needs only the header and the total length of
     /// the file (`total_len`, header included). `header` may be shorter than
     /// [`HEADER_LEN`] if that is all there is.
     fn check_header(&self, header: &[u8], total_len: u64) -> Result<Header, FormatError> {
+        let h = self.check_header_fields(header)?;
+        self.check_available(&h, total_len, false)?;
+        Ok(h)
+    }
+
+    /// The checks of [`check_header`](Self::check_header) that need the header alone.
+    fn check_header_fields(&self, header: &[u8]) -> Result<Header, FormatError> {
         let Ok(header) = <&[u8; HEADER_LEN]>::try_from(header) else {
             return Err(self.error(FormatErrorKind::Truncated {
                 what: "header",
@@ -394,25 +439,35 @@ impl FormatSpec {
             }));
         }
 
-        let available = total_len.saturating_sub(HEADER_LEN as u64);
-        if available < payload_len {
-            return Err(self.error(FormatErrorKind::Truncated {
-                what: "payload",
-                expected: payload_len,
-                found: available,
-            }));
-        }
-        if available > payload_len {
-            return Err(self.error(FormatErrorKind::TrailingBytes {
-                extra: available - payload_len,
-            }));
-        }
-
         Ok(Header {
             version,
             payload_len,
             payload_crc: field4(24),
         })
+    }
+
+    /// Checks that a file of `total_len` bytes holds the payload `h` announces (and, unless
+    /// `trailing_ok`, nothing after it).
+    fn check_available(
+        &self,
+        h: &Header,
+        total_len: u64,
+        trailing_ok: bool,
+    ) -> Result<(), FormatError> {
+        let available = total_len.saturating_sub(HEADER_LEN as u64);
+        if available < h.payload_len {
+            return Err(self.error(FormatErrorKind::Truncated {
+                what: "payload",
+                expected: h.payload_len,
+                found: available,
+            }));
+        }
+        if available > h.payload_len && !trailing_ok {
+            return Err(self.error(FormatErrorKind::TrailingBytes {
+                extra: available - h.payload_len,
+            }));
+        }
+        Ok(())
     }
 
     fn check_payload_crc(&self, h: &Header, payload: &[u8]) -> Result<(), FormatError> {

@@ -66,7 +66,7 @@ fn page_server(unit: u64, windows: u64, dir: &std::path::Path) -> Duration {
     let lazy = LazyOptions {
         // Keep the filler out of the way: every touch must be a fault.
         fill_after_quiet: Some(Duration::from_secs(3600)),
-        on_complete: Some(Box::new(|_| {})),
+        on_complete: Some(Box::new(|_, _| {})),
         ..LazyOptions::default()
     };
     let server = PageServer::start_with(&target, chain, lazy).unwrap();

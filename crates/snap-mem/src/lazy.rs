@@ -18,6 +18,7 @@ use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use crate::layer::{LayerChain, LayerError, WindowScratch};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::working_set::WorkingSet;
 
 /// Errors of a lazy restore.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +58,11 @@ pub enum LazyError {
     },
 }
 
-/// Prefetch windows installed between two looks at the fault queue.
+/// Units of the first prefetch chunk (each next chunk is twice as large, up to
+/// [`PREFETCH_CHUNK_MAX_BYTES`]); the fault queue is drained between two chunks.
 const PREFETCH_BATCH: usize = 8;
+/// Largest prefetch chunk: one read of the working-set file, a few large copies.
+const PREFETCH_CHUNK_MAX_BYTES: usize = 4 << 20;
 
 /// Where a lazy restore reads memory from, one window at a time: a layer chain here, a remote
 /// store later. The page server does not care where the bytes come from.
@@ -121,9 +125,10 @@ pub struct LazyStats {
     pub prefetched: u64,
 }
 
-/// Called when every unit is installed, with the units the guest faulted on, in order: its
-/// working set, to prefetch on the next restore of the same snapshot.
-pub type CompleteHook = Box<dyn Fn(&[u64]) + Send + Sync>;
+/// Called when every unit is installed, with the units the guest faulted on, in order (its
+/// working set, to prefetch on the next restore of the same snapshot: see
+/// [`WorkingSet::record`]), and the source they came from.
+pub type CompleteHook = Box<dyn Fn(&[u64], &dyn WindowSource) + Send + Sync>;
 
 /// What a lazy restore does besides serving faults.
 #[derive(Default)]
@@ -133,8 +138,9 @@ pub struct LazyOptions {
     /// Receives the recorded working set when the restore completes.
     pub on_complete: Option<CompleteHook>,
     /// Units to install first, in this order, while the guest already runs (a working set
-    /// recorded by an earlier restore with the same unit).
-    pub prefetch: Vec<u64>,
+    /// recorded by an earlier restore with the same unit). Its bytes come from its file when it
+    /// has them (each unit checked against its checksum), from the source otherwise.
+    pub prefetch: Option<WorkingSet>,
     /// Bytes installed per fault: a power of two from 4 KiB up to the source's window (the
     /// default). A window is read and decompressed once and kept while its units go in.
     pub unit_bytes: Option<u64>,
@@ -357,6 +363,8 @@ fn serve(s: &Shared) {
     let mut cache = WindowCache::default();
     let mut next_fill = 0;
     let mut next_prefetch = 0;
+    let mut prefetch_chunks = 0;
+    let mut scratch = PrefetchScratch::default();
     let mut remaining = s.units;
     let started = std::time::Instant::now();
     let mut last_fault: Option<std::time::Instant> = None;
@@ -386,20 +394,24 @@ fn serve(s: &Shared) {
                 Err(e) => return finish(s, Err(format!("reading userfaultfd events: {e}"))),
             }
         }
-        // The recorded working set first, a few units at a time so that it stays ahead of the
-        // guest (which faults on the same units in the same order), then everything else.
-        if next_prefetch < s.options.prefetch.len() {
-            let batch = &s.options.prefetch[next_prefetch..];
-            let batch = &batch[..batch.len().min(PREFETCH_BATCH)];
-            next_prefetch += batch.len();
-            for &unit in batch.iter().filter(|&&u| u < s.units) {
-                match install(s, unit, 1, &mut cache) {
-                    Ok(n) => {
-                        s.prefetched.fetch_add(n, Ordering::Relaxed);
-                        remaining -= n;
-                    }
-                    Err(e) => return finish(s, Err(e.to_string())),
+        // The recorded working set first, in chunks that start small and grow, so that the first
+        // units go in at once and the rest in few large copies, while the guest (which faults on
+        // the same units in the same order) runs; then everything else.
+        if let Some(set) = &s.options.prefetch
+            && next_prefetch < set.len()
+        {
+            let unit_bytes = (s.unit_pages * PAGE_SIZE) as usize;
+            let max_chunk = (PREFETCH_CHUNK_MAX_BYTES / unit_bytes).max(PREFETCH_BATCH);
+            let len = (PREFETCH_BATCH << prefetch_chunks.min(16)).min(max_chunk);
+            let chunk = next_prefetch..(next_prefetch + len).min(set.len());
+            next_prefetch = chunk.end;
+            prefetch_chunks += 1;
+            match prefetch(s, set, chunk, &mut cache, &mut scratch) {
+                Ok(n) => {
+                    s.prefetched.fetch_add(n, Ordering::Relaxed);
+                    remaining -= n;
                 }
+                Err(e) => return finish(s, Err(e.to_string())),
             }
             continue;
         }
@@ -443,7 +455,10 @@ fn serve(s: &Shared) {
         );
     }
     if let Some(hook) = &s.options.on_complete {
-        hook(&s.fault_log.lock().unwrap_or_else(|e| e.into_inner()));
+        hook(
+            &s.fault_log.lock().unwrap_or_else(|e| e.into_inner()),
+            s.source.as_ref(),
+        );
     }
     finish(s, Ok(()));
 }
@@ -536,7 +551,7 @@ fn install(s: &Shared, unit: u64, count: u64, cache: &mut WindowCache) -> Result
         let off = (run_start * s.unit_pages * PAGE_SIZE - window_start) as usize;
         let bytes = &data[off..off + len];
         let zero = !has_data || crate::layer::is_zero(bytes);
-        install_bytes(s, start, bytes, zero, run_start)?;
+        install_bytes(s, start, len, (!zero).then_some(bytes), run_start)?;
         for v in run_start..u {
             s.installed[v as usize].store(true, Ordering::Relaxed);
         }
@@ -548,30 +563,29 @@ fn install(s: &Shared, unit: u64, count: u64, cache: &mut WindowCache) -> Result
     Ok(installed)
 }
 
-/// One UFFDIO_COPY (or UFFDIO_ZEROPAGE) of `bytes` at host address `start`, retried after a
-/// partial copy, page by page around pages that are present already.
+/// One UFFDIO_COPY of `bytes` (or, for `None`, one UFFDIO_ZEROPAGE) of `len` bytes at host
+/// address `start`, retried after a partial copy, page by page around pages that are present
+/// already.
 fn install_bytes(
     s: &Shared,
     start: usize,
-    bytes: &[u8],
-    zero: bool,
+    len: usize,
+    bytes: Option<&[u8]>,
     unit: u64,
 ) -> Result<(), LazyError> {
-    let len = bytes.len();
     let mut done = 0;
     while done < len {
         let dst = (start + done) as *mut libc::c_void;
-        let result = if zero {
+        let result = match bytes {
             // SAFETY: dst..dst+len lies in the registered guest memory mapping, which is alive
             // while the server runs.
-            unsafe { s.uffd.zeropage(dst, len - done, true) }
-        } else {
+            None => unsafe { s.uffd.zeropage(dst, len - done, true) },
             // SAFETY: `bytes` holds `len` valid bytes and dst..dst+len lies in the registered
             // guest memory mapping, which is alive while the server runs.
-            unsafe {
+            Some(bytes) => unsafe {
                 s.uffd
-                    .copy(bytes[done..].as_ptr().cast(), dst, len - done, true)
-            }
+                    .copy(bytes[done..len].as_ptr().cast(), dst, len - done, true)
+            },
         };
         match result {
             Ok(n) => done += n,
@@ -579,7 +593,7 @@ fn install_bytes(
             Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
             Err(e) if is_eexist(&e) => {
                 // Some page is present already (written through the memfd): go page by page.
-                install_pages(s, start + done, &bytes[done..], !zero)?;
+                install_pages(s, start + done, len - done, bytes.map(|b| &b[done..len]))?;
                 done = len;
             }
             Err(e) => {
@@ -595,15 +609,21 @@ fn install_bytes(
     Ok(())
 }
 
-fn install_pages(s: &Shared, start: usize, bytes: &[u8], has_data: bool) -> Result<(), LazyError> {
-    for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
-        let dst = (start + i * PAGE_SIZE as usize) as *mut libc::c_void;
-        let result = if has_data {
+fn install_pages(
+    s: &Shared,
+    start: usize,
+    len: usize,
+    bytes: Option<&[u8]>,
+) -> Result<(), LazyError> {
+    let page_len = PAGE_SIZE as usize;
+    for i in 0..len.div_ceil(page_len) {
+        let dst = (start + i * page_len) as *mut libc::c_void;
+        let n = page_len.min(len - i * page_len);
+        let result = match bytes {
             // SAFETY: one page of `bytes` into one page of the registered mapping.
-            unsafe { s.uffd.copy(page.as_ptr().cast(), dst, page.len(), true) }
-        } else {
+            Some(b) => unsafe { s.uffd.copy(b[i * page_len..].as_ptr().cast(), dst, n, true) },
             // SAFETY: one page of the registered mapping.
-            unsafe { s.uffd.zeropage(dst, page.len(), true) }
+            None => unsafe { s.uffd.zeropage(dst, n, true) },
         };
         match result {
             Ok(_) => {}
@@ -619,6 +639,113 @@ fn install_pages(s: &Shared, start: usize, bytes: &[u8], has_data: bool) -> Resu
         }
     }
     Ok(())
+}
+
+/// Buffers of the prefetcher, kept between chunks.
+#[derive(Default)]
+struct PrefetchScratch {
+    /// One chunk of the working-set file, as read.
+    read: Vec<u8>,
+    /// A run of units gathered from `read` in address order.
+    run: Vec<u8>,
+    /// (unit, offset of its bytes in `read`, or `None` for a zero unit), sorted by unit.
+    todo: Vec<(u64, Option<usize>)>,
+}
+
+/// Installs the units of `chunk` (entries of `set`) that are not installed yet; returns how many.
+///
+/// With the set's bytes: one read of the chunk, each unit checked against its checksum (a unit
+/// that fails is served from the source), then the units in address order, one ioctl per run
+/// of consecutive units. Without: unit by unit from the source, in fault order.
+fn prefetch(
+    s: &Shared,
+    set: &WorkingSet,
+    chunk: std::ops::Range<usize>,
+    cache: &mut WindowCache,
+    scratch: &mut PrefetchScratch,
+) -> Result<u64, LazyError> {
+    let pending = |u: u64| u < s.units && !s.installed[u as usize].load(Ordering::Relaxed);
+    let entries = &set.entries()[chunk.clone()];
+    let mut installed = 0;
+    let read_at = if set.has_data() {
+        match set.read_data(chunk, &mut scratch.read) {
+            Ok(at) => Some(at),
+            Err(e) => {
+                tracing::warn!(error = %e, "working set unreadable: prefetching from the snapshot");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let Some(read_at) = read_at else {
+        for e in entries.iter().filter(|e| pending(e.unit)) {
+            installed += install(s, e.unit, 1, cache)?;
+        }
+        return Ok(installed);
+    };
+    let unit_bytes = (s.unit_pages * PAGE_SIZE) as usize;
+    scratch.todo.clear();
+    for e in entries.iter().filter(|e| pending(e.unit)) {
+        if e.zero {
+            scratch.todo.push((e.unit, None));
+            continue;
+        }
+        let off = (e.offset - read_at) as usize;
+        if snap_core::crc32c(&scratch.read[off..off + unit_bytes]) == e.crc {
+            scratch.todo.push((e.unit, Some(off)));
+        } else {
+            tracing::warn!(
+                unit = e.unit,
+                "working set unit fails its checksum: served from the snapshot"
+            );
+            installed += install(s, e.unit, 1, cache)?;
+        }
+    }
+    scratch.todo.sort_unstable_by_key(|t| t.0);
+    scratch.todo.dedup_by_key(|t| t.0);
+    let todo = &scratch.todo;
+    let mut i = 0;
+    while i < todo.len() {
+        let zero = todo[i].1.is_none();
+        let mut j = i + 1;
+        while j < todo.len() && todo[j].0 == todo[j - 1].0 + 1 && todo[j].1.is_none() == zero {
+            j += 1;
+        }
+        let (start, len) = range(s, todo[i].0, (j - i) as u64);
+        let bytes = if zero {
+            None
+        } else {
+            let first = todo[i].1.expect("data unit");
+            // Units that follow each other in memory usually follow each other in the file too.
+            if todo[i..j]
+                .iter()
+                .enumerate()
+                .all(|(k, t)| t.1 == Some(first + k * unit_bytes))
+            {
+                Some(&scratch.read[first..first + len])
+            } else {
+                scratch.run.clear();
+                for t in &todo[i..j] {
+                    let off = t.1.expect("data unit");
+                    scratch
+                        .run
+                        .extend_from_slice(&scratch.read[off..off + unit_bytes]);
+                }
+                Some(&scratch.run[..len])
+            }
+        };
+        install_bytes(s, start, len, bytes, todo[i].0)?;
+        for t in &todo[i..j] {
+            s.installed[t.0 as usize].store(true, Ordering::Relaxed);
+        }
+        if zero {
+            s.zero_units.fetch_add((j - i) as u64, Ordering::Relaxed);
+        }
+        installed += (j - i) as u64;
+        i = j;
+    }
+    Ok(installed)
 }
 
 /// Whether an install failed only because the pages are present already.

@@ -8,5 +8,6 @@ pub mod dirty;
 pub mod layer;
 pub mod lazy;
 pub mod memory;
+pub mod working_set;
 
 pub use memory::GuestMemory;

@@ -5,7 +5,8 @@
 use snap_core::Id;
 use snap_mem::GuestMemory;
 use snap_mem::layer::{LayerChain, LayerOptions, NewLayer, write_layer};
-use snap_mem::lazy::PageServer;
+use snap_mem::lazy::{LazyOptions, PageServer};
+use snap_mem::working_set::{WorkingSet, WorkingSetError};
 
 const SIZE: u64 = 32 << 20;
 const PAGES: u64 = SIZE / 4096;
@@ -178,4 +179,120 @@ fn a_damaged_frame_stops_the_server_naming_layer_and_frame() {
     let e = server.wait().unwrap_err();
     assert!(e.contains("full") && e.contains("frame 0"), "{e}");
     assert_eq!(server.failure().as_deref(), Some(e.as_str()));
+}
+
+/// Units of a working set in a plausible fault order: runs of neighbours, jumps back and forth,
+/// units with data from both layers and all-zero units.
+fn fault_order() -> Vec<u64> {
+    let mut units: Vec<u64> = (40..56).collect();
+    units.extend([7, 3, 300, 299, 301, 0, 511]);
+    units.extend((120..140).rev());
+    units.extend((200..260).step_by(3));
+    units.extend(400..430);
+    units
+}
+
+#[test]
+fn a_recorded_working_set_is_installed_from_its_file_in_bulk() {
+    if !uffd_available("a_recorded_working_set_is_installed_from_its_file_in_bulk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, image) = chain(dir.path());
+    let source = LayerChain::open(&paths).unwrap();
+    let tag = source.newest().info().digest.0;
+    let ws = dir.path().join("ws");
+    let units = fault_order();
+    WorkingSet::record(&ws, 16, &units, &source, tag).unwrap();
+    let set = WorkingSet::open(&ws, 16, SIZE, tag).unwrap();
+    assert!(set.has_data());
+    assert_eq!(set.units().collect::<Vec<_>>(), units);
+    // Only non-zero units are stored.
+    let stored = units
+        .iter()
+        .filter(|&&u| {
+            let at = (u * 65536) as usize;
+            image[at..at + 65536].iter().any(|&b| b != 0)
+        })
+        .count() as u64;
+    assert!(
+        stored > 0 && stored < units.len() as u64,
+        "{stored} of {}",
+        units.len()
+    );
+    assert_eq!(
+        std::fs::metadata(&ws).unwrap().len(),
+        4096 + stored * 65536,
+        "header and index in the first 4 KiB, then the stored units"
+    );
+
+    let target = GuestMemory::new(SIZE).unwrap();
+    let options = LazyOptions {
+        prefetch: Some(set),
+        ..Default::default()
+    };
+    let server = PageServer::start_with(&target, source, options).unwrap();
+    let stats = server.wait().unwrap();
+    assert_eq!(stats.prefetched, units.len() as u64, "{stats:?}");
+    assert_eq!(stats.faults, 0, "{stats:?}");
+    assert_eq!(stats.prefetched + stats.filled, PAGES / 16, "{stats:?}");
+    assert!(target.to_vec() == image, "restored memory differs");
+}
+
+#[test]
+fn a_damaged_working_set_unit_is_served_from_the_chain() {
+    if !uffd_available("a_damaged_working_set_unit_is_served_from_the_chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, image) = chain(dir.path());
+    let source = LayerChain::open(&paths).unwrap();
+    let tag = source.newest().info().digest.0;
+    let ws = dir.path().join("ws");
+    WorkingSet::record(&ws, 16, &fault_order(), &source, tag).unwrap();
+    // Flip a byte in the first stored unit's bytes: the index still checks out.
+    let mut bytes = std::fs::read(&ws).unwrap();
+    bytes[4096 + 100] ^= 0x5a;
+    std::fs::write(&ws, &bytes).unwrap();
+    let set = WorkingSet::open(&ws, 16, SIZE, tag).unwrap();
+    let target = GuestMemory::new(SIZE).unwrap();
+    let options = LazyOptions {
+        prefetch: Some(set),
+        ..Default::default()
+    };
+    let server = PageServer::start_with(&target, source, options).unwrap();
+    server.wait().unwrap();
+    assert!(target.to_vec() == image, "a damaged unit reached memory");
+}
+
+#[test]
+fn a_working_set_for_other_memory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _) = chain(dir.path());
+    let source = LayerChain::open(&paths).unwrap();
+    let tag = source.newest().info().digest.0;
+    let ws = dir.path().join("ws");
+    WorkingSet::record(&ws, 16, &fault_order(), &source, tag).unwrap();
+    let mismatch = |r: Result<WorkingSet, WorkingSetError>, what: &str| match r {
+        Err(e @ WorkingSetError::Mismatch { .. }) => {
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        other => panic!("expected a mismatch about {what}, got {other:?}"),
+    };
+    mismatch(WorkingSet::open(&ws, 4, SIZE, tag), "units of 16 pages");
+    mismatch(WorkingSet::open(&ws, 16, SIZE * 2, tag), "bytes of memory");
+    mismatch(WorkingSet::open(&ws, 16, SIZE, [7; 32]), "tag differs");
+    // A truncated data section, and a damaged index.
+    let bytes = std::fs::read(&ws).unwrap();
+    std::fs::write(&ws, &bytes[..bytes.len() - 1]).unwrap();
+    mismatch(WorkingSet::open(&ws, 16, SIZE, tag), "its index needs");
+    let mut damaged = bytes.clone();
+    damaged[40] ^= 1;
+    std::fs::write(&ws, &damaged).unwrap();
+    let e = WorkingSet::open(&ws, 16, SIZE, tag).unwrap_err();
+    assert!(matches!(e, WorkingSetError::File(_)), "{e:?}");
+    assert!(e.to_string().contains("checksum"), "{e}");
+    // A unit beyond memory cannot be recorded.
+    let e = WorkingSet::record(&ws, 16, &[PAGES], &source, tag).unwrap_err();
+    assert!(e.to_string().contains("beyond memory"), "{e}");
 }

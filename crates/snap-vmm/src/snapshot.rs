@@ -8,9 +8,10 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use snap_core::{FileError, FormatSpec, Id};
+use snap_core::Id;
 use snap_mem::layer::{Layer, LayerChain, LayerInfo, LayerOptions, NewLayer, write_layer};
-use snap_mem::lazy::CompleteHook;
+use snap_mem::lazy::{CompleteHook, WindowSource};
+use snap_mem::working_set::{WorkingSet, WorkingSetError};
 
 use crate::error::VmError;
 use crate::state::VmState;
@@ -226,15 +227,19 @@ pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
             let unit_pages = options
                 .restore_unit_bytes
                 .map_or(chain.window_pages(), |b| b / 4096);
-            match read_working_set(&path, unit_pages) {
-                Some(units) => Vm::restore_lazy_with(&state, chain, options, units, None),
+            let tag = chain.newest().info().digest.0;
+            match read_working_set(&path, unit_pages, chain.memory_bytes(), tag) {
+                Some(set) => Vm::restore_lazy_with(&state, chain, options, Some(set), None),
                 None => {
-                    let record: CompleteHook = Box::new(move |units: &[u64]| {
-                        if let Err(e) = write_working_set(&path, unit_pages, units) {
-                            tracing::warn!(error = %e, "cannot store the recorded working set");
-                        }
-                    });
-                    Vm::restore_lazy_with(&state, chain, options, Vec::new(), Some(record))
+                    let record: CompleteHook =
+                        Box::new(move |units: &[u64], source: &dyn WindowSource| {
+                            if let Err(e) =
+                                WorkingSet::record(&path, unit_pages, units, source, tag)
+                            {
+                                tracing::warn!(error = %e, "cannot store the recorded working set");
+                            }
+                        });
+                    Vm::restore_lazy_with(&state, chain, options, None, Some(record))
                 }
             }
         }
@@ -242,50 +247,30 @@ pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
 }
 
 /// Name of the file holding a snapshot's recorded working set (written by the first
-/// [`MemoryRestore::Prefetch`] restore of it).
+/// [`MemoryRestore::Prefetch`] restore of it; see [`snap_mem::working_set`]).
 pub const WORKING_SET_FILE: &str = "working-set";
 
-/// File format of a recorded working set: the restore unit in pages, then the units the guest
-/// faulted on, in order (all u64, little endian).
-pub const WORKING_SET_FORMAT: FormatSpec = FormatSpec {
-    name: "working set",
-    magic: *b"SNAPWSET",
-    version: 1,
-    min_version: 1,
-    max_payload: 64 << 20,
-};
-
-fn write_working_set(path: &Path, unit_pages: u64, units: &[u64]) -> Result<(), FileError> {
-    let payload: Vec<u8> = std::iter::once(unit_pages)
-        .chain(units.iter().copied())
-        .flat_map(u64::to_le_bytes)
-        .collect();
-    WORKING_SET_FORMAT.write_file(path, &payload)
-}
-
-/// The recorded working set of a snapshot (restore units, in fault order), if there is a usable
-/// one: a missing file, a damaged one or one recorded with another unit is ignored (it is only a
-/// hint).
-pub fn read_working_set(path: &Path, unit_pages: u64) -> Option<Vec<u64>> {
-    let payload = match WORKING_SET_FORMAT.read_file(path) {
-        Ok(p) => p,
-        Err(e) => {
-            if e.io_error()
-                .is_none_or(|io| io.kind() != std::io::ErrorKind::NotFound)
-            {
-                tracing::warn!(error = %e, "ignoring the recorded working set");
-            }
-            return None;
+/// The recorded working set of a snapshot whose newest layer has digest `tag`, if there is a
+/// usable one: a missing file, a damaged one, or one recorded with another unit or for other
+/// memory is ignored (it is only a hint, and the next prefetch restore records it again).
+pub fn read_working_set(
+    path: &Path,
+    unit_pages: u64,
+    memory_bytes: u64,
+    tag: [u8; 32],
+) -> Option<WorkingSet> {
+    match WorkingSet::open(path, unit_pages, memory_bytes, tag) {
+        Ok(set) => Some(set),
+        Err(WorkingSetError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            None
         }
-    };
-    let mut words = payload
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
-    if payload.len() % 8 != 0 || words.next() != Some(unit_pages) {
-        tracing::warn!(path = %path.display(), "ignoring a working set recorded for another layout");
-        return None;
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the recorded working set");
+            None
+        }
     }
-    Some(words.collect())
 }
 
 /// Reverts `vm` (paused) to the snapshot in `dir`; it stays paused.

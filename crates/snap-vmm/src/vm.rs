@@ -26,6 +26,7 @@ use snap_mem::dirty::{
 };
 use snap_mem::layer::{LayerChain, Restore};
 use snap_mem::lazy::{CompleteHook, FailureHook, LazyOptions, LazyStats, PageServer};
+use snap_mem::working_set::WorkingSet;
 
 /// How long a recording lazy restore waits without faults before it fills the rest of memory.
 const RECORDING_QUIET: Duration = Duration::from_millis(200);
@@ -278,7 +279,7 @@ impl Vm {
         memory: LayerChain,
         options: &VmOptions,
     ) -> Result<Self, VmError> {
-        Self::restore_lazy_with(state, memory, options, Vec::new(), None)
+        Self::restore_lazy_with(state, memory, options, None, None)
     }
 
     /// As [`Vm::restore_lazy`], installing the units of `prefetch` first (while the guest
@@ -292,7 +293,7 @@ impl Vm {
         state: &VmState,
         memory: LayerChain,
         options: &VmOptions,
-        prefetch: Vec<u64>,
+        prefetch: Option<WorkingSet>,
         on_complete: Option<CompleteHook>,
     ) -> Result<Self, VmError> {
         state.check()?;

@@ -147,7 +147,14 @@ fn prefetch_records_the_working_set_then_installs_it_first() {
         "{recorded:?}"
     );
     let (_, chain) = snapshot::open(root.path()).unwrap();
-    let set = snapshot::read_working_set(&ws_file, chain.window_pages()).expect("recorded");
+    let set = snapshot::read_working_set(
+        &ws_file,
+        chain.window_pages(),
+        chain.memory_bytes(),
+        chain.newest().info().digest.0,
+    )
+    .expect("recorded");
+    assert!(set.has_data(), "the set is stored with its bytes");
     assert_eq!(
         set.len() as u64,
         recorded.faults,
