@@ -99,3 +99,27 @@ fn file_round_trip_random_payloads() {
         )
         .unwrap();
 }
+
+proptest! {
+    /// A blob at the start of a longer file decodes the same with anything after it, and a
+    /// truncated one is still refused.
+    #[test]
+    fn prefix_decoding_ignores_what_follows(
+        payload in proptest::collection::vec(any::<u8>(), 0..512),
+        tail in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut bytes = SPEC.encode(&payload);
+        let len = bytes.len();
+        bytes.extend_from_slice(&tail);
+        let (decoded, end) = SPEC.decode_prefix(&bytes).unwrap();
+        prop_assert_eq!(decoded.payload, &payload[..]);
+        prop_assert_eq!(end, len);
+        let info = SPEC.decode_header_prefix(&bytes[..HEADER_LEN], bytes.len() as u64).unwrap();
+        prop_assert_eq!(info.payload_len, payload.len() as u64);
+        if !payload.is_empty() {
+            let err = SPEC.decode_prefix(&bytes[..len - 1]).unwrap_err();
+            let truncated = matches!(err.kind(), FormatErrorKind::Truncated { .. });
+            prop_assert!(truncated, "{err}");
+        }
+    }
+}

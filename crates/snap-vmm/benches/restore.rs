@@ -39,14 +39,25 @@ struct Sample {
     filled: u64,
 }
 
-fn restore_once(dir: &std::path::Path, mode: MemoryRestore, dirty: DirtyTracking) -> Sample {
+fn restore_once(
+    dir: &std::path::Path,
+    config: VmConfig,
+    mode: MemoryRestore,
+    prepared: bool,
+    dirty: DirtyTracking,
+) -> Sample {
     let options = VmOptions {
         memory_restore: mode,
         dirty_tracking: dirty,
         ..VmOptions::default()
     };
+    // A prepared VM is built before the clock starts, as a pool would have it ready.
+    let ready = prepared.then(|| Vm::prepare(config, &options).unwrap());
     let t = Instant::now();
-    let vm = snapshot::restore_with(dir, &options).unwrap();
+    let vm = match ready {
+        Some(p) => snapshot::restore_into(dir, p, mode).unwrap(),
+        None => snapshot::restore_with(dir, &options).unwrap(),
+    };
     let call = t.elapsed();
     vm.resume().unwrap();
     assert!(vm.serial_output().wait_for_bytes(1, TIMEOUT));
@@ -119,20 +130,25 @@ fn main() {
             vm.wait_memory_resident().unwrap();
         }
         let modes = [
-            MemoryRestore::Eager,
-            MemoryRestore::Lazy,
-            MemoryRestore::Prefetch,
+            (MemoryRestore::Eager, false, "eager"),
+            (MemoryRestore::Lazy, false, "lazy"),
+            (MemoryRestore::Prefetch, false, "prefetch"),
+            (MemoryRestore::Eager, true, "eager, prepared VM"),
+            (MemoryRestore::Lazy, true, "lazy, prepared VM"),
+            (MemoryRestore::Prefetch, true, "prefetch, prepared VM"),
         ];
-        let mut samples: [Vec<Sample>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-        for i in 0..iters * 3 {
+        let n = modes.len();
+        let mut samples: Vec<Vec<Sample>> = (0..n).map(|_| Vec::new()).collect();
+        for i in 0..(iters + 1) * n {
             // Rotate which mode goes first; drop the first round (warm-up).
-            let m = (i + i / 3) % 3;
-            let s = restore_once(&dir, modes[m], dirty);
-            if i >= 3 {
+            let m = (i + i / n) % n;
+            let (mode, prepared, _) = modes[m];
+            let s = restore_once(&dir, config, mode, prepared, dirty);
+            if i >= n {
                 samples[m].push(s);
             }
         }
-        for (m, name) in [(0, "eager"), (1, "lazy"), (2, "prefetch")] {
+        for (m, &(_, _, name)) in modes.iter().enumerate() {
             let v = &mut samples[m];
             let mut call: Vec<_> = v.iter().map(|s| s.call).collect();
             let mut first: Vec<_> = v.iter().map(|s| s.first_output).collect();

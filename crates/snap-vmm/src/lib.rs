@@ -51,4 +51,4 @@ pub use snap_mem::dirty::{DirtyTracking, PageBitmap};
 pub use snap_mem::layer::{LayerChain, LayerOptions};
 pub use state::{VmConfig, VmState};
 pub use vcpu::VcpuState;
-pub use vm::{MemoryRestore, RunState, Vm, VmExit, VmOptions};
+pub use vm::{MemoryRestore, PreparedVm, RunState, Vm, VmExit, VmOptions};

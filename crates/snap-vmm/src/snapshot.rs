@@ -15,7 +15,7 @@ use snap_mem::working_set::{WorkingSet, WorkingSetError};
 
 use crate::error::VmError;
 use crate::state::VmState;
-use crate::vm::{MemoryRestore, Vm, VmOptions};
+use crate::vm::{MemoryRestore, PreparedVm, Vm, VmOptions};
 
 /// Name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "vm.state";
@@ -219,17 +219,41 @@ pub fn restore(dir: &Path) -> Result<Vm, VmError> {
 /// As [`open`] and [`Vm::restore_with`].
 pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
     let (state, chain) = open(dir)?;
-    match options.memory_restore {
-        MemoryRestore::Eager => Vm::restore_with(&state, &chain, options),
-        MemoryRestore::Lazy => Vm::restore_lazy(&state, chain, options),
+    state.check()?;
+    let prepared = Vm::prepare(state.config, options)?;
+    restore_opened(dir, state, chain, prepared, options.memory_restore)
+}
+
+/// As [`restore_with`], into a VM prepared ahead ([`Vm::prepare`], with the snapshot's shape):
+/// the restore then only loads state, and its cost does not grow with memory size. `mode` says
+/// how memory is installed; the restore unit is the prepared VM's.
+///
+/// # Errors
+/// As [`restore_with`]; [`VmError::State`] if `prepared` has another shape than the snapshot.
+pub fn restore_into(dir: &Path, prepared: PreparedVm, mode: MemoryRestore) -> Result<Vm, VmError> {
+    let (state, chain) = open(dir)?;
+    restore_opened(dir, state, chain, prepared, mode)
+}
+
+fn restore_opened(
+    dir: &Path,
+    state: VmState,
+    chain: LayerChain,
+    prepared: PreparedVm,
+    mode: MemoryRestore,
+) -> Result<Vm, VmError> {
+    match mode {
+        MemoryRestore::Eager => Vm::restore_prepared(prepared, &state, &chain),
+        MemoryRestore::Lazy => Vm::restore_lazy_prepared(prepared, &state, chain, None, None),
         MemoryRestore::Prefetch => {
             let path = dir.join(WORKING_SET_FILE);
-            let unit_pages = options
+            let unit_pages = prepared
+                .options()
                 .restore_unit_bytes
                 .map_or(chain.window_pages(), |b| b / 4096);
             let tag = chain.newest().info().digest.0;
             match read_working_set(&path, unit_pages, chain.memory_bytes(), tag) {
-                Some(set) => Vm::restore_lazy_with(&state, chain, options, Some(set), None),
+                Some(set) => Vm::restore_lazy_prepared(prepared, &state, chain, Some(set), None),
                 None => {
                     let record: CompleteHook =
                         Box::new(move |units: &[u64], source: &dyn WindowSource| {
@@ -239,7 +263,7 @@ pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
                                 tracing::warn!(error = %e, "cannot store the recorded working set");
                             }
                         });
-                    Vm::restore_lazy_with(&state, chain, options, None, Some(record))
+                    Vm::restore_lazy_prepared(prepared, &state, chain, None, Some(record))
                 }
             }
         }

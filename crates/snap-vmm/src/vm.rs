@@ -168,6 +168,50 @@ impl Machine {
     }
 }
 
+/// A VM built ahead of a restore by [`Vm::prepare`]: KVM VM, memory slots over fresh memory,
+/// interrupt controllers and vCPUs, nothing running.
+pub struct PreparedVm {
+    machine: Machine,
+    vcpus: Vec<VcpuFd>,
+    config: VmConfig,
+    options: VmOptions,
+}
+
+impl std::fmt::Debug for PreparedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedVm")
+            .field("config", &self.config)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedVm {
+    /// The shape it was prepared for.
+    #[must_use]
+    pub fn config(&self) -> VmConfig {
+        self.config
+    }
+
+    /// The options it was prepared with.
+    #[must_use]
+    pub fn options(&self) -> &VmOptions {
+        &self.options
+    }
+
+    fn check(&self, state: &VmState) -> Result<(), VmError> {
+        state.check()?;
+        if state.config != self.config {
+            return Err(StateError::Inconsistent(format!(
+                "the state is of a VM with {} bytes of memory and {} vCPUs, the prepared VM has {} bytes and {} vCPUs",
+                state.config.memory_bytes, state.config.vcpus, self.config.memory_bytes, self.config.vcpus
+            ))
+            .into());
+        }
+        Ok(())
+    }
+}
+
 /// How a restored VM gets its memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MemoryRestore {
@@ -259,10 +303,43 @@ impl Vm {
         }
         state.check()?;
         check_chain_size(memory, &state.config)?;
-        let config = state.config;
+        Self::restore_prepared(Self::prepare(state.config, options)?, state, memory)
+    }
+
+    /// Builds everything of a VM that does not depend on a snapshot's contents ahead of a
+    /// restore: the KVM VM, its memory slots over fresh memory, the interrupt controllers and the
+    /// vCPUs. A restore into it ([`Vm::restore_prepared`], [`Vm::restore_lazy_prepared`]) then
+    /// only loads state: a pool of prepared VMs takes KVM's per-slot setup, which grows with
+    /// memory size, off the restore path.
+    ///
+    /// # Errors
+    /// As [`Vm::create`].
+    pub fn prepare(config: VmConfig, options: &VmOptions) -> Result<PreparedVm, VmError> {
         let machine = Machine::new(&config, options)?;
-        memory.materialize_into(&machine.memory, Restore::Fresh)?;
-        let vm = Self::start_restored(machine, state)?;
+        let vcpus = (0..config.vcpus)
+            .map(|i| machine.create_vcpu(i))
+            .collect::<Result<Vec<_>, VmError>>()?;
+        Ok(PreparedVm {
+            machine,
+            vcpus,
+            config,
+            options: *options,
+        })
+    }
+
+    /// As [`Vm::restore_with`], into a VM prepared by [`Vm::prepare`] for the same shape.
+    ///
+    /// # Errors
+    /// As [`Vm::restore`]; [`VmError::State`] if `prepared` has another shape than the state.
+    pub fn restore_prepared(
+        prepared: PreparedVm,
+        state: &VmState,
+        memory: &LayerChain,
+    ) -> Result<Self, VmError> {
+        prepared.check(state)?;
+        check_chain_size(memory, &state.config)?;
+        memory.materialize_into(&prepared.machine.memory, Restore::Fresh)?;
+        let vm = Self::start_restored(prepared, state)?;
         vm.set_memory_base(Some(memory.newest().info().id));
         Ok(vm)
     }
@@ -298,10 +375,28 @@ impl Vm {
     ) -> Result<Self, VmError> {
         state.check()?;
         check_chain_size(&memory, &state.config)?;
-        let config = state.config;
+        let prepared = Self::prepare(state.config, options)?;
+        Self::restore_lazy_prepared(prepared, state, memory, prefetch, on_complete)
+    }
+
+    /// As [`Vm::restore_lazy_with`], into a VM prepared by [`Vm::prepare`] for the same shape
+    /// (its options give the restore unit).
+    ///
+    /// # Errors
+    /// As [`Vm::restore_lazy`]; [`VmError::State`] if `prepared` has another shape than the
+    /// state.
+    pub fn restore_lazy_prepared(
+        prepared: PreparedVm,
+        state: &VmState,
+        memory: LayerChain,
+        prefetch: Option<WorkingSet>,
+        on_complete: Option<CompleteHook>,
+    ) -> Result<Self, VmError> {
+        prepared.check(state)?;
+        check_chain_size(&memory, &state.config)?;
+        let unit_bytes = prepared.options.restore_unit_bytes;
         let base = memory.newest().info().id;
-        let machine = Machine::new(&config, options)?;
-        let vm = Self::start_restored(machine, state)?;
+        let vm = Self::start_restored(prepared, state)?;
         let shared = Arc::downgrade(&vm.shared);
         let hook: FailureHook = Box::new(move |error: &str| {
             if let Some(s) = shared.upgrade() {
@@ -315,7 +410,7 @@ impl Vm {
             on_complete,
             prefetch,
             fill_after_quiet,
-            unit_bytes: options.restore_unit_bytes,
+            unit_bytes,
         };
         let server = PageServer::start_with(&vm.shared.memory, memory, lazy)?;
         *vm.page_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
@@ -344,21 +439,20 @@ impl Vm {
 
     /// Loads every vCPU and device of `state` into a new machine, resets dirty tracking (memory
     /// now is, or will be, the snapshot's) and starts the vCPU threads, paused.
-    fn start_restored(machine: Machine, state: &VmState) -> Result<Self, VmError> {
+    fn start_restored(prepared: PreparedVm, state: &VmState) -> Result<Self, VmError> {
+        let PreparedVm {
+            machine, mut vcpus, ..
+        } = prepared;
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
         let output = SerialOutput::default();
         let serial =
             SerialDevice::from_state(&state.serial, clone_fd(&serial_irq)?, output.clone())
                 .map_err(VmError::Serial)?;
-        let vcpus = state
-            .vcpus
-            .iter()
-            .map(|s| {
-                let fd = machine.create_vcpu(s.index)?;
-                vcpu::restore(&fd, s, true)?;
-                Ok(fd)
-            })
-            .collect::<Result<Vec<_>, VmError>>()?;
+        // `check` made sure there is one vCPU per state, and `VmState::check` that the states
+        // are in index order.
+        for (fd, s) in vcpus.iter_mut().zip(&state.vcpus) {
+            vcpu::restore(fd, s, true)?;
+        }
         restore_vm_devices(&machine.vm_fd, state)?;
         if let Some(t) = &machine.tracker {
             t.reset(&machine.memory)?;

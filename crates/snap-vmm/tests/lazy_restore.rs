@@ -9,7 +9,7 @@ use common::*;
 use snap_mem::layer::{Layer, PageEntry};
 use snap_vmm::boot::PROGRAM_ADDR;
 use snap_vmm::snapshot::{self, MEMORY_FILE};
-use snap_vmm::{MemoryRestore, RunState, VmExit, VmOptions};
+use snap_vmm::{MemoryRestore, RunState, Vm, VmConfig, VmExit, VmOptions};
 
 fn lazy() -> VmOptions {
     VmOptions {
@@ -221,4 +221,39 @@ fn lazy_restore_with_page_sized_units() {
         ..options
     };
     assert!(snapshot::restore_with(root.path(), &bad).is_err());
+}
+
+/// A VM prepared ahead (the KVM VM, its memory slots and vCPUs built before the snapshot is
+/// known) takes a restore in every mode and continues exactly; one prepared for another shape
+/// is refused, saying what differs.
+#[test]
+fn restore_into_a_prepared_vm() {
+    if !kvm_available("restore_into_a_prepared_vm") {
+        return;
+    }
+    let (config, guest) = small(1);
+    let model = guest.model(1).output;
+    let vm = boot(config, &guest);
+    let root = SnapDir::new();
+    let cut = pause_after(&vm, 3);
+    save_full(&vm, root.path());
+    run_to_end(&vm);
+    for mode in [
+        MemoryRestore::Eager,
+        MemoryRestore::Lazy,
+        MemoryRestore::Prefetch,
+    ] {
+        let prepared = Vm::prepare(config, &VmOptions::default()).unwrap();
+        let restored = snapshot::restore_into(root.path(), prepared, mode).unwrap();
+        run_to_end(&restored);
+        assert_eq!(restored.serial_output().text(), model[cut..], "{mode:?}");
+        restored.wait_memory_resident().unwrap();
+        assert_same_memory(&restored.memory().to_vec(), &vm.memory().to_vec());
+    }
+    let other = VmConfig { vcpus: 2, ..config };
+    let prepared = Vm::prepare(other, &VmOptions::default()).unwrap();
+    let Err(err) = snapshot::restore_into(root.path(), prepared, MemoryRestore::Lazy) else {
+        panic!("a VM prepared with 2 vCPUs took a 1-vCPU snapshot");
+    };
+    assert!(err.to_string().contains("prepared VM has"), "{err}");
 }
