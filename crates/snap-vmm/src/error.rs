@@ -91,6 +91,17 @@ pub enum VmError {
         /// What is wrong.
         problem: String,
     },
+    /// A diff snapshot was asked over a layer the VM's memory is not based on.
+    #[error(
+        "the VM's memory is not based on parent layer {parent} but on {}: take a full snapshot, or restore the parent first",
+        base.map_or("no snapshot".into(), |b| format!("layer {b}"))
+    )]
+    NotBasedOn {
+        /// The parent layer asked for.
+        parent: snap_core::Id,
+        /// The layer the VM's memory is based on, if any.
+        base: Option<snap_core::Id>,
+    },
     /// The serial device state could not be loaded.
     #[error("serial device state: {0}")]
     Serial(String),

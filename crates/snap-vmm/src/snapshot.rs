@@ -9,7 +9,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use snap_core::Id;
-use snap_mem::layer::{Layer, LayerChain, LayerInfo, LayerOptions, NewLayer, write_layer};
+use snap_mem::dirty::PageBitmap;
+use snap_mem::layer::{
+    Layer, LayerChain, LayerInfo, LayerOptions, NewLayer, ParentRef, write_layer,
+};
 use snap_mem::lazy::{CompleteHook, WindowSource};
 use snap_mem::working_set::{WorkingSet, WorkingSetError};
 
@@ -68,54 +71,25 @@ pub fn save(
     if dir.exists() {
         return Err(snapshot_err(dir, "already exists"));
     }
-    // Pages a lazy restore has not installed yet read as zero through the memfd.
-    vm.wait_memory_resident()?;
-    let state = vm.save()?;
-    let dirty = match vm.harvest_dirty() {
-        Ok(d) => Some(d),
-        Err(VmError::DirtyTrackingOff) => None,
-        Err(e) => return Err(e),
-    };
-    let (pages, parent_ref, parent_dir) = match parent {
-        None => (vm.memory().resident_pages()?, None, None),
+    let (parent_info, parent_dir) = match parent {
+        None => (None, None),
         Some(pdir) => {
-            let dirty = dirty.ok_or(VmError::DirtyTrackingOff)?;
-            let parent_layer = Layer::open(pdir.join(MEMORY_FILE))?;
-            let pid = parent_layer.info().id;
-            if vm.memory_base() != Some(pid) {
-                return Err(snapshot_err(
-                    dir,
-                    format!(
-                        "the VM's memory is not based on parent {} (layer {pid}) but on {}: take a \
-                         full snapshot, or restore the parent first",
-                        pdir.display(),
-                        vm.memory_base()
-                            .map_or("no snapshot".into(), |b| format!("layer {b}"))
-                    ),
-                ));
-            }
+            let layer = Layer::open(pdir.join(MEMORY_FILE))?;
             let pdir = pdir
                 .canonicalize()
                 .map_err(|e| io_err(pdir, "resolving the parent", &e))?;
-            (dirty, Some(parent_layer.info().as_parent()), Some(pdir))
+            (Some(*layer.info()), Some(pdir))
         }
     };
+    let captured = capture(vm, parent_info.as_ref()).map_err(|e| match e {
+        e @ VmError::NotBasedOn { .. } => snapshot_err(dir, e.to_string()),
+        e => e,
+    })?;
 
     let tmp = temp_dir_for(dir)?;
     let written = (|| {
-        let layer = NewLayer {
-            id: Id::random(),
-            parent: parent_ref,
-            memory_bytes: vm.memory().size(),
-        };
-        let info = write_layer(
-            &tmp.join(MEMORY_FILE),
-            &layer,
-            pages.iter(),
-            vm.memory(),
-            options,
-        )?;
-        state.write_file(&tmp.join(STATE_FILE))?;
+        let info = captured.write_memory(vm, &tmp.join(MEMORY_FILE), options)?;
+        captured.state.write_file(&tmp.join(STATE_FILE))?;
         if let Some(pdir) = &parent_dir {
             let text = pdir
                 .to_str()
@@ -133,18 +107,105 @@ pub fn save(
     })();
     match written {
         Ok(layer) => {
-            vm.commit_dirty();
-            vm.set_memory_base(Some(layer.id));
+            let pages = captured.pages();
+            captured.commit(vm, &layer);
             Ok(SnapshotInfo {
                 dir: dir.to_path_buf(),
                 layer,
-                pages: pages.count(),
+                pages,
             })
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
             Err(e)
         }
+    }
+}
+
+/// What a snapshot of a paused VM holds before anything is written: the VM's state and the
+/// pages its memory layer must hold. The pages stay pending in the VM until
+/// [`Captured::commit`]: dropping a capture (because writing it failed) loses nothing, and the
+/// next snapshot holds them again.
+#[derive(Debug)]
+pub struct Captured {
+    /// The vCPU and device state.
+    pub state: VmState,
+    pages: PageBitmap,
+    parent: Option<ParentRef>,
+}
+
+/// Captures a paused VM for a snapshot whose memory layer goes over `parent` (a diff of the
+/// pages dirtied since the VM's memory last equalled that layer), or is full (`None`: every page
+/// that holds data). Waits first for a lazy restore to finish installing memory.
+///
+/// # Errors
+/// [`VmError::NotPaused`]; [`VmError::DirtyTrackingOff`] for a diff of a VM without tracking;
+/// [`VmError::NotBasedOn`] if the VM's memory is not based on `parent`; the KVM error.
+pub fn capture(vm: &Vm, parent: Option<&LayerInfo>) -> Result<Captured, VmError> {
+    // Pages a lazy restore has not installed yet read as zero through the memfd.
+    vm.wait_memory_resident()?;
+    let state = vm.save()?;
+    let dirty = match vm.harvest_dirty() {
+        Ok(d) => Some(d),
+        Err(VmError::DirtyTrackingOff) => None,
+        Err(e) => return Err(e),
+    };
+    let (pages, parent) = match parent {
+        None => (vm.memory().resident_pages()?, None),
+        Some(p) => {
+            let dirty = dirty.ok_or(VmError::DirtyTrackingOff)?;
+            if vm.memory_base() != Some(p.id) {
+                return Err(VmError::NotBasedOn {
+                    parent: p.id,
+                    base: vm.memory_base(),
+                });
+            }
+            (dirty, Some(p.as_parent()))
+        }
+    };
+    Ok(Captured {
+        state,
+        pages,
+        parent,
+    })
+}
+
+impl Captured {
+    /// Pages the memory layer holds (dirty pages for a diff, resident pages for a full one).
+    #[must_use]
+    pub fn pages(&self) -> u64 {
+        self.pages.count()
+    }
+
+    /// Writes the memory layer (a new id) to `path` atomically, from the VM's memory.
+    ///
+    /// # Errors
+    /// The layer writer's error; nothing is left at `path`.
+    pub fn write_memory(
+        &self,
+        vm: &Vm,
+        path: &Path,
+        options: &LayerOptions,
+    ) -> Result<LayerInfo, VmError> {
+        let layer = NewLayer {
+            id: Id::random(),
+            parent: self.parent,
+            memory_bytes: vm.memory().size(),
+        };
+        Ok(write_layer(
+            path,
+            &layer,
+            self.pages.iter(),
+            vm.memory(),
+            options,
+        )?)
+    }
+
+    /// Marks the snapshot taken: the captured pages stop being pending and the VM's memory is
+    /// now based on `layer`. Call once the snapshot is durable and published.
+    pub fn commit(self, vm: &Vm, layer: &LayerInfo) {
+        vm.commit_dirty();
+        vm.set_memory_base(Some(layer.id));
     }
 }
 
@@ -221,7 +282,14 @@ pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
     let (state, chain) = open(dir)?;
     state.check()?;
     let prepared = Vm::prepare(state.config, options)?;
-    restore_opened(dir, state, chain, prepared, options.memory_restore)
+    let working_set = dir.join(WORKING_SET_FILE);
+    restore_from(
+        &state,
+        chain,
+        &working_set,
+        prepared,
+        options.memory_restore,
+    )
 }
 
 /// As [`restore_with`], into a VM prepared ahead ([`Vm::prepare`], with the snapshot's shape):
@@ -232,28 +300,34 @@ pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
 /// As [`restore_with`]; [`VmError::State`] if `prepared` has another shape than the snapshot.
 pub fn restore_into(dir: &Path, prepared: PreparedVm, mode: MemoryRestore) -> Result<Vm, VmError> {
     let (state, chain) = open(dir)?;
-    restore_opened(dir, state, chain, prepared, mode)
+    restore_from(&state, chain, &dir.join(WORKING_SET_FILE), prepared, mode)
 }
 
-fn restore_opened(
-    dir: &Path,
-    state: VmState,
+/// Restores `state` and the memory of `chain` into `prepared`, installing memory as `mode` says.
+/// A prefetch restore uses the working set recorded at `working_set` if there is a usable one,
+/// and records one there otherwise (see [`read_working_set`]).
+///
+/// # Errors
+/// As [`Vm::restore_prepared`] and [`Vm::restore_lazy_prepared`].
+pub fn restore_from(
+    state: &VmState,
     chain: LayerChain,
+    working_set: &Path,
     prepared: PreparedVm,
     mode: MemoryRestore,
 ) -> Result<Vm, VmError> {
     match mode {
-        MemoryRestore::Eager => Vm::restore_prepared(prepared, &state, &chain),
-        MemoryRestore::Lazy => Vm::restore_lazy_prepared(prepared, &state, chain, None, None),
+        MemoryRestore::Eager => Vm::restore_prepared(prepared, state, &chain),
+        MemoryRestore::Lazy => Vm::restore_lazy_prepared(prepared, state, chain, None, None),
         MemoryRestore::Prefetch => {
-            let path = dir.join(WORKING_SET_FILE);
+            let path = working_set.to_path_buf();
             let unit_pages = prepared
                 .options()
                 .restore_unit_bytes
                 .map_or(chain.window_pages(), |b| b / 4096);
             let tag = chain.newest().info().digest.0;
             match read_working_set(&path, unit_pages, chain.memory_bytes(), tag) {
-                Some(set) => Vm::restore_lazy_prepared(prepared, &state, chain, Some(set), None),
+                Some(set) => Vm::restore_lazy_prepared(prepared, state, chain, Some(set), None),
                 None => {
                     let record: CompleteHook =
                         Box::new(move |units: &[u64], source: &dyn WindowSource| {
@@ -263,7 +337,7 @@ fn restore_opened(
                                 tracing::warn!(error = %e, "cannot store the recorded working set");
                             }
                         });
-                    Vm::restore_lazy_prepared(prepared, &state, chain, None, Some(record))
+                    Vm::restore_lazy_prepared(prepared, state, chain, None, Some(record))
                 }
             }
         }
