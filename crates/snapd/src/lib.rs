@@ -1,0 +1,8 @@
+//! snapd: the daemon that takes, restores, clones and deletes snapshots of KVM VMs, over gRPC
+//! (`proto/snapd/v1/snapd.proto`), and its CLI, `snapctl`.
+//!
+//! It composes snap-vmm (VMs and their state), snap-mem (memory layers, lazy restore) and
+//! snap-disk (disk layers) into operations that happen completely or not at all, with the
+//! [`catalog`] as the record of what exists.
+
+pub mod catalog;
