@@ -31,6 +31,7 @@
 //! # }
 //! ```
 
+pub mod block;
 pub mod boot;
 pub mod error;
 pub mod guest;
@@ -42,6 +43,7 @@ pub mod state;
 pub mod vcpu;
 pub mod vm;
 
+pub use block::{BlockBackend, RawFile};
 pub use boot::BootImage;
 pub use error::{ConfigError, VmError};
 pub use guest::TestGuest;
