@@ -41,6 +41,7 @@ pub mod serial;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use block::{BlockBackend, RawFile};
