@@ -22,6 +22,7 @@ fn bench(gib: u64, dirty: DirtyTracking, iters: usize) -> (Duration, u64) {
         working_set_pages: 4096,
         mutations_per_tick: 64,
         ticks: 200_000,
+        ..TestGuest::default()
     };
     let options = VmOptions {
         dirty_tracking: dirty,

@@ -107,6 +107,7 @@ fn main() {
             working_set_pages: 4096,
             mutations_per_tick: 64,
             ticks: 100_000,
+            ..TestGuest::default()
         };
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("snap");

@@ -199,6 +199,7 @@ fn long_guest(config: &VmConfig) -> snap_vmm::BootImage {
         working_set_pages: 1024,
         mutations_per_tick: 16,
         ticks: 100_000 / u64::from(config.vcpus),
+        ..TestGuest::default()
     }
     .boot_image(config)
     .unwrap()

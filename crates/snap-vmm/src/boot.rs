@@ -3,7 +3,7 @@
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 
-use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestMemory, MMIO_GAP_END, MemoryError, PAGE_SIZE};
 
 /// Guest physical address of the GDT.
 pub const GDT_ADDR: u64 = 0x500;
@@ -95,7 +95,13 @@ pub fn load(mem: &GuestMemory, image: &BootImage) -> Result<(), MemoryError> {
     let gdt_bytes: Vec<u8> = gdt.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write(GDT_ADDR, &gdt_bytes)?;
 
-    let gib = mem.end_gpa().div_ceil(1 << 30).min(MAX_IDENTITY_GIB);
+    // The map reaches at least 4 GiB, so that device windows in the MMIO gap (virtio-mmio) are
+    // mapped whatever the memory size.
+    let gib = mem
+        .end_gpa()
+        .max(MMIO_GAP_END)
+        .div_ceil(1 << 30)
+        .min(MAX_IDENTITY_GIB);
     mem.write(PML4_ADDR, &(PDPT_ADDR | PTE_PRESENT_RW).to_le_bytes())?;
     let mut pdpt = vec![0u8; PAGE_SIZE as usize];
     let mut pd = vec![0u8; PAGE_SIZE as usize];

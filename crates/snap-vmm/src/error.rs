@@ -38,6 +38,9 @@ pub enum ConfigError {
         /// Supported maximum.
         max: u64,
     },
+    /// The disks cannot be given to a VM.
+    #[error("disks: {0}")]
+    Disks(String),
     /// Test guest parameters that do not fit the VM.
     #[error("test guest parameters: {0}")]
     GuestParams(String),
@@ -117,6 +120,15 @@ pub enum VmError {
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A disk failed an operation of the VMM's own (a flush for a snapshot).
+    #[error("disk {index}: {source}")]
+    Disk {
+        /// The disk.
+        index: usize,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Waiting for the guest took longer than allowed.
     #[error("timed out waiting for the guest")]
     Timeout,

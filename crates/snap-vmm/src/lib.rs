@@ -2,7 +2,8 @@
 //! and loaded so that the loaded VM continues exactly as the original would have.
 //!
 //! A [`Vm`] owns guest memory (a memfd), one thread per vCPU started directly in 64-bit long mode,
-//! the in-kernel interrupt controllers and a 16550 UART. [`Vm::pause`] parks every vCPU;
+//! the in-kernel interrupt controllers, a 16550 UART and its disks ([`virtio`]-blk devices over
+//! virtio-mmio, each serving a [`BlockBackend`]). [`Vm::pause`] parks every vCPU;
 //! [`Vm::save`] returns a plain [`VmState`]; [`Vm::restore`] builds a new VM from a state and a
 //! memory layer chain, and [`Vm::restore_in_place`] reverts an existing one. [`snapshot`] keeps
 //! snapshots on disk as directories: state, a full or diff memory layer, and a parent link.
@@ -31,6 +32,7 @@
 //! # }
 //! ```
 
+pub mod block;
 pub mod boot;
 pub mod error;
 pub mod guest;
@@ -40,8 +42,10 @@ pub mod serial;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
+pub use block::{BlockBackend, RawFile};
 pub use boot::BootImage;
 pub use error::{ConfigError, VmError};
 pub use guest::TestGuest;

@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::memory::GuestMemory;
 use crate::serial::{COM1_BASE, COM1_PORTS, SerialDevice};
 use crate::vcpu;
+use crate::virtio::{self, VirtioBlk};
 use snap_mem::dirty::DirtyTracker;
 
 /// I/O port the guest writes its exit status to (32-bit) when it has finished.
@@ -85,6 +86,8 @@ pub(crate) struct Shared {
     pub(crate) cond: Condvar,
     pub(crate) memory: GuestMemory,
     pub(crate) serial: Mutex<SerialDevice>,
+    /// The virtio-blk devices, disk `i` at register window `i`.
+    pub(crate) disks: Vec<Mutex<VirtioBlk>>,
     pub(crate) first_instruction: OnceLock<Instant>,
     pub(crate) tracker: Option<Arc<DirtyTracker>>,
 }
@@ -96,6 +99,10 @@ impl Shared {
 
     pub(crate) fn serial(&self) -> MutexGuard<'_, SerialDevice> {
         self.serial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn disk(&self, index: usize) -> MutexGuard<'_, VirtioBlk> {
+        self.disks[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Kicks every live vCPU thread but `except` out of KVM_RUN. Called with the gate held, so no
@@ -271,11 +278,21 @@ fn run_once(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> (Option<VmExit>, 
             }
             (None, true)
         }
-        Ok(VcpuExit::MmioRead(_, data)) => {
-            data.fill(0xff);
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            match virtio::window_of(addr, shared.disks.len()) {
+                Some((i, offset)) => shared.disk(i).read(offset, data),
+                None => data.fill(0xff),
+            }
             (None, true)
         }
-        Ok(VcpuExit::MmioWrite(..)) => (None, true),
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            // A queue notify runs the disk's requests here, on this vCPU, before the guest
+            // goes on: a paused VM never has a request in flight.
+            if let Some((i, offset)) = virtio::window_of(addr, shared.disks.len()) {
+                shared.disk(i).write(offset, data, &shared.memory);
+            }
+            (None, true)
+        }
         Ok(VcpuExit::Intr | VcpuExit::IrqWindowOpen) => (None, false),
         Ok(VcpuExit::Hlt) => (Some(VmExit::Halted { vcpu: index }), false),
         Ok(VcpuExit::Shutdown) => (Some(VmExit::Shutdown { vcpu: index }), false),

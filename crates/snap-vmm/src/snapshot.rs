@@ -4,6 +4,13 @@
 //! A snapshot directory appears complete or not at all: everything is written into a temporary
 //! directory beside it, synced, and renamed into place. The dirty pages a diff layer holds stay
 //! pending in the VM until then, so a failed save loses none of them.
+//!
+//! Disks are not stored in the snapshot directory: [`save`] flushes every disk while the VM is
+//! paused (requests run synchronously at the guest's notify, so none is in flight), which makes
+//! the disks hold exactly the snapshot's contents at that instant. Keeping that point in time is
+//! the disk backend's business: with delta layers, this is where the writable top layer is
+//! sealed and a fresh one opened; with a raw file the caller copies it before resuming. A
+//! restore is handed the disks as of the snapshot ([`VmOptions::disks`], [`revert_with_disks`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -145,6 +152,9 @@ pub fn capture(vm: &Vm, parent: Option<&LayerInfo>) -> Result<Captured, VmError>
     // Pages a lazy restore has not installed yet read as zero through the memfd.
     vm.wait_memory_resident()?;
     let state = vm.save()?;
+    // The disk half of the snapshot: everything the guest was told is written is on the disks.
+    // (A layered disk backend seals its top layer here.)
+    vm.flush_disks()?;
     let dirty = match vm.harvest_dirty() {
         Ok(d) => Some(d),
         Err(VmError::DirtyTrackingOff) => None,
@@ -378,4 +388,18 @@ pub fn read_working_set(
 pub fn revert(vm: &Vm, dir: &Path) -> Result<(), VmError> {
     let (state, chain) = open(dir)?;
     vm.restore_in_place(&state, &chain)
+}
+
+/// As [`revert`], for a snapshot of a VM with disks: `disks` are the disks as of the snapshot,
+/// and the VM's devices serve them from then on.
+///
+/// # Errors
+/// As [`open`] and [`Vm::restore_in_place_with_disks`].
+pub fn revert_with_disks(
+    vm: &Vm,
+    dir: &Path,
+    disks: &[std::sync::Arc<dyn crate::block::BlockBackend>],
+) -> Result<(), VmError> {
+    let (state, chain) = open(dir)?;
+    vm.restore_in_place_with_disks(&state, &chain, disks)
 }

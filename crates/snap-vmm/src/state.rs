@@ -8,13 +8,17 @@ use snap_core::{FileError, FormatError, FormatSpec};
 
 use crate::serial::SerialDeviceState;
 use crate::vcpu::VcpuState;
+use crate::virtio::{MAX_DISKS, VirtioBlkState};
 
 /// File format of a saved VM state: snap-core header, then the state encoded with postcard.
+///
+/// Version 2 added the virtio-blk devices (`VmState::disks`). Version 1 states are refused
+/// ("unsupported format version 1"): they were taken before disks existed and are not kept.
 pub const VM_STATE_FORMAT: FormatSpec = FormatSpec {
     name: "vm state",
     magic: *b"SNAPVMST",
-    version: 1,
-    min_version: 1,
+    version: 2,
+    min_version: 2,
     max_payload: 64 << 20,
 };
 
@@ -51,6 +55,9 @@ pub struct VmState {
     pub irqchip: IrqchipState,
     /// The COM1 UART.
     pub serial: SerialDeviceState,
+    /// The virtio-blk devices, disk `i` at index `i` (their disks' contents are not part of the
+    /// state: a restore is handed the disks as of the snapshot).
+    pub disks: Vec<VirtioBlkState>,
 }
 
 /// Errors reading or checking a saved state.
@@ -69,6 +76,9 @@ pub enum StateError {
     /// The state is internally inconsistent.
     #[error("vm state is inconsistent: {0}")]
     Inconsistent(String),
+    /// The disks handed to a restore do not fit the saved devices.
+    #[error("disks: {0}")]
+    Disks(String),
     /// The state was saved from a VM of another shape.
     #[error("vm state is for {saved:?}, this VM is {this:?}")]
     ConfigMismatch {
@@ -144,6 +154,12 @@ impl VmState {
             return Err(StateError::Inconsistent(format!(
                 "vCPU state {i} carries index {}",
                 v.index
+            )));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(StateError::Inconsistent(format!(
+                "{} disks, at most {MAX_DISKS} are supported",
+                self.disks.len()
             )));
         }
         crate::vm::validate_config(&self.config)

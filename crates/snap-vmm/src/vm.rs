@@ -12,6 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::block::{BlockBackend, SECTOR_SIZE};
 use crate::boot::{self, BootImage, MAX_IDENTITY_GIB, MAX_VCPUS, MIN_MEMORY};
 use crate::error::{ConfigError, VmError};
 use crate::memory::{GuestMemory, MMIO_GAP_END, MMIO_GAP_START, layout_regions};
@@ -20,6 +21,7 @@ pub use crate::run::{PORT_BOOT_MARK, PORT_EXIT, RunState, VmExit};
 use crate::serial::{COM1_GSI, SerialDevice, SerialOutput};
 use crate::state::{IrqchipState, StateError, VmConfig, VmState};
 use crate::vcpu::{self, VcpuCaps};
+use crate::virtio::{FIRST_GSI, MAX_DISKS, VirtioBlk, VirtioBlkState};
 use snap_core::Id;
 use snap_mem::dirty::{
     DirtyLog, DirtyTracker, DirtyTracking, KvmDirtyBitmap, KvmDirtyRing, PageBitmap,
@@ -43,6 +45,8 @@ pub struct Vm {
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     threads: Vec<JoinHandle<()>>,
     serial_irq: EventFd,
+    /// Interrupt lines of the disks, disk `i` on GSI `FIRST_GSI + i`.
+    disk_irqs: Vec<EventFd>,
     output: SerialOutput,
     /// Serialises control operations (pause, resume, save, restore) on this VM.
     control: Mutex<()>,
@@ -80,6 +84,29 @@ pub fn validate_config(config: &VmConfig) -> Result<(), ConfigError> {
             requested: config.memory_bytes,
             max,
         });
+    }
+    Ok(())
+}
+
+/// Checks the disks a VM is to be created with: at most [`MAX_DISKS`], each a non-zero whole
+/// number of sectors.
+///
+/// # Errors
+/// [`ConfigError::Disks`] saying which disk is wrong.
+pub fn validate_disks(disks: &[Arc<dyn BlockBackend>]) -> Result<(), ConfigError> {
+    if disks.len() > MAX_DISKS {
+        return Err(ConfigError::Disks(format!(
+            "{} disks requested, at most {MAX_DISKS} are supported",
+            disks.len()
+        )));
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if d.size() == 0 || d.size() % SECTOR_SIZE != 0 {
+            return Err(ConfigError::Disks(format!(
+                "disk {i} is {} bytes, not a non-zero multiple of {SECTOR_SIZE}",
+                d.size()
+            )));
+        }
     }
     Ok(())
 }
@@ -228,7 +255,7 @@ pub enum MemoryRestore {
 }
 
 /// How a VM runs, beyond its shape: not part of its saved state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct VmOptions {
     /// How the guest's dirty pages are tracked (default: the KVM dirty bitmap).
     pub dirty_tracking: DirtyTracking,
@@ -237,6 +264,22 @@ pub struct VmOptions {
     /// Bytes a lazy or prefetch restore installs per fault: a power of two from 4 KiB up to the
     /// snapshot's frame size (the default: the frame is the unit).
     pub restore_unit_bytes: Option<u64>,
+    /// The VM's disks, each a virtio-blk device (disk `i` at [`crate::virtio::MMIO_BASE`] +
+    /// `i` * [`crate::virtio::MMIO_STRIDE`]). A restore takes the disks as of the snapshot:
+    /// as many as the snapshot had, of the same sizes.
+    pub disks: Vec<Arc<dyn BlockBackend>>,
+}
+
+impl std::fmt::Debug for VmOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let disk_bytes: Vec<u64> = self.disks.iter().map(|d| d.size()).collect();
+        f.debug_struct("VmOptions")
+            .field("dirty_tracking", &self.dirty_tracking)
+            .field("memory_restore", &self.memory_restore)
+            .field("restore_unit_bytes", &self.restore_unit_bytes)
+            .field("disk_bytes", &disk_bytes)
+            .finish()
+    }
 }
 
 impl Vm {
@@ -259,6 +302,7 @@ impl Vm {
         image: &BootImage,
         options: &VmOptions,
     ) -> Result<Self, VmError> {
+        validate_disks(&options.disks)?;
         let machine = Machine::new(&config, options)?;
         boot::load(&machine.memory, image)?;
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
@@ -271,7 +315,16 @@ impl Vm {
                 Ok(fd)
             })
             .collect::<Result<Vec<_>, VmError>>()?;
-        Self::start_threads(machine, config, serial, serial_irq, output, vcpus)
+        let disk_irqs = new_irqs(options.disks.len())?;
+        let disks = disk_devices(&options.disks, None, &disk_irqs)?;
+        let devices = Devices {
+            serial,
+            serial_irq,
+            output,
+            disks,
+            disk_irqs,
+        };
+        Self::start_threads(machine, config, devices, vcpus)
     }
 
     /// Builds a new VM (default [`VmOptions`]) from a saved state and the layer chain of its
@@ -323,7 +376,7 @@ impl Vm {
             machine,
             vcpus,
             config,
-            options: *options,
+            options: options.clone(),
         })
     }
 
@@ -437,12 +490,18 @@ impl Vm {
         server.as_ref().map(PageServer::stats)
     }
 
-    /// Loads every vCPU and device of `state` into a new machine, resets dirty tracking (memory
-    /// now is, or will be, the snapshot's) and starts the vCPU threads, paused.
+    /// Loads every vCPU and device of `state` into a prepared machine, with the prepared
+    /// options' disks behind its virtio-blk devices, resets dirty tracking (memory now is, or
+    /// will be, the snapshot's) and starts the vCPU threads, paused.
     fn start_restored(prepared: PreparedVm, state: &VmState) -> Result<Self, VmError> {
         let PreparedVm {
-            machine, mut vcpus, ..
+            machine,
+            mut vcpus,
+            options,
+            ..
         } = prepared;
+        let disk_irqs = new_irqs(options.disks.len())?;
+        let disks = disk_devices(&options.disks, Some(&state.disks), &disk_irqs)?;
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string()))?;
         let output = SerialOutput::default();
         let serial =
@@ -457,15 +516,20 @@ impl Vm {
         if let Some(t) = &machine.tracker {
             t.reset(&machine.memory)?;
         }
-        Self::start_threads(machine, state.config, serial, serial_irq, output, vcpus)
+        let devices = Devices {
+            serial,
+            serial_irq,
+            output,
+            disks,
+            disk_irqs,
+        };
+        Self::start_threads(machine, state.config, devices, vcpus)
     }
 
     fn start_threads(
         machine: Machine,
         config: VmConfig,
-        serial: SerialDevice,
-        serial_irq: EventFd,
-        output: SerialOutput,
+        devices: Devices,
         vcpus: Vec<VcpuFd>,
     ) -> Result<Self, VmError> {
         let Machine {
@@ -474,7 +538,17 @@ impl Vm {
             memory,
             tracker,
         } = machine;
+        let Devices {
+            serial,
+            serial_irq,
+            output,
+            disks,
+            disk_irqs,
+        } = devices;
         kvm_op("KVM_IRQFD", vm_fd.register_irqfd(&serial_irq, COM1_GSI))?;
+        for (i, irq) in disk_irqs.iter().enumerate() {
+            kvm_op("KVM_IRQFD", vm_fd.register_irqfd(irq, FIRST_GSI + i as u32))?;
+        }
         let n = vcpus.len();
         let shared = Arc::new(Shared {
             gate: Mutex::new(Gate {
@@ -487,6 +561,7 @@ impl Vm {
             cond: Condvar::new(),
             memory,
             serial: Mutex::new(serial),
+            disks: disks.into_iter().map(Mutex::new).collect(),
             first_instruction: OnceLock::new(),
             tracker,
         });
@@ -499,6 +574,7 @@ impl Vm {
             vcpus,
             threads: Vec::with_capacity(n),
             serial_irq,
+            disk_irqs,
             output,
             control: Mutex::new(()),
             memory_base: Mutex::new(None),
@@ -695,7 +771,32 @@ impl Vm {
                 ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             },
             serial: self.shared.serial().state(),
+            disks: (0..self.shared.disks.len())
+                .map(|i| self.shared.disk(i).state())
+                .collect(),
         })
+    }
+
+    /// The disks behind the VM's virtio-blk devices, disk `i` at index `i`.
+    pub fn disks(&self) -> Vec<Arc<dyn BlockBackend>> {
+        (0..self.shared.disks.len())
+            .map(|i| Arc::clone(self.shared.disk(i).backend()))
+            .collect()
+    }
+
+    /// Flushes every disk (the VM must be paused): with no request in flight, the disks then
+    /// hold exactly what the guest was told is written.
+    ///
+    /// # Errors
+    /// [`VmError::NotPaused`], or [`VmError::Disk`] naming the disk whose flush failed.
+    pub fn flush_disks(&self) -> Result<(), VmError> {
+        let _c = self.control();
+        self.require_parked()?;
+        for (index, disk) in self.disks().iter().enumerate() {
+            disk.flush()
+                .map_err(|source| VmError::Disk { index, source })?;
+        }
+        Ok(())
     }
 
     /// Reverts this VM to a saved state and the layer chain of its memory. The VM must be paused and stays paused.
@@ -706,8 +807,23 @@ impl Vm {
     /// [`RunState::Failed`], so it never runs on half-loaded memory.
     ///
     /// # Errors
-    /// [`VmError::NotPaused`], [`VmError::State`], [`VmError::Layer`], or the KVM error.
+    /// [`VmError::NotPaused`], [`VmError::State`], [`VmError::Layer`], or the KVM error; a state
+    /// with disks is refused ([`StateError::Disks`]): use [`Vm::restore_in_place_with_disks`].
     pub fn restore_in_place(&self, state: &VmState, memory: &LayerChain) -> Result<(), VmError> {
+        self.restore_in_place_with_disks(state, memory, &[])
+    }
+
+    /// As [`Vm::restore_in_place`], and the VM's virtio-blk devices serve `disks` from then on:
+    /// the disks as of the snapshot, as many as it had and of the same sizes.
+    ///
+    /// # Errors
+    /// As [`Vm::restore_in_place`]; [`StateError::Disks`] if `disks` do not fit the state.
+    pub fn restore_in_place_with_disks(
+        &self,
+        state: &VmState,
+        memory: &LayerChain,
+        disks: &[Arc<dyn BlockBackend>],
+    ) -> Result<(), VmError> {
         let _c = self.control();
         self.require_parked()?;
         state.check()?;
@@ -719,6 +835,20 @@ impl Vm {
             .into());
         }
         check_chain_size(memory, &self.config)?;
+        if state.disks.len() != self.disk_irqs.len() {
+            return Err(StateError::Disks(format!(
+                "the state has {} disks, this VM {}",
+                state.disks.len(),
+                self.disk_irqs.len()
+            ))
+            .into());
+        }
+        let irqs = self
+            .disk_irqs
+            .iter()
+            .map(clone_fd)
+            .collect::<Result<Vec<_>, _>>()?;
+        let new_disks = disk_devices(disks, Some(&state.disks), &irqs)?;
         for layer in memory.layers() {
             layer.verify()?;
         }
@@ -736,6 +866,9 @@ impl Vm {
                 ));
             }
             return Err(e);
+        }
+        for (slot, device) in self.shared.disks.iter().zip(new_disks) {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = device;
         }
         if let Err(e) = memory.materialize_into(&self.shared.memory, Restore::Used) {
             self.fail(format!("memory restore failed part-way: {e}"));
@@ -794,6 +927,54 @@ fn clone_fd(fd: &EventFd) -> Result<EventFd, VmError> {
     fd.try_clone().map_err(|e| VmError::Serial(e.to_string()))
 }
 
+/// The devices of a VM beyond its vCPUs, before its threads start.
+struct Devices {
+    serial: SerialDevice,
+    serial_irq: EventFd,
+    output: SerialOutput,
+    disks: Vec<VirtioBlk>,
+    disk_irqs: Vec<EventFd>,
+}
+
+fn new_irqs(n: usize) -> Result<Vec<EventFd>, VmError> {
+    (0..n)
+        .map(|_| EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(e.to_string())))
+        .collect()
+}
+
+/// The virtio-blk devices serving `backends`: fresh, or loaded from `saved` (which must have one
+/// device per backend, each of its backend's size).
+fn disk_devices(
+    backends: &[Arc<dyn BlockBackend>],
+    saved: Option<&[VirtioBlkState]>,
+    irqs: &[EventFd],
+) -> Result<Vec<VirtioBlk>, VmError> {
+    if let Some(saved) = saved {
+        if saved.len() != backends.len() {
+            return Err(StateError::Disks(format!(
+                "the snapshot has {} disks, {} were given (a restore takes the disks as of the \
+                 snapshot)",
+                saved.len(),
+                backends.len()
+            ))
+            .into());
+        }
+    }
+    backends
+        .iter()
+        .zip(irqs)
+        .enumerate()
+        .map(|(i, (backend, irq))| {
+            let irq = clone_fd(irq)?;
+            match saved {
+                None => Ok(VirtioBlk::new(i, Arc::clone(backend), irq)),
+                Some(saved) => VirtioBlk::from_state(i, &saved[i], Arc::clone(backend), irq)
+                    .map_err(|e| StateError::Disks(e).into()),
+            }
+        })
+        .collect()
+}
+
 fn restore_vm_devices(vm_fd: &VmFd, state: &VmState) -> Result<(), VmError> {
     for chip in [
         &state.irqchip.pic_master,
@@ -820,5 +1001,8 @@ impl Drop for Vm {
             let _ = t.join();
         }
         let _ = self.vm_fd.unregister_irqfd(&self.serial_irq, COM1_GSI);
+        for (i, irq) in self.disk_irqs.iter().enumerate() {
+            let _ = self.vm_fd.unregister_irqfd(irq, FIRST_GSI + i as u32);
+        }
     }
 }

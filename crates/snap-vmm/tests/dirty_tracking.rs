@@ -156,6 +156,7 @@ fn a_small_dirty_ring_fills_and_loses_nothing() {
         working_set_pages: 4096,
         mutations_per_tick: 64,
         ticks: 40,
+        ..TestGuest::default()
     };
     let vm = create(config, &guest, DirtyTracking::Ring { entries: 1024 });
     vm.harvest_dirty().unwrap();

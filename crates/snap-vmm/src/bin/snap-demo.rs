@@ -92,6 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         working_set_pages: args.working_set_pages,
         mutations_per_tick: 32,
         ticks: args.ticks,
+        ..TestGuest::default()
     };
     let root = match &args.dir {
         Some(d) => d.clone(),

@@ -39,6 +39,7 @@ pub fn small(vcpus: u32) -> (VmConfig, TestGuest) {
             working_set_pages: 512,
             mutations_per_tick: 24,
             ticks: 30,
+            ..TestGuest::default()
         },
     )
 }
