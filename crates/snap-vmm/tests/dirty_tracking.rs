@@ -168,3 +168,47 @@ fn a_small_dirty_ring_fills_and_loses_nothing() {
     );
     assert_exact(&vm.harvest_dirty().unwrap(), &guest, 2, "ring of 1024");
 }
+
+/// A guest that writes one page thousands of times in a row (the disk guest zeroes its queue
+/// area byte by byte) can overflow a small dirty ring on a host whose KVM emulates guest writes
+/// and logs an entry per write; KVM then counts entries it never published, and the vCPU would
+/// take ring-full exits forever. The VM must then stop with an error that says so, never hang;
+/// where the ring does not overflow, the guest finishes exactly as its model says.
+#[test]
+fn an_overflowing_dirty_ring_stops_the_vm_instead_of_hanging() {
+    if !kvm_available("an_overflowing_dirty_ring_stops_the_vm_instead_of_hanging") {
+        return;
+    }
+    let (config, guest) = small(1);
+    let guest = TestGuest {
+        disk_blocks_per_tick: 4,
+        disk_sectors: 512,
+        ..guest
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let disk: std::sync::Arc<dyn snap_vmm::BlockBackend> =
+        std::sync::Arc::new(snap_vmm::RawFile::create(&tmp.path().join("disk"), 1 << 20).unwrap());
+    let options = VmOptions {
+        disks: vec![disk],
+        dirty_tracking: DirtyTracking::Ring { entries: 1024 },
+        ..VmOptions::default()
+    };
+    let vm = guest.create_vm(config, &options).unwrap();
+    vm.resume().unwrap();
+    match vm
+        .wait_for_exit(TIMEOUT)
+        .expect("the VM neither finished nor stopped")
+    {
+        snap_vmm::VmExit::Finished(0) => {
+            assert_eq!(vm.serial_output().text(), guest.model(1).output);
+        }
+        snap_vmm::VmExit::Fault { message, .. } => {
+            assert!(
+                message.contains("dirty ring of 1024 entries overflowed"),
+                "{message}"
+            );
+            println!("ring overflowed on this host: {message}");
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+}

@@ -107,7 +107,19 @@ pub struct KvmDirtyRing {
     full_exits: AtomicU64,
     /// Whether `overflow` may hold pages (set under the overflow lock).
     overflow_used: AtomicBool,
+    /// A ring was found completely full: KVM may have written over entries nobody collected,
+    /// so the next harvest reports every page.
+    lost: AtomicBool,
+    /// Ring-full exits in a row that found nothing to collect.
+    empty_full_exits: AtomicU64,
 }
+
+/// Ring-full exits in a row with nothing to collect after which a ring counts as broken. One
+/// such exit is normal (another vCPU's thread collected this vCPU's ring first); thousands mean
+/// KVM counts entries it never published, which happens after it logged more entries than the
+/// ring holds between two exits (seen on a nested host whose KVM emulates guest writes and logs
+/// one entry per emulated write), and then the vCPU would take ring-full exits forever.
+const STUCK_FULL_EXITS: u64 = 1000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -152,6 +164,8 @@ impl KvmDirtyRing {
             overflow: Mutex::new(PageBitmap::new(pages)),
             full_exits: AtomicU64::new(0),
             overflow_used: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
+            empty_full_exits: AtomicU64::new(0),
         })
     }
 
@@ -165,20 +179,25 @@ impl KvmDirtyRing {
         Ok(())
     }
 
-    fn drain_all(&self, into: &mut PageBitmap) -> Result<(), DirtyError> {
+    /// Collects every ring into `into`; returns how many entries there were.
+    fn drain_all(&self, into: &mut PageBitmap) -> Result<u32, DirtyError> {
         let mut rings = lock(&self.rings);
         let mut bad = None;
         let mut collected = 0;
         for ring in rings.iter_mut() {
-            collected +=
-                ring.drain(
-                    |slot, offset| match self.regions.get((slot & 0xffff) as usize) {
-                        Some(r) if offset < r.len / PAGE_SIZE => {
-                            into.set(r.offset / PAGE_SIZE + offset)
-                        }
-                        _ => bad = Some((slot, offset)),
-                    },
-                );
+            let n = ring.drain(
+                |slot, offset| match self.regions.get((slot & 0xffff) as usize) {
+                    Some(r) if offset < r.len / PAGE_SIZE => {
+                        into.set(r.offset / PAGE_SIZE + offset)
+                    }
+                    _ => bad = Some((slot, offset)),
+                },
+            );
+            if n >= self.entries {
+                // KVM stops a vCPU well before its ring is full; a full one may have wrapped.
+                self.lost.store(true, Ordering::Relaxed);
+            }
+            collected += n;
         }
         if collected > 0 {
             sys::reset_dirty_rings(&*self.vm)
@@ -189,7 +208,7 @@ impl KvmDirtyRing {
                 "dirty ring entry for slot {slot} page {offset} outside guest memory"
             )));
         }
-        Ok(())
+        Ok(collected)
     }
 
     /// Handles KVM_EXIT_DIRTY_RING_FULL on a vCPU thread: collects the rings into the overflow
@@ -197,11 +216,23 @@ impl KvmDirtyRing {
     ///
     /// # Errors
     /// The KVM error of resetting the rings.
+    /// [`DirtyError::Inconsistent`] once the ring is broken (see [`STUCK_FULL_EXITS`]): the
+    /// vCPU cannot run on, and the caller stops the VM rather than spin.
     pub fn on_ring_full(&self) -> Result<(), DirtyError> {
         self.full_exits.fetch_add(1, Ordering::Relaxed);
         let mut overflow = lock(&self.overflow);
         self.overflow_used.store(true, Ordering::Relaxed);
-        self.drain_all(&mut overflow)
+        if self.drain_all(&mut overflow)? > 0 {
+            self.empty_full_exits.store(0, Ordering::Relaxed);
+        } else if self.empty_full_exits.fetch_add(1, Ordering::Relaxed) + 1 >= STUCK_FULL_EXITS {
+            return Err(DirtyError::Inconsistent(format!(
+                "the dirty ring of {} entries overflowed: KVM logged more entries than it holds \
+                 between two ring-full exits and now counts entries it never published, so the \
+                 vCPU cannot run on (use the dirty bitmap on this host)",
+                self.entries
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -225,6 +256,12 @@ impl DirtyLog for KvmDirtyRing {
         if self.overflow_used.swap(false, Ordering::Relaxed) {
             into.union_with(&overflow);
             overflow.clear();
+        }
+        if self.lost.swap(false, Ordering::Relaxed) {
+            // Entries may have been written over: every page counts as dirty this once, so a
+            // diff snapshot stays complete.
+            tracing::warn!("a dirty ring was found full: reporting every page as dirty");
+            into.set_range(0, into.pages());
         }
         Ok(())
     }
