@@ -6,3 +6,8 @@
 //! [`catalog`] as the record of what exists.
 
 pub mod catalog;
+pub mod daemon;
+pub mod error;
+pub mod failpoints;
+pub mod names;
+pub mod service;

@@ -1,0 +1,164 @@
+//! snapd: serves the snapd v1 gRPC API on a Unix socket in its data directory (mode 0600), or on
+//! TCP when asked, with gRPC health and reflection.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use snap_api::v1::snapd_server::SnapdServer;
+use snapd::daemon::{Config, Daemon};
+use snapd::failpoints::FailPoints;
+use snapd::service::Service;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// Default data directory (not /var/lib/snapd, which belongs to another program of that name).
+const DEFAULT_DATA_DIR: &str = "/var/lib/snapvm";
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "The VM snapshot daemon: gRPC API on a Unix socket in its data directory"
+)]
+struct Args {
+    /// Where the catalog, layer files and socket live.
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Unix socket to listen on (default: <data-dir>/snapd.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Also (or, with --no-socket, only) listen on this TCP address, e.g. 127.0.0.1:7325.
+    #[arg(long)]
+    tcp: Option<std::net::SocketAddr>,
+    /// Do not listen on the Unix socket (needs --tcp).
+    #[arg(long, requires = "tcp")]
+    no_socket: bool,
+    /// Memory layer frame size in KiB (64 to 2048): the lazy restore unit.
+    #[arg(long, default_value_t = 256)]
+    frame_kib: u32,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("snapd: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
+    // One daemon per data directory.
+    let lock_path = args.data_dir.join("snapd.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        format!(
+            "another snapd is using {} (it holds {})",
+            args.data_dir.display(),
+            lock_path.display()
+        )
+    })?;
+    let failpoints = FailPoints::from_env()?;
+    let layer_options = snap_mem::layer::LayerOptions {
+        frame_size: args.frame_kib << 10,
+        ..Default::default()
+    };
+    let daemon = Daemon::open(Config {
+        data_dir: args.data_dir.clone(),
+        layer_options,
+        failpoints,
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let result = runtime.block_on(serve(Arc::clone(&daemon), &args));
+    daemon.shutdown();
+    result
+}
+
+async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<SnapdServer<Service>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(snap_api::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+
+    // Reports VMs whose guest finished or failed on its own.
+    let watcher = Arc::clone(&daemon);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let d = Arc::clone(&watcher);
+            let _ = tokio::task::spawn_blocking(move || d.watch_states()).await;
+        }
+    });
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(SnapdServer::new(Service::new(Arc::clone(&daemon))));
+
+    match (&args.tcp, args.no_socket) {
+        (Some(addr), true) => {
+            tracing::info!(%addr, "listening on TCP");
+            router
+                .serve_with_shutdown(*addr, shutdown)
+                .await
+                .map_err(|e| format!("serving on {addr}: {e}"))
+        }
+        (tcp, _) => {
+            let path = args
+                .socket
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("snapd.sock"));
+            // A socket left by a daemon that died; the lock above says none is running.
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path)
+                .map_err(|e| format!("binding {}: {e}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+            tracing::info!(socket = %path.display(), "listening");
+            if let Some(addr) = tcp {
+                let tcp_router = tonic::transport::Server::builder()
+                    .add_service(SnapdServer::new(Service::new(Arc::clone(&daemon))));
+                let addr = *addr;
+                tracing::info!(%addr, "listening on TCP");
+                tokio::spawn(async move {
+                    if let Err(e) = tcp_router.serve(addr).await {
+                        tracing::error!(error = %e, "TCP listener failed");
+                    }
+                });
+            }
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .await
+                .map_err(|e| format!("serving on {}: {e}", path.display()))
+        }
+    }
+}
