@@ -65,13 +65,20 @@ fn run(args: Args) -> Result<(), String> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
-    lock.try_lock().map_err(|_| {
-        format!(
+    // SAFETY: flock on a file descriptor we own, for as long as `lock` lives (all of `run`).
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(format!(
             "another snapd is using {} (it holds {})",
             args.data_dir.display(),
             lock_path.display()
-        )
-    })?;
+        ));
+    }
     let failpoints = FailPoints::from_env()?;
     let layer_options = snap_mem::layer::LayerOptions {
         frame_size: args.frame_kib << 10,
