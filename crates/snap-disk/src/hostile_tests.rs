@@ -1,0 +1,1 @@
+//! Files whose checksums are right but whose metadata lies: opening must refuse them.
