@@ -455,8 +455,8 @@ impl Disk {
     /// dropped file's path for the caller to delete (what a failed snapshot does).
     ///
     /// # Errors
-    /// [`DiskError::NotSealed`]-style refusal (as [`DiskError::Corrupt`]) if the top holds
-    /// blocks or is the only layer, or the I/O error.
+    /// [`DiskError::Corrupt`] naming the top if it holds blocks or is the only layer (nothing
+    /// to undo), or the I/O error.
     pub fn undo_seal(&self) -> Result<PathBuf, DiskError> {
         let mut chain = self.write();
         self.writable_top(&chain)?;
