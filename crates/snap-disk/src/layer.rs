@@ -1,0 +1,572 @@
+//! One open layer file: its superblock, its block map, slot allocation and the commit protocol.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use snap_core::{HEADER_LEN, Id, crc32c};
+
+use crate::error::DiskError;
+use crate::format::{
+    self, DATA_OFFSET, MapEntry, SB_LEN, SB_OFFSETS, Superblock, chunk_payload_len, decode_chunk,
+    encode_chunk, entries_per_chunk, max_slots,
+};
+use crate::meta::{Digest, Geometry, LayerInfo, NewLayer, ParentRef};
+
+/// Delta chunks a map chain may hold beyond twice the size of a full checkpoint before the next
+/// commit writes a checkpoint instead (keeps open time proportional to the map).
+const CHECKPOINT_SLACK: u64 = 16;
+
+/// Who a layer is: what a commit writes into the superblock besides the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub id: Id,
+    pub parent: Option<ParentRef>,
+    pub sealed: bool,
+}
+
+/// An open layer file. In writable mode it also knows its free slots and the changes since the
+/// last commit.
+pub(crate) struct LayerFile {
+    path: PathBuf,
+    file: File,
+    /// The superblock of the last commit.
+    sb: Superblock,
+    /// Every block the layer holds, committed or not.
+    map: HashMap<u64, MapEntry>,
+    /// Slots of the committed map chain, newest first.
+    chain_slots: Vec<u64>,
+    /// Blocks whose map entry changed since the last commit: their slots are fresh (no
+    /// committed map names them), so they may be written in place.
+    dirty: HashSet<u64>,
+    /// Dirty blocks written in place since their CRC was computed.
+    stale_crc: HashSet<u64>,
+    /// Free slots (writable mode only).
+    free: Option<BTreeSet<u64>>,
+    /// Slots the committed map names but the next commit drops: free once it is durable.
+    pending_free: Vec<u64>,
+    /// Slots in use or allocated (at least `sb.slots`).
+    slots: u64,
+    /// Known file length.
+    file_len: u64,
+}
+
+impl std::fmt::Debug for LayerFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerFile")
+            .field("path", &self.path)
+            .field("id", &self.sb.id)
+            .field("blocks", &self.map.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LayerFile {
+    /// Starts a layer in `file` (empty, the temporary file of a layer being built): writes both
+    /// superblocks of an empty layer and returns it writable. `path` is the name the layer will
+    /// have, used in messages.
+    pub fn init(path: &Path, file: File, new: &NewLayer) -> Result<Self, DiskError> {
+        new.geometry.validate()?;
+        let sb = Superblock {
+            generation: 2,
+            id: new.id,
+            geometry: new.geometry,
+            parent: new.parent,
+            digest: None,
+            slots: 0,
+            map_head: None,
+            map_chunks: 0,
+            map_entries: 0,
+        };
+        for generation in [1, 2] {
+            let s = Superblock { generation, ..sb };
+            file.write_all_at(&s.encode(), SB_OFFSETS[(generation % 2) as usize])
+                .map_err(DiskError::io(path, "write superblock"))?;
+        }
+        file.set_len(DATA_OFFSET)
+            .map_err(DiskError::io(path, "extend file"))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            sb,
+            map: HashMap::new(),
+            chain_slots: Vec::new(),
+            dirty: HashSet::new(),
+            stale_crc: HashSet::new(),
+            free: Some(BTreeSet::new()),
+            pending_free: Vec::new(),
+            slots: 0,
+            file_len: DATA_OFFSET,
+        })
+    }
+
+    /// Opens the layer at `path`, checking its superblocks and map. `writable` opens the file
+    /// for writing and finds its free slots (for the top of a chain and for merge targets).
+    pub fn open(path: &Path, writable: bool) -> Result<Self, DiskError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(DiskError::io(path, "open"))?;
+        let file_len = file.metadata().map_err(DiskError::io(path, "stat"))?.len();
+        if file_len < DATA_OFFSET {
+            return Err(DiskError::Truncated {
+                path: path.to_path_buf(),
+                needed: DATA_OFFSET,
+                found: file_len,
+            });
+        }
+        let sb = read_superblock(path, &file)?;
+        if file_len < sb.needed_len() {
+            return Err(DiskError::Truncated {
+                path: path.to_path_buf(),
+                needed: sb.needed_len(),
+                found: file_len,
+            });
+        }
+        let mut layer = Self {
+            path: path.to_path_buf(),
+            file,
+            sb,
+            map: HashMap::new(),
+            chain_slots: Vec::new(),
+            dirty: HashSet::new(),
+            stale_crc: HashSet::new(),
+            free: None,
+            pending_free: Vec::new(),
+            slots: sb.slots,
+            file_len,
+        };
+        layer.load_map()?;
+        if let Some(stored) = sb.digest {
+            let found = layer.compute_digest(sb.id);
+            if found != stored {
+                return Err(DiskError::corrupt(
+                    path,
+                    format!(
+                        "the map does not match the digest in the superblock (superblock {stored}, map {found})"
+                    ),
+                ));
+            }
+        }
+        if writable {
+            let mut used: HashSet<u64> = layer.map.values().map(|e| e.slot).collect();
+            used.extend(layer.chain_slots.iter().copied());
+            layer.free = Some((0..sb.slots).filter(|s| !used.contains(s)).collect());
+        }
+        Ok(layer)
+    }
+
+    /// Walks the map chain from the head, newest first; the first entry seen for a block wins.
+    fn load_map(&mut self) -> Result<(), DiskError> {
+        let sb = self.sb;
+        let bs = sb.geometry.block_size;
+        let blocks = sb.geometry.blocks();
+        let mut at = sb.map_head;
+        let mut newest = sb.generation;
+        let mut header = [0u8; HEADER_LEN];
+        let mut buf = Vec::new();
+        while let Some(slot) = at {
+            let what = || format!("map chunk in slot {slot}");
+            if self.chain_slots.len() as u64 >= sb.map_chunks || slot >= sb.slots {
+                return Err(DiskError::corrupt(
+                    &self.path,
+                    format!(
+                        "{}: the map chain is longer than the {} chunks the superblock records, or leaves the file",
+                        what(),
+                        sb.map_chunks
+                    ),
+                ));
+            }
+            let offset = self.slot_offset(slot);
+            self.file
+                .read_exact_at(&mut header, offset)
+                .map_err(DiskError::io(&self.path, "read map chunk"))?;
+            // The claim is capped by the slot before anything is allocated for it.
+            let len = chunk_payload_len(&header).min(u64::from(bs) - HEADER_LEN as u64) as usize;
+            buf.clear();
+            buf.extend_from_slice(&header);
+            buf.resize(HEADER_LEN + len, 0);
+            self.file
+                .read_exact_at(&mut buf[HEADER_LEN..], offset + HEADER_LEN as u64)
+                .map_err(DiskError::io(&self.path, "read map chunk"))?;
+            let chunk = decode_chunk(bs, &buf).map_err(|e| match e {
+                Err(error) => DiskError::Format {
+                    path: self.path.clone(),
+                    what: what(),
+                    error,
+                },
+                Ok(problem) => DiskError::corrupt(&self.path, format!("{}: {problem}", what())),
+            })?;
+            if chunk.generation > newest {
+                return Err(DiskError::corrupt(
+                    &self.path,
+                    format!(
+                        "{}: generation {} is newer than the chunk or superblock after it ({newest})",
+                        what(),
+                        chunk.generation
+                    ),
+                ));
+            }
+            newest = chunk.generation;
+            for (block, e) in chunk.entries {
+                if block >= blocks || e.slot >= sb.slots {
+                    return Err(DiskError::corrupt(
+                        &self.path,
+                        format!(
+                            "{}: entry for block {block} in slot {} lies outside the disk ({blocks} blocks) or the file ({} slots)",
+                            what(),
+                            e.slot,
+                            sb.slots
+                        ),
+                    ));
+                }
+                self.map.entry(block).or_insert(e);
+            }
+            self.chain_slots.push(slot);
+            at = chunk.prev;
+        }
+        if self.chain_slots.len() as u64 != sb.map_chunks || self.map.len() as u64 != sb.map_entries
+        {
+            return Err(DiskError::corrupt(
+                &self.path,
+                format!(
+                    "the map has {} chunks and {} blocks, the superblock records {} and {}",
+                    self.chain_slots.len(),
+                    self.map.len(),
+                    sb.map_chunks,
+                    sb.map_entries
+                ),
+            ));
+        }
+        let mut seen = HashSet::with_capacity(self.map.len() + self.chain_slots.len());
+        for slot in self
+            .map
+            .values()
+            .map(|e| e.slot)
+            .chain(self.chain_slots.iter().copied())
+        {
+            if !seen.insert(slot) {
+                return Err(DiskError::corrupt(
+                    &self.path,
+                    format!("slot {slot} is used twice by the map"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.sb.geometry
+    }
+
+    pub fn identity(&self) -> Identity {
+        Identity {
+            id: self.sb.id,
+            parent: self.sb.parent,
+            sealed: self.sb.digest.is_some(),
+        }
+    }
+
+    pub fn sealed(&self) -> bool {
+        self.sb.digest.is_some()
+    }
+
+    pub fn map(&self) -> &HashMap<u64, MapEntry> {
+        &self.map
+    }
+
+    pub fn info(&self) -> LayerInfo {
+        LayerInfo {
+            path: self.path.clone(),
+            id: self.sb.id,
+            parent: self.sb.parent,
+            digest: self.sb.digest,
+            geometry: self.sb.geometry,
+            blocks: self.map.len() as u64,
+            slots: self.slots,
+            generation: self.sb.generation,
+        }
+    }
+
+    /// The map chain's slots (committed), newest first.
+    pub fn chain_slots(&self) -> &[u64] {
+        &self.chain_slots
+    }
+
+    pub fn slot_offset(&self, slot: u64) -> u64 {
+        DATA_OFFSET + slot * u64::from(self.sb.geometry.block_size)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` inside the block held in `slot`.
+    pub fn read_slot(&self, slot: u64, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.file
+            .read_exact_at(buf, self.slot_offset(slot) + offset)
+            .map_err(DiskError::io(&self.path, "read block"))
+    }
+
+    /// Reads the whole of `block` into `buf` (its block length) and checks its CRC.
+    pub fn read_block_checked(&self, block: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let e = self.map[&block];
+        self.read_slot(e.slot, 0, buf)?;
+        if !self.stale_crc.contains(&block) {
+            let found = crc32c(buf);
+            if found != e.crc {
+                return Err(DiskError::BlockChecksum {
+                    path: self.path.clone(),
+                    block,
+                    slot: e.slot,
+                    expected: e.crc,
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `block` was written since the last commit (its slot may be written in place).
+    pub fn is_dirty(&self, block: u64) -> bool {
+        self.dirty.contains(&block)
+    }
+
+    fn alloc_slot(&mut self) -> Result<u64, DiskError> {
+        let free = self
+            .free
+            .as_mut()
+            .expect("slots are allocated only in writable layers");
+        if let Some(slot) = free.pop_first() {
+            return Ok(slot);
+        }
+        let limit = max_slots(&self.sb.geometry);
+        if self.slots >= limit {
+            return Err(DiskError::LayerFull {
+                path: self.path.clone(),
+                slots: self.slots,
+                limit,
+            });
+        }
+        self.slots += 1;
+        Ok(self.slots - 1)
+    }
+
+    fn write_at(&mut self, bytes: &[u8], offset: u64, op: &'static str) -> Result<(), DiskError> {
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(DiskError::io(&self.path, op))?;
+        self.file_len = self.file_len.max(offset + bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Writes the whole of `block` (`data` is its block length) into a fresh slot and maps it.
+    /// The slot it replaces is freed now if no commit named it, else after the next commit.
+    pub fn put_block(&mut self, block: u64, data: &[u8]) -> Result<u64, DiskError> {
+        debug_assert_eq!(data.len(), self.sb.geometry.block_len(block));
+        let slot = self.alloc_slot()?;
+        if let Err(e) = self.write_at(data, self.slot_offset(slot), "write block") {
+            self.free.as_mut().expect("writable").insert(slot);
+            return Err(e);
+        }
+        let entry = MapEntry {
+            slot,
+            crc: crc32c(data),
+        };
+        if let Some(old) = self.map.insert(block, entry) {
+            if self.dirty.contains(&block) {
+                self.free.as_mut().expect("writable").insert(old.slot);
+            } else {
+                self.pending_free.push(old.slot);
+            }
+        }
+        self.dirty.insert(block);
+        self.stale_crc.remove(&block);
+        Ok(slot)
+    }
+
+    /// Writes `data` at `offset` inside `block`, in place. Only for dirty blocks: their slot is
+    /// named by no commit, so a crash part way through cannot show.
+    pub fn patch_block(&mut self, block: u64, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        debug_assert!(self.dirty.contains(&block));
+        let e = self.map[&block];
+        self.write_at(data, self.slot_offset(e.slot) + offset, "write block")?;
+        if offset == 0 && data.len() == self.sb.geometry.block_len(block) {
+            self.map.insert(
+                block,
+                MapEntry {
+                    slot: e.slot,
+                    crc: crc32c(data),
+                },
+            );
+            self.stale_crc.remove(&block);
+        } else {
+            self.stale_crc.insert(block);
+        }
+        Ok(())
+    }
+
+    /// The digest of the current map under `id`.
+    pub fn compute_digest(&self, id: Id) -> Digest {
+        let mut sorted: Vec<(u64, u32)> = self.map.iter().map(|(b, e)| (*b, e.crc)).collect();
+        sorted.sort_unstable();
+        format::digest(id, &self.sb.geometry, &sorted)
+    }
+
+    /// Makes every change since the last commit durable, under `identity`, all or nothing:
+    /// fresh data and map chunks are written and synced first, then the superblock of the next
+    /// generation goes into the other superblock area and is synced. Only then are the slots the
+    /// commit superseded freed for reuse.
+    pub fn commit(&mut self, identity: Identity) -> Result<(), DiskError> {
+        let stale: Vec<u64> = self.stale_crc.iter().copied().collect();
+        let mut buf = Vec::new();
+        for block in stale {
+            buf.resize(self.sb.geometry.block_len(block), 0);
+            let slot = self.map[&block].slot;
+            self.read_slot(slot, 0, &mut buf)?;
+            self.map.insert(
+                block,
+                MapEntry {
+                    slot,
+                    crc: crc32c(&buf),
+                },
+            );
+            self.stale_crc.remove(&block);
+        }
+        if self.dirty.is_empty() && identity == self.identity() {
+            return Ok(());
+        }
+        let bs = self.sb.geometry.block_size;
+        let per_chunk = entries_per_chunk(bs) as u64;
+        let delta_chunks = (self.dirty.len() as u64).div_ceil(per_chunk);
+        let full_chunks = (self.map.len() as u64).div_ceil(per_chunk);
+        let checkpoint = self.sb.map_chunks + delta_chunks > CHECKPOINT_SLACK + 2 * full_chunks;
+        let mut entries: Vec<(u64, MapEntry)> = if checkpoint {
+            self.map.iter().map(|(b, e)| (*b, *e)).collect()
+        } else {
+            self.dirty.iter().map(|b| (*b, self.map[b])).collect()
+        };
+        entries.sort_unstable_by_key(|(b, _)| *b);
+        let generation = self.sb.generation + 1;
+        let (mut head, mut chain, retired) = if checkpoint {
+            (None, Vec::new(), self.chain_slots.clone())
+        } else {
+            (self.sb.map_head, self.chain_slots.clone(), Vec::new())
+        };
+        let mut fresh = Vec::new();
+        let written = (|| {
+            for piece in entries.chunks(per_chunk as usize) {
+                let slot = self.alloc_slot()?;
+                fresh.push(slot);
+                let bytes = encode_chunk(bs, generation, head, piece);
+                self.write_at(&bytes, self.slot_offset(slot), "write map chunk")?;
+                head = Some(slot);
+                chain.insert(0, slot);
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            // The chunks are garbage: no superblock names them.
+            self.free.as_mut().expect("writable").extend(fresh);
+            return Err(e);
+        }
+        let digest = identity.sealed.then(|| self.compute_digest(identity.id));
+        let sb = Superblock {
+            generation,
+            id: identity.id,
+            geometry: self.sb.geometry,
+            parent: identity.parent,
+            digest,
+            slots: self.slots,
+            map_head: head,
+            map_chunks: chain.len() as u64,
+            map_entries: self.map.len() as u64,
+        };
+        if self.file_len < sb.needed_len() {
+            self.file
+                .set_len(sb.needed_len())
+                .map_err(DiskError::io(&self.path, "extend file"))?;
+            self.file_len = sb.needed_len();
+        }
+        self.file
+            .sync_data()
+            .map_err(DiskError::io(&self.path, "sync data"))?;
+        self.file
+            .write_all_at(&sb.encode(), SB_OFFSETS[(generation % 2) as usize])
+            .map_err(DiskError::io(&self.path, "write superblock"))?;
+        self.file
+            .sync_data()
+            .map_err(DiskError::io(&self.path, "sync superblock"))?;
+        self.sb = sb;
+        self.chain_slots = chain;
+        self.dirty.clear();
+        let free = self.free.as_mut().expect("writable");
+        free.extend(self.pending_free.drain(..));
+        free.extend(retired);
+        Ok(())
+    }
+}
+
+/// Reads both superblocks and returns the valid one of the newest generation. A damaged area
+/// is expected only for the one a crash interrupted; it is logged.
+fn read_superblock(path: &Path, file: &File) -> Result<Superblock, DiskError> {
+    let mut found = Vec::with_capacity(2);
+    let mut errors = Vec::with_capacity(2);
+    for (i, offset) in SB_OFFSETS.iter().enumerate() {
+        let name = ["superblock A", "superblock B"][i];
+        let mut bytes = [0u8; SB_LEN];
+        file.read_exact_at(&mut bytes, *offset)
+            .map_err(DiskError::io(path, "read superblock"))?;
+        match Superblock::decode(&bytes) {
+            Ok(sb) if sb.generation % 2 == i as u64 => found.push(sb),
+            Ok(sb) => errors.push(DiskError::corrupt(
+                path,
+                format!(
+                    "{name}: generation {} belongs in the other area",
+                    sb.generation
+                ),
+            )),
+            Err(Err(error)) => errors.push(DiskError::Format {
+                path: path.to_path_buf(),
+                what: name.to_string(),
+                error,
+            }),
+            Err(Ok(problem)) => errors.push(DiskError::corrupt(path, format!("{name}: {problem}"))),
+        }
+    }
+    match found.into_iter().max_by_key(|sb| sb.generation) {
+        Some(sb) => {
+            if let Some(e) = errors.first() {
+                tracing::warn!(path = %path.display(), error = %e, generation = sb.generation,
+                    "one superblock is damaged (a commit was interrupted?); using the other");
+            }
+            Ok(sb)
+        }
+        None => Err(errors.swap_remove(0)),
+    }
+}
+
+/// Describes a superblock area for the checker: `Ok(generation)` or the problem.
+pub(crate) fn superblock_areas(
+    path: &Path,
+    file: &File,
+) -> Result<[Result<u64, String>; 2], DiskError> {
+    let mut out = [Err(String::new()), Err(String::new())];
+    for (i, offset) in SB_OFFSETS.iter().enumerate() {
+        let mut bytes = [0u8; SB_LEN];
+        file.read_exact_at(&mut bytes, *offset)
+            .map_err(DiskError::io(path, "read superblock"))?;
+        out[i] = match Superblock::decode(&bytes) {
+            Ok(sb) => Ok(sb.generation),
+            Err(Err(e)) => Err(e.to_string()),
+            Err(Ok(p)) => Err(p),
+        };
+    }
+    Ok(out)
+}
