@@ -333,3 +333,78 @@ fn diff_and_lazy_restores_with_disk_continue_exactly() {
         assert_same_memory(&restored.memory().to_vec(), &vm.memory().to_vec());
     }
 }
+
+/// The same continuation and revert with a layered snap-disk disk instead of copied images: at
+/// the snapshot the disk's top layer is sealed (the VM goes on writing into a fresh top), and each
+/// restore or revert gets its own empty top over the sealed layer. The sealed layer never
+/// changes; every run ends with the model's output and disk.
+#[test]
+fn layered_disk_continuation_and_revert() {
+    use snap_disk::{Disk, Geometry, NewLayer, create_layer};
+    if !kvm_available("layered_disk_continuation_and_revert") {
+        return;
+    }
+    let (config, guest) = disk_guest(1);
+    let model = guest.model(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.dlayer");
+    let geometry = Geometry {
+        disk_bytes: 1 << 20,
+        block_size: 64 << 10,
+    };
+    let disk = Arc::new(Disk::create(&base, geometry).unwrap());
+    let backend: Arc<dyn BlockBackend> = disk.clone();
+    let vm = boot_with_disk(config, &guest, &backend);
+    let cut = pause_after(&vm, 6);
+    let dir = SnapDir::new();
+    save_full(&vm, dir.path());
+    let sealed = disk.seal(&tmp.path().join("top-0.dlayer")).unwrap();
+    run_to_end(&vm);
+    assert_eq!(vm.serial_output().text(), model.output);
+
+    let read_all = |d: &Disk| {
+        let mut image = vec![0u8; 1 << 20];
+        d.read_at(0, &mut image).unwrap();
+        image
+    };
+    assert_disk_is_model(&read_all(&disk), &model.disk, "original");
+    let fresh_top = |name: &str| {
+        let top = tmp.path().join(name);
+        create_layer(
+            &top,
+            &NewLayer {
+                id: snap_core::Id::random(),
+                parent: sealed.as_parent(),
+                geometry,
+            },
+        )
+        .unwrap();
+        Arc::new(Disk::open(&[base.clone(), top]).unwrap())
+    };
+
+    let restored_disk = fresh_top("restored.dlayer");
+    let restored = snapshot::restore_with(
+        dir.path(),
+        &with_disk(&(restored_disk.clone() as Arc<dyn BlockBackend>)),
+    )
+    .unwrap();
+    run_to_end(&restored);
+    assert_eq!(restored.serial_output().text(), model.output[cut..]);
+    assert_disk_is_model(&read_all(&restored_disk), &model.disk, "restored");
+
+    let reverted_disk = fresh_top("reverted.dlayer");
+    snapshot::revert_with_disks(
+        &vm,
+        dir.path(),
+        &[reverted_disk.clone() as Arc<dyn BlockBackend>],
+    )
+    .unwrap();
+    let mark = vm.serial_output().len();
+    run_to_end(&vm);
+    assert_eq!(
+        String::from_utf8_lossy(&vm.serial_output().bytes()[mark..]),
+        model.output[cut..]
+    );
+    assert_disk_is_model(&read_all(&reverted_disk), &model.disk, "reverted");
+    assert_same_memory(&vm.memory().to_vec(), &restored.memory().to_vec());
+}
