@@ -130,6 +130,26 @@ impl BlockBackend for RawFile {
     }
 }
 
+/// A layered copy-on-write disk (snap-disk) under a VM: reads through its chain, writes into its
+/// top layer, `flush` commits the top (every flushed write survives a crash, none is torn).
+impl BlockBackend for snap_disk::Disk {
+    fn size(&self) -> u64 {
+        snap_disk::Disk::size(self)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        snap_disk::Disk::read_at(self, offset, buf).map_err(io::Error::other)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        snap_disk::Disk::write_at(self, offset, buf).map_err(io::Error::other)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        snap_disk::Disk::flush(self).map_err(io::Error::other)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,25 +173,5 @@ mod tests {
         let reopened = RawFile::open(&dir.path().join("d.img")).unwrap();
         reopened.read_at(512, &mut b[..512]).unwrap();
         assert!(b[..512].iter().all(|&x| x == 7));
-    }
-}
-
-/// A layered copy-on-write disk (snap-disk) under a VM: reads through its chain, writes into its
-/// top layer, `flush` commits the top (every flushed write survives a crash, none is torn).
-impl BlockBackend for snap_disk::Disk {
-    fn size(&self) -> u64 {
-        snap_disk::Disk::size(self)
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        snap_disk::Disk::read_at(self, offset, buf).map_err(io::Error::other)
-    }
-
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        snap_disk::Disk::write_at(self, offset, buf).map_err(io::Error::other)
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        snap_disk::Disk::flush(self).map_err(io::Error::other)
     }
 }
