@@ -6,6 +6,7 @@
 //! [`catalog`] as the record of what exists.
 
 pub mod catalog;
+pub mod client;
 pub mod daemon;
 pub mod error;
 pub mod failpoints;
