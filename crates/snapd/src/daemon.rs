@@ -1244,13 +1244,26 @@ impl Daemon {
         let slot = self.slot(vm_id)?;
         op.progress("checking the snapshot", 0, 0);
         let (state, chain) = self.open_snapshot(snap)?;
+        // Every frame is checked before the VM is touched.
+        for layer in chain.layers() {
+            layer.verify().map_err(|e| {
+                ApiError::precondition(format!("snapshot {} cannot be restored: {e}", snap.id))
+            })?;
+        }
         op.no_return()?;
         op.progress("reverting", 0, snap.memory_bytes);
         let vm = match slot.instance() {
             Some(vm) if !matches!(vm.run_state(), RunState::Failed(_)) => {
+                let was_running = vm.run_state() == RunState::Running;
                 let paused_at = Instant::now();
                 vm.pause();
-                vm.restore_in_place(&state, &chain)?;
+                if let Err(e) = vm.restore_in_place(&state, &chain) {
+                    // The VM is as it was (restore_in_place changes nothing on error).
+                    if was_running {
+                        vm.resume()?;
+                    }
+                    return Err(e.into());
+                }
                 op.set_pause(paused_at.elapsed().as_micros() as u64);
                 vm
             }
