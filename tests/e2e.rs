@@ -140,14 +140,16 @@ fn files_in(dir: &Path) -> Vec<String> {
 }
 
 /// The guest every test VM runs: 120 ticks, about a second of guest time here (long enough that
-/// snapshots land mid-run).
+/// snapshots land mid-run), writing 4 sectors of its 1 MiB disk per tick and reading two back:
+/// each output line carries a hash of what it wrote and read, so equal output means equal
+/// disks too.
 fn guest() -> pb::GuestProgram {
     pb::GuestProgram {
         seed: 0x5eed,
         working_set_pages: 512,
         mutations_per_tick: 24,
         ticks: 120,
-        disk_sectors_per_tick: 0,
+        disk_sectors_per_tick: 4,
     }
 }
 
@@ -176,6 +178,11 @@ async fn create_vm(c: &mut SnapdClient<Channel>, name: &str, start: bool) -> pb:
         vcpus: 1,
         guest: Some(guest()),
         start,
+        disks: vec![pb::DiskSpec {
+            name: "root".into(),
+            size_bytes: 1 << 20,
+            image_path: String::new(),
+        }],
         ..Default::default()
     })
     .await
@@ -339,10 +346,18 @@ async fn snapshot_revert_restore_clone_delete_restart() {
     wait_lines(&mut c, &vm.id, 15).await;
     let (b, cut_b) = snapshot_at(&mut c, &vm.id, "b", "snap-b").await;
     assert_eq!(b.parent_id, a.id, "B's parent is A");
-    assert!(
-        b.stored_bytes < a.stored_bytes,
-        "B is a diff: {b:?} vs {a:?}"
+    let layer = |s: &pb::Snapshot| {
+        *snap_mem::layer::Layer::open(daemon.data.join(format!("layers/{}.mlayer", s.id)))
+            .unwrap()
+            .info()
+    };
+    let (la, lb) = (layer(&a), layer(&b));
+    assert_eq!(
+        lb.parent.map(|p| p.id),
+        Some(la.id),
+        "B's memory layer is a diff over A's"
     );
+
     assert_eq!(finish(&mut c, &vm.id).await, expected);
     assert!(
         cut_a < cut_b && cut_b < expected.len(),
@@ -608,6 +623,7 @@ async fn failures_leave_no_half_snapshot() {
     let vm = create_vm(&mut c, "victim", true).await;
     wait_lines(&mut c, &vm.id, 3).await;
 
+    let layers_before = files_in(&daemon.data.join("layers"));
     for (i, what) in ["snapshot.write-memory", "snapshot.publish"]
         .iter()
         .enumerate()
@@ -624,9 +640,10 @@ async fn failures_leave_no_half_snapshot() {
             0,
             "{what}: a failed snapshot is listed"
         );
-        assert!(
-            files_in(&daemon.data.join("layers")).is_empty(),
-            "{what}: files left"
+        assert_eq!(
+            files_in(&daemon.data.join("layers")),
+            layers_before,
+            "{what}: files left, or the disk's layers changed"
         );
         assert!(
             files_in(&daemon.data.join("states")).is_empty(),
@@ -691,11 +708,30 @@ async fn failures_leave_no_half_snapshot() {
         before,
         "a half snapshot is listed"
     );
+    // The half snapshot's memory layer and the disk top its seal made are gone; every file
+    // left is one the catalog names (recovery put a fresh top over the disk layer the dead
+    // snapshot had sealed).
+    let mlayers = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .filter(|f| f.ends_with(".mlayer"))
+            .cloned()
+            .collect()
+    };
+    let layers_after = files_in(&daemon.data.join("layers"));
     assert_eq!(
-        files_in(&daemon.data.join("layers")),
-        layers_before,
-        "the half snapshot's layer was not removed"
+        mlayers(&layers_after),
+        mlayers(&layers_before),
+        "the half snapshot's layer is left"
     );
+    let catalog = snapd::catalog::Catalog::open(&daemon.data.join("catalog.db")).unwrap();
+    let mut named: Vec<String> = catalog
+        .layers()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.file.trim_start_matches("layers/").to_string())
+        .collect();
+    named.sort();
+    assert_eq!(layers_after, named, "files the catalog does not name");
     let o = c
         .get_operation(pb::GetOperationRequest {
             operation_id: op.id.clone(),
@@ -759,6 +795,11 @@ async fn bad_input_is_refused_clearly() {
         memory_bytes: 32 << 20,
         vcpus: 1,
         guest: Some(guest()),
+        disks: vec![pb::DiskSpec {
+            name: "root".into(),
+            size_bytes: 1 << 20,
+            image_path: String::new(),
+        }],
         ..Default::default()
     };
     let cases: Vec<(pb::CreateVmRequest, Code, &str)> = vec![

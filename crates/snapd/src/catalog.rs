@@ -684,6 +684,18 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Records a layer's size on disk.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn set_layer_bytes(&self, id: &str, bytes: u64) -> Result<()> {
+        self.0.execute(
+            "UPDATE layers SET bytes = ?2 WHERE id = ?1",
+            params![id, bytes as i64],
+        )?;
+        Ok(())
+    }
+
     /// Removes the layers no VM or snapshot names any more; returns them (their files go after
     /// the commit).
     ///

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use snap_api::v1 as pb;
 use snap_core::Id;
+use snap_disk::Disk;
 use snap_mem::layer::{Layer, LayerChain, LayerOptions};
 use snap_vmm::{
     MemoryRestore, RunState, TestGuest, Vm, VmConfig, VmExit, VmOptions, VmState, snapshot,
@@ -31,10 +32,15 @@ use tokio::sync::broadcast;
 use tonic::Code;
 
 use crate::catalog::{
-    Catalog, CatalogError, GuestSpec, LayerRecord, RequestRecord, SnapshotRecord, VmRecord,
+    Catalog, CatalogError, DiskRecord, GuestSpec, LayerRecord, RequestRecord, SnapshotRecord,
+    VmRecord,
 };
+use crate::disks::{Opened, geometry, new_top};
 use crate::error::{ApiError, ApiResult};
 use crate::failpoints::FailPoints;
+
+/// Sectors of its first disk the test guest uses at most.
+const GUEST_DISK_SECTORS: u64 = 2048;
 
 /// Events kept for replay to watchers that ask for older ones.
 const RECENT_EVENTS: usize = 4096;
@@ -67,6 +73,8 @@ pub struct Slot {
     /// Held by the one mutating operation the VM may have at a time.
     busy: AtomicBool,
     vm: Mutex<Option<Arc<Vm>>>,
+    /// The instance's disks (the same objects its virtio-blk devices use).
+    disks: Mutex<Vec<Arc<Disk>>>,
     /// Whether the instance's guest has been let run (a created VM is paused but not "paused").
     started: AtomicBool,
     /// The state last reported, to notice changes.
@@ -79,6 +87,7 @@ impl Slot {
             id: id.to_string(),
             busy: AtomicBool::new(false),
             vm: Mutex::new(None),
+            disks: Mutex::new(Vec::new()),
             started: AtomicBool::new(false),
             reported: Mutex::new(state.to_string()),
         }
@@ -88,9 +97,14 @@ impl Slot {
         lock(&self.vm).clone()
     }
 
-    fn set_instance(&self, vm: Option<Arc<Vm>>, started: bool) {
+    fn set_instance(&self, vm: Option<Arc<Vm>>, disks: Vec<Arc<Disk>>, started: bool) {
         *lock(&self.vm) = vm;
+        *lock(&self.disks) = disks;
         self.started.store(started, Ordering::Relaxed);
+    }
+
+    fn disks(&self) -> Vec<Arc<Disk>> {
+        lock(&self.disks).clone()
     }
 
     /// The state now ("created", "running", "paused", "finished", "stopped", "failed") and, when
@@ -243,6 +257,19 @@ pub struct NewVmSpec {
     pub labels: BTreeMap<String, String>,
     /// Let the guest run at once.
     pub start: bool,
+    /// Its disks.
+    pub disks: Vec<NewDisk>,
+}
+
+/// A disk a new VM gets.
+#[derive(Debug, Clone)]
+pub struct NewDisk {
+    /// Name within the VM.
+    pub name: String,
+    /// Size in bytes (0 with an image: the image's size).
+    pub size_bytes: u64,
+    /// A raw image imported as the disk's base.
+    pub image: Option<PathBuf>,
 }
 
 fn test_guest(g: &GuestSpec) -> TestGuest {
@@ -324,13 +351,31 @@ impl Daemon {
     }
 
     fn recover(&self) -> ApiResult<()> {
-        let vms = self.catalog.vms()?;
-        self.catalog.transaction(|tx| {
-            for mut vm in vms.iter().cloned() {
-                if vm.state != "stopped" {
-                    vm.state = "stopped".into();
-                    tx.update_vm(&vm)?;
+        let mut vms = self.catalog.vms()?;
+        // A disk top sealed by a snapshot that was never published (the daemon died between
+        // the seal and the catalog commit) stays in the VM's chain, under a fresh top.
+        let mut new_layers = Vec::new();
+        for vm in &mut vms {
+            for d in &mut vm.disks {
+                let Some(top) = d.chain.last() else { continue };
+                let path = self.layer_paths(std::slice::from_ref(top))?.remove(0);
+                let sealed = snap_disk::layer_info(&path)
+                    .map_err(|e| crate::disks::disk_error("recovering a disk", &e))?
+                    .sealed();
+                if sealed {
+                    let layer = new_top(&self.data, Some(&path), geometry(d.size_bytes))?;
+                    d.chain.push(layer.id.clone());
+                    new_layers.push(layer);
                 }
+            }
+        }
+        self.catalog.transaction(|tx| {
+            for l in &new_layers {
+                tx.insert_layer(l)?;
+            }
+            for mut vm in vms.iter().cloned() {
+                vm.state = "stopped".into();
+                tx.update_vm(&vm)?;
             }
             Ok(())
         })?;
@@ -417,7 +462,7 @@ impl Daemon {
         self.stopping.store(true, Ordering::Relaxed);
         let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
         for slot in slots {
-            slot.set_instance(None, false);
+            slot.set_instance(None, Vec::new(), false);
             let _ = self.catalog.transaction(|tx| {
                 if let Some(mut vm) = tx.vm(&slot.id)? {
                     vm.state = "stopped".into();
@@ -641,9 +686,24 @@ impl Daemon {
             memory_bytes: spec.memory_bytes,
             vcpus: spec.vcpus,
         };
-        let guest = test_guest(&spec.guest);
+        snap_vmm::vm::validate_config(&config)?;
+        let mut guest = test_guest(&spec.guest);
         guest.validate(&config)?;
-        let vm = guest.create_vm(config, &VmOptions::default())?;
+        let opened = self.create_disks(&spec.disks)?;
+        if let Some(d) = opened.disks.first() {
+            guest.disk_sectors = (d.size() / 512).min(GUEST_DISK_SECTORS);
+        }
+        let options = VmOptions {
+            disks: opened.backends(),
+            ..VmOptions::default()
+        };
+        let vm = match guest.create_vm(config, &options) {
+            Ok(vm) => vm,
+            Err(e) => {
+                opened.discard(&self.data);
+                return Err(e.into());
+            }
+        };
         let rec = VmRecord {
             id: Id::random().to_string(),
             name: spec.name,
@@ -654,22 +714,30 @@ impl Daemon {
             state: if spec.start { "running" } else { "created" }.into(),
             current_snapshot: None,
             mem_chain: Vec::new(),
-            disks: Vec::new(),
+            disks: opened.records.clone(),
             created_ms: now_ms(),
             failure: None,
         };
         let slot = Arc::new(Slot::new(&rec.id, &rec.state));
         let response = self.to_pb_vm(&rec);
         let record = ctx.record(&response);
-        self.catalog.transaction(|tx| {
+        let published = self.catalog.transaction(|tx| {
+            for l in &opened.new_layers {
+                tx.insert_layer(l)?;
+            }
             tx.insert_vm(&rec)?;
             tx.put_request(&ctx.request_id, &record, now_ms())
-        })?;
+        });
+        if let Err(e) = published {
+            drop(vm);
+            opened.discard(&self.data);
+            return Err(e.into());
+        }
         let vm = Arc::new(vm);
         if spec.start {
             vm.resume()?;
         }
-        slot.set_instance(Some(vm), spec.start);
+        slot.set_instance(Some(vm), opened.disks, spec.start);
         lock(&self.slots).insert(rec.id.clone(), slot);
         self.emit_vm(&rec.id);
         self.get_vm(&rec.id)
@@ -690,21 +758,41 @@ impl Daemon {
             }
             _ => {
                 let rec = self.vm_record(id)?;
-                let vm = match &rec.current_snapshot {
+                let (vm, disks) = match &rec.current_snapshot {
                     Some(s) => {
                         let snap = self.snapshot_record(s)?;
-                        self.restore_instance(&snap, MemoryRestore::Eager)?
+                        let (vm, opened) = self.restore_instance(&snap, MemoryRestore::Eager)?;
+                        let old = self.adopt_disks(id, &opened)?;
+                        self.remove_layer_files(old);
+                        (vm, opened.disks)
                     }
                     None => {
+                        // From the beginning, on its disks as they are.
+                        let disks = rec
+                            .disks
+                            .iter()
+                            .map(|d| crate::disks::open(&self.layer_paths(&d.chain)?))
+                            .collect::<ApiResult<Vec<_>>>()?;
                         let config = VmConfig {
                             memory_bytes: rec.memory_bytes,
                             vcpus: rec.vcpus,
                         };
-                        test_guest(&rec.guest).create_vm(config, &VmOptions::default())?
+                        let mut guest = test_guest(&rec.guest);
+                        if let Some(d) = disks.first() {
+                            guest.disk_sectors = (d.size() / 512).min(GUEST_DISK_SECTORS);
+                        }
+                        let options = VmOptions {
+                            disks: disks
+                                .iter()
+                                .map(|d| Arc::clone(d) as Arc<dyn snap_vmm::BlockBackend>)
+                                .collect(),
+                            ..VmOptions::default()
+                        };
+                        (guest.create_vm(config, &options)?, disks)
                     }
                 };
                 vm.resume()?;
-                slot.set_instance(Some(Arc::new(vm)), true);
+                slot.set_instance(Some(Arc::new(vm)), disks, true);
             }
         }
         self.watch_states();
@@ -747,7 +835,7 @@ impl Daemon {
     /// NOT_FOUND, ABORTED.
     pub fn stop_vm(&self, id: &str) -> ApiResult<pb::Vm> {
         let busy = self.acquire(id)?;
-        busy.0.set_instance(None, false);
+        busy.0.set_instance(None, Vec::new(), false);
         self.watch_states();
         self.get_vm(id)
     }
@@ -858,8 +946,143 @@ impl Daemon {
         Ok((state, chain))
     }
 
-    /// A new, paused VM instance restored from `s`.
-    fn restore_instance(&self, s: &SnapshotRecord, mode: MemoryRestore) -> ApiResult<Vm> {
+    /// Records `opened` as VM `vm_id`'s disks (its layers into the catalog); returns the layers
+    /// nobody names any more (the VM's previous tops), whose files can go.
+    fn adopt_disks(&self, vm_id: &str, opened: &Opened) -> ApiResult<Vec<LayerRecord>> {
+        Ok(self.catalog.transaction(|tx| {
+            for l in &opened.new_layers {
+                tx.insert_layer(l)?;
+            }
+            if let Some(mut rec) = tx.vm(vm_id)? {
+                rec.disks.clone_from(&opened.records);
+                tx.update_vm(&rec)?;
+            }
+            tx.collect()
+        })?)
+    }
+
+    fn remove_layer_files(&self, layers: Vec<LayerRecord>) -> u64 {
+        layers
+            .into_iter()
+            .map(|l| remove_file(&self.data.join(l.file)))
+            .sum()
+    }
+
+    /// Creates the disks of a new VM: an empty base, or a raw image imported as a sealed base,
+    /// each with an empty top.
+    fn create_disks(&self, specs: &[NewDisk]) -> ApiResult<Opened> {
+        let mut opened = Opened::default();
+        match self.create_disks_into(specs, &mut opened) {
+            Ok(()) => Ok(opened),
+            Err(e) => {
+                opened.discard(&self.data);
+                Err(e)
+            }
+        }
+    }
+
+    fn create_disks_into(&self, specs: &[NewDisk], opened: &mut Opened) -> ApiResult<()> {
+        for spec in specs {
+            let mut paths = Vec::new();
+            let mut chain = Vec::new();
+            let size = match &spec.image {
+                Some(image) => {
+                    let file = crate::disks::layer_file(&Id::random());
+                    let path = self.data.join(&file);
+                    let info = snap_disk::import_raw(image, &path, snap_disk::DEFAULT_BLOCK_SIZE)
+                        .map_err(|e| ApiError::invalid("disks.image_path", e))?;
+                    opened.new_layers.push(LayerRecord {
+                        id: info.id.to_string(),
+                        kind: "disk".into(),
+                        bytes: file_len(&path),
+                        file,
+                    });
+                    let size = info.geometry.disk_bytes;
+                    if spec.size_bytes != 0 && spec.size_bytes != size {
+                        return Err(ApiError::invalid(
+                            "disks.size_bytes",
+                            format!(
+                                "disk {:?}: {} bytes asked, the image holds {size} (use 0 for the image's size)",
+                                spec.name, spec.size_bytes
+                            ),
+                        ));
+                    }
+                    paths.push(path);
+                    chain.push(info.id.to_string());
+                    size
+                }
+                None => spec.size_bytes,
+            };
+            let top = new_top(
+                &self.data,
+                paths.last().map(PathBuf::as_path),
+                geometry(size),
+            )?;
+            paths.push(self.data.join(&top.file));
+            chain.push(top.id.clone());
+            opened.new_layers.push(top);
+            opened.disks.push(crate::disks::open(&paths)?);
+            opened.records.push(DiskRecord {
+                name: spec.name.clone(),
+                size_bytes: size,
+                chain,
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens each of `records`' sealed chains with a fresh top of its own.
+    fn disks_over(&self, records: &[DiskRecord]) -> ApiResult<Opened> {
+        let mut opened = Opened::default();
+        let result = (|| {
+            for r in records {
+                let mut paths = self.layer_paths(&r.chain)?;
+                let top = new_top(
+                    &self.data,
+                    paths.last().map(PathBuf::as_path),
+                    geometry(r.size_bytes),
+                )?;
+                paths.push(self.data.join(&top.file));
+                let mut chain = r.chain.clone();
+                chain.push(top.id.clone());
+                opened.new_layers.push(top);
+                opened.disks.push(crate::disks::open(&paths)?);
+                opened.records.push(DiskRecord {
+                    name: r.name.clone(),
+                    size_bytes: r.size_bytes,
+                    chain,
+                });
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(opened),
+            Err(e) => {
+                opened.discard(&self.data);
+                Err(e)
+            }
+        }
+    }
+
+    /// A new, paused VM instance restored from `s`, with fresh disk tops over its disks (not in
+    /// the catalog yet: the caller records or discards them).
+    fn restore_instance(&self, s: &SnapshotRecord, mode: MemoryRestore) -> ApiResult<(Vm, Opened)> {
+        let opened = self.disks_over(&s.disks)?;
+        match self.restore_instance_with(s, mode, &opened) {
+            Ok(vm) => Ok((vm, opened)),
+            Err(e) => {
+                opened.discard(&self.data);
+                Err(e)
+            }
+        }
+    }
+
+    fn restore_instance_with(
+        &self,
+        s: &SnapshotRecord,
+        mode: MemoryRestore,
+        opened: &Opened,
+    ) -> ApiResult<Vm> {
         let (state, chain) = self.open_snapshot(s)?;
         if mode == MemoryRestore::Eager {
             // Every frame is checked before the VM exists (a lazy restore checks as it goes and
@@ -870,7 +1093,10 @@ impl Daemon {
                 })?;
             }
         }
-        let options = VmOptions::default();
+        let options = VmOptions {
+            disks: opened.backends(),
+            ..VmOptions::default()
+        };
         let prepared = Vm::prepare(state.config, &options)?;
         let wset = self.data.join(format!("states/{}.wset", s.id));
         Ok(snapshot::restore_from(
@@ -1032,14 +1258,19 @@ impl Daemon {
             "",
             ctx,
             vec![busy],
-            move |d, op| d.snapshot_work(op, &vm, &vm_id, name, labels, leave_paused),
+            move |d, op| {
+                let disks = d.slot(&vm_id)?.disks();
+                d.snapshot_work(op, &vm, &disks, &vm_id, name, labels, leave_paused)
+            },
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn snapshot_work(
         &self,
         op: &OpHandle<'_>,
         vm: &Vm,
+        disks: &[Arc<Disk>],
         vm_id: &str,
         name: String,
         labels: BTreeMap<String, String>,
@@ -1066,19 +1297,29 @@ impl Daemon {
             self.data.join(format!("layers/{snap_id}.mlayer")),
             self.data.join(format!("states/{snap_id}.state")),
         ];
+        let mut sealed = Vec::new();
         let written = self.snapshot_paused(
             op,
             vm,
+            (disks, &mut sealed),
             vm_id,
             &snap_id,
             parent.as_ref(),
             &files,
-            name,
-            labels,
+            (name, labels),
         );
         if written.is_err() {
             for f in &files {
                 remove_file(f);
+            }
+            // The disks write into their old tops again; the new empty tops go.
+            for d in &sealed {
+                match d.undo_seal() {
+                    Ok(top) => {
+                        remove_file(&top);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot undo a disk seal"),
+                }
             }
         }
         if was_running && (written.is_err() || !leave_paused) {
@@ -1103,14 +1344,40 @@ impl Daemon {
         &self,
         op: &OpHandle<'_>,
         vm: &Vm,
+        (disks, sealed): (&[Arc<Disk>], &mut Vec<Arc<Disk>>),
         vm_id: &str,
         snap_id: &str,
         parent: Option<&snap_mem::layer::LayerInfo>,
         [mem_file, state_file]: &[PathBuf; 2],
-        name: String,
-        labels: BTreeMap<String, String>,
+        (name, labels): (String, BTreeMap<String, String>),
     ) -> ApiResult<SnapshotRecord> {
         let captured = snapshot::capture(vm, parent)?;
+        // The disks' half: each top is sealed as it is now (capture flushed it) and the VM
+        // writes into a fresh top from here on.
+        op.progress("sealing disks", 0, 0);
+        let mut new_tops = Vec::new();
+        let mut sealed_bytes = 0;
+        for d in disks {
+            let file = crate::disks::layer_file(&Id::random());
+            let path = self.data.join(&file);
+            let info = d
+                .seal(&path)
+                .map_err(|e| crate::disks::disk_error("sealing a disk", &e))?;
+            sealed.push(Arc::clone(d));
+            sealed_bytes += file_len(&info.path);
+            let top = d
+                .layers()
+                .last()
+                .map(|l| l.id.to_string())
+                .unwrap_or_default();
+            new_tops.push(LayerRecord {
+                id: top,
+                kind: "disk".into(),
+                bytes: file_len(&path),
+                file,
+            });
+            self.failpoints.pass("snapshot.seal-disk")?;
+        }
         op.progress("writing memory", 0, captured.pages() * 4096);
         self.failpoints.pass("snapshot.write-memory")?;
         let info = captured.write_memory(vm, mem_file, &self.layer_options)?;
@@ -1148,13 +1415,22 @@ impl Daemon {
                 memory_bytes: rec.memory_bytes,
                 vcpus: rec.vcpus,
                 guest: rec.guest,
-                stored_bytes: layer.bytes + file_len(state_file),
+                stored_bytes: layer.bytes + file_len(state_file) + sealed_bytes,
                 pause_us: 0,
                 mem_chain: mem_chain.clone(),
                 disks: rec.disks.clone(),
             };
             tx.insert_layer(&layer)?;
             tx.insert_snapshot(&snap)?;
+            for (d, top) in rec.disks.iter_mut().zip(&new_tops) {
+                if let Some(sealed) = d.chain.last() {
+                    if let Some(l) = tx.layer(sealed)? {
+                        tx.set_layer_bytes(&l.id, file_len(&self.data.join(&l.file)))?;
+                    }
+                }
+                tx.insert_layer(top)?;
+                d.chain.push(top.id.clone());
+            }
             rec.current_snapshot = Some(snap.id.clone());
             rec.mem_chain = mem_chain;
             tx.update_vm(&rec)?;
@@ -1252,36 +1528,47 @@ impl Daemon {
         }
         op.no_return()?;
         op.progress("reverting", 0, snap.memory_bytes);
-        let vm = match slot.instance() {
+        let (vm, opened) = match slot.instance() {
             Some(vm) if !matches!(vm.run_state(), RunState::Failed(_)) => {
+                let opened = self.disks_over(&snap.disks)?;
                 let was_running = vm.run_state() == RunState::Running;
                 let paused_at = Instant::now();
                 vm.pause();
-                if let Err(e) = vm.restore_in_place(&state, &chain) {
-                    // The VM is as it was (restore_in_place changes nothing on error).
+                if let Err(e) = vm.restore_in_place_with_disks(&state, &chain, &opened.backends()) {
+                    // The VM is as it was (a failed revert changes nothing).
+                    opened.discard(&self.data);
                     if was_running {
                         vm.resume()?;
                     }
                     return Err(e.into());
                 }
                 op.set_pause(paused_at.elapsed().as_micros() as u64);
-                vm
+                (vm, opened)
             }
-            _ => Arc::new(self.restore_instance(snap, MemoryRestore::Eager)?),
+            _ => {
+                let (vm, opened) = self.restore_instance(snap, MemoryRestore::Eager)?;
+                (Arc::new(vm), opened)
+            }
         };
-        self.catalog.transaction(|tx| {
+        let old = self.catalog.transaction(|tx| {
+            for l in &opened.new_layers {
+                tx.insert_layer(l)?;
+            }
             let mut rec = tx
                 .vm(vm_id)?
                 .ok_or_else(|| CatalogError::Damaged("the VM disappeared".into()))?;
             rec.current_snapshot = Some(snap.id.clone());
             rec.mem_chain.clone_from(&snap.mem_chain);
+            rec.disks.clone_from(&opened.records);
             rec.guest = snap.guest;
-            tx.update_vm(&rec)
+            tx.update_vm(&rec)?;
+            tx.collect()
         })?;
         if !leave_paused {
             vm.resume()?;
         }
-        slot.set_instance(Some(vm), true);
+        slot.set_instance(Some(vm), opened.disks, true);
+        self.remove_layer_files(old);
         op.progress("done", snap.memory_bytes, snap.memory_bytes);
         Ok(pb::OperationResult {
             vms: vec![self.get_vm(vm_id)?],
@@ -1300,7 +1587,7 @@ impl Daemon {
     ) -> ApiResult<pb::Vm> {
         op.check_cancel()?;
         op.progress("restoring", 0, snap.memory_bytes);
-        let vm = self.restore_instance(snap, mode)?;
+        let (vm, opened) = self.restore_instance(snap, mode)?;
         let rec = VmRecord {
             id: Id::random().to_string(),
             name,
@@ -1311,17 +1598,27 @@ impl Daemon {
             state: if leave_paused { "paused" } else { "running" }.into(),
             current_snapshot: Some(snap.id.clone()),
             mem_chain: snap.mem_chain.clone(),
-            disks: snap.disks.clone(),
+            disks: opened.records.clone(),
             created_ms: now_ms(),
             failure: None,
         };
-        self.catalog.transaction(|tx| tx.insert_vm(&rec))?;
+        let published = self.catalog.transaction(|tx| {
+            for l in &opened.new_layers {
+                tx.insert_layer(l)?;
+            }
+            tx.insert_vm(&rec)
+        });
+        if let Err(e) = published {
+            drop(vm);
+            opened.discard(&self.data);
+            return Err(e.into());
+        }
         let vm = Arc::new(vm);
         let slot = Arc::new(Slot::new(&rec.id, &rec.state));
         if !leave_paused {
             vm.resume()?;
         }
-        slot.set_instance(Some(vm), true);
+        slot.set_instance(Some(vm), opened.disks, true);
         lock(&self.slots).insert(rec.id.clone(), slot);
         self.emit_vm(&rec.id);
         self.get_vm(&rec.id)
@@ -1526,7 +1823,7 @@ impl Daemon {
 
     fn remove_vm(&self, id: &str, with_snapshots: bool) -> ApiResult<(Vec<String>, u64)> {
         let slot = self.slot(id)?;
-        slot.set_instance(None, false);
+        slot.set_instance(None, Vec::new(), false);
         let (mut deleted, mut freed) = (Vec::new(), 0);
         if with_snapshots {
             let mine: Vec<String> = self

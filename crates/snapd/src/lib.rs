@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod client;
 pub mod daemon;
+pub mod disks;
 pub mod error;
 pub mod failpoints;
 pub mod names;

@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::catalog::GuestSpec;
-use crate::daemon::{CloneSpec, Daemon, NewVmSpec, RequestCtx};
+use crate::daemon::{CloneSpec, Daemon, NewDisk, NewVmSpec, RequestCtx};
 use crate::error::{ApiError, ApiResult};
 use crate::names::{check_id, check_labels, check_name, check_request_id};
 
@@ -174,8 +174,58 @@ impl Snapd for Service {
         if r.vcpus == 0 {
             return Err(ApiError::invalid("vcpus", "must be 1 to 32").into());
         }
-        if !r.disks.is_empty() {
-            return Err(ApiError::invalid("disks", "this snapd does not attach disks yet").into());
+        if r.disks.len() > snap_vmm::virtio::MAX_DISKS {
+            return Err(ApiError::invalid(
+                "disks",
+                format!(
+                    "{} disks, at most {}",
+                    r.disks.len(),
+                    snap_vmm::virtio::MAX_DISKS
+                ),
+            )
+            .into());
+        }
+        let mut disks = Vec::new();
+        for (i, d) in r.disks.iter().enumerate() {
+            check_name(&format!("disks[{i}].name"), &d.name)?;
+            if r.disks[..i].iter().any(|o| o.name == d.name) {
+                return Err(ApiError::invalid(
+                    &format!("disks[{i}].name"),
+                    format!("two disks are named {:?}", d.name),
+                )
+                .into());
+            }
+            let image = (!d.image_path.is_empty()).then(|| std::path::PathBuf::from(&d.image_path));
+            if image.is_none() {
+                if d.size_bytes == 0 || d.size_bytes % 512 != 0 {
+                    return Err(ApiError::invalid(
+                        &format!("disks[{i}].size_bytes"),
+                        "must be a non-zero multiple of 512 (or give image_path)",
+                    )
+                    .into());
+                }
+                if d.size_bytes > snap_disk::MAX_DISK_BYTES {
+                    return Err(ApiError::invalid(
+                        &format!("disks[{i}].size_bytes"),
+                        format!("at most {} bytes", snap_disk::MAX_DISK_BYTES),
+                    )
+                    .into());
+                }
+            }
+            if let Some(p) = &image {
+                if !p.is_absolute() {
+                    return Err(ApiError::invalid(
+                        &format!("disks[{i}].image_path"),
+                        "must be an absolute path on the daemon's host",
+                    )
+                    .into());
+                }
+            }
+            disks.push(NewDisk {
+                name: d.name.clone(),
+                size_bytes: d.size_bytes,
+                image,
+            });
         }
         let g = r.guest.unwrap_or_default();
         let spec = NewVmSpec {
@@ -191,6 +241,7 @@ impl Snapd for Service {
             },
             labels,
             start: r.start,
+            disks,
         };
         let fp = fingerprint!(r);
         self.once("CreateVm", &r.request_id, &fp, move |d, ctx| {
