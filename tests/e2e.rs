@@ -992,3 +992,240 @@ async fn bad_input_is_refused_clearly() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("target"), "{e}");
 }
+
+/// Stock gRPC clients find their way: the health service says SERVING and reflection lists the
+/// snapd service (what grpcurl asks for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let (daemon, _) = Snapd::start("").await;
+    let channel = snapd::client::channel(daemon.socket().to_str().unwrap())
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "snapd.v1.Snapd".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"snapd.v1.Snapd".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    // The socket is the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(daemon.socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+}
+
+/// The tree, listing with filters and pages, labels, a delete with descendants, a cancelled
+/// snapshot (nothing published, the VM runs on), and the event stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_listing_labels_cancel_and_events() {
+    if !kvm_available("tree_listing_labels_cancel_and_events") {
+        return;
+    }
+    use tokio_stream::StreamExt;
+    // Writing memory waits a moment, so that a cancel can land before the point of no return.
+    let (_daemon, mut c) = Snapd::start("snapshot.write-memory=sleep:300").await;
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let vm = create_vm(&mut c, "tree", true).await;
+    let first = events.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&first.kind, Some(pb::event::Kind::Vm(v)) if v.id == vm.id),
+        "{first:?}"
+    );
+
+    // root -> mid -> leaf, and root -> side (after a revert to root).
+    let (root, _) = snapshot_at(&mut c, &vm.id, "root", "root").await;
+    let (mid, _) = snapshot_at(&mut c, &vm.id, "mid", "mid").await;
+    let (leaf, _) = snapshot_at(&mut c, &vm.id, "leaf", "leaf").await;
+    let op = c
+        .restore_snapshot(pb::RestoreSnapshotRequest {
+            request_id: rid("revert"),
+            snapshot_id: root.id.clone(),
+            target: Some(pb::restore_snapshot_request::Target::VmId(vm.id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    succeeded(&mut c, op).await;
+    let (side, _) = snapshot_at(&mut c, &vm.id, "side", "side").await;
+    assert_eq!(side.parent_id, root.id, "a branch after the revert");
+    let tree = c
+        .get_snapshot_tree(pb::GetSnapshotTreeRequest {
+            vm_id: vm.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tree.root_ids, vec![root.id.clone()]);
+    assert_eq!(tree.current_snapshot_id, side.id);
+    let children = |id: &str| -> Vec<String> {
+        let mut v = tree
+            .nodes
+            .iter()
+            .find(|n| n.snapshot.as_ref().unwrap().id == id)
+            .unwrap()
+            .child_ids
+            .clone();
+        v.sort();
+        v
+    };
+    let mut want = vec![mid.id.clone(), side.id.clone()];
+    want.sort();
+    assert_eq!(children(&root.id), want);
+    assert_eq!(children(&mid.id), vec![leaf.id.clone()]);
+
+    // Labels, filters, pages.
+    let s = c
+        .update_snapshot_labels(pb::UpdateSnapshotLabelsRequest {
+            request_id: rid("label"),
+            snapshot_id: mid.id.clone(),
+            set: [("keep".to_string(), "yes".to_string())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.labels.get("keep").map(String::as_str), Some("yes"));
+    let labelled = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            labels: [("keep".to_string(), "yes".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(
+        labelled.iter().map(|s| &s.id).collect::<Vec<_>>(),
+        vec![&mid.id]
+    );
+    let kids = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            parent_id: root.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(kids.len(), 2);
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_snapshots(pb::ListSnapshotsRequest {
+                page_size: 3,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.snapshots.len() <= 3);
+        seen.extend(page.snapshots.into_iter().map(|s| s.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 4, "pages cover every snapshot once: {seen:?}");
+
+    // Delete mid with its descendants: leaf goes too; root and side stay.
+    let op = c
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            request_id: rid("del"),
+            snapshot_id: mid.id.clone(),
+            with_descendants: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = succeeded(&mut c, op).await;
+    let mut deleted = r.deleted_snapshot_ids.clone();
+    deleted.sort();
+    let mut want = vec![mid.id.clone(), leaf.id.clone()];
+    want.sort();
+    assert_eq!(deleted, want);
+    assert_eq!(snapshot_count(&mut c).await, 2);
+
+    // A cancelled snapshot publishes nothing and the VM runs on.
+    let op = start_snapshot(&mut c, &vm.id, "cancelled").await.unwrap();
+    let cancelled = c
+        .cancel_operation(pb::CancelOperationRequest {
+            operation_id: op.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cancelled.cancellable);
+    let op = wait_op(&mut c, op).await;
+    assert_eq!(op.state(), pb::OperationState::Cancelled, "{op:?}");
+    assert_eq!(snapshot_count(&mut c).await, 2);
+    let v = c
+        .get_vm(pb::GetVmRequest {
+            vm_id: vm.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(v.state(), pb::VmState::Running | pb::VmState::Finished),
+        "{v:?}"
+    );
+    // An ended operation cannot be cancelled.
+    let e = c
+        .cancel_operation(pb::CancelOperationRequest {
+            operation_id: op.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+
+    // The stream saw the snapshots and operations go by.
+    let mut created = 0;
+    while let Ok(Some(Ok(e))) =
+        tokio::time::timeout(Duration::from_millis(200), events.next()).await
+    {
+        if matches!(e.kind, Some(pb::event::Kind::SnapshotCreated(_))) {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 4, "snapshot events");
+}
