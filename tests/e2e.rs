@@ -213,27 +213,6 @@ async fn wait_lines(c: &mut SnapdClient<Channel>, vm: &str, lines: usize) {
     }
 }
 
-async fn wait_state(c: &mut SnapdClient<Channel>, vm: &str, state: pb::VmState) -> pb::Vm {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let v = c
-            .get_vm(pb::GetVmRequest { vm_id: vm.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if v.state() == state {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "VM {vm} never reached {state:?} (it is {:?}: {})",
-            v.state(),
-            v.failure
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 async fn wait_op(c: &mut SnapdClient<Channel>, op: pb::Operation) -> pb::Operation {
     let op = c
         .wait_operation(pb::WaitOperationRequest {
@@ -322,8 +301,27 @@ async fn restore_new(
 
 /// Runs a VM to the end and returns its console.
 async fn finish(c: &mut SnapdClient<Channel>, vm: &str) -> String {
-    wait_state(c, vm, pb::VmState::Finished).await;
-    console(c, vm).await
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let v = c
+            .get_vm(pb::GetVmRequest { vm_id: vm.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if v.state() == pb::VmState::Finished {
+            return console(c, vm).await;
+        }
+        if Instant::now() > deadline || v.state() == pb::VmState::Failed {
+            let out = console(c, vm).await;
+            let tail: Vec<&str> = out.lines().rev().take(3).collect();
+            panic!(
+                "VM {vm} did not finish ({:?}: {}); its last lines: {tail:?}",
+                v.state(),
+                v.failure
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Snapshot A, run, snapshot B, revert to A, restore B into a new VM, clone A three times,
@@ -1228,4 +1226,82 @@ async fn tree_listing_labels_cancel_and_events() {
         }
     }
     assert_eq!(created, 4, "snapshot events");
+}
+
+/// Deleting a snapshot whose memory layer only its child builds on merges the layer into the
+/// child's: the pages the child overrides are freed, and the child, and the running VM based on
+/// it, restore and snapshot exactly afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_parent_merges_it_into_its_only_child() {
+    if !kvm_available("deleting_a_parent_merges_it_into_its_only_child") {
+        return;
+    }
+    let expected = model(&guest());
+    let (daemon, mut c) = Snapd::start("").await;
+    let vm = create_vm(&mut c, "merge", true).await;
+    wait_lines(&mut c, &vm.id, 4).await;
+    let (a, _) = snapshot_at(&mut c, &vm.id, "a", "a").await;
+    wait_lines(&mut c, &vm.id, 15).await;
+    // B, and the VM stays paused (based on B) while A goes.
+    let op = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            request_id: "b".into(),
+            vm_id: vm.id.clone(),
+            name: "b".into(),
+            leave_paused: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = succeeded(&mut c, op).await.snapshot.unwrap();
+    let cut_b = console(&mut c, &vm.id).await.len();
+    let mlayers = || -> Vec<String> {
+        files_in(&daemon.data.join("layers"))
+            .into_iter()
+            .filter(|f| f.ends_with(".mlayer"))
+            .collect()
+    };
+    assert_eq!(mlayers().len(), 2);
+    let state_a = std::fs::metadata(daemon.data.join(format!("states/{}.state", a.id)))
+        .unwrap()
+        .len();
+    let op = c
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            request_id: rid("del-a"),
+            snapshot_id: a.id.clone(),
+            with_descendants: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = succeeded(&mut c, op).await;
+    assert_eq!(mlayers().len(), 1, "A's layer was merged into B's");
+    assert!(r.freed_bytes > state_a, "the merge freed pages too: {r:?}");
+    let merged =
+        snap_mem::layer::Layer::open(daemon.data.join("layers").join(&mlayers()[0])).unwrap();
+    assert!(merged.info().parent.is_none(), "B's layer is now a root");
+
+    // The VM runs on from B and takes a diff over the merged layer.
+    c.resume_vm(pb::VmActionRequest {
+        request_id: rid("resume"),
+        vm_id: vm.id.clone(),
+    })
+    .await
+    .unwrap();
+    wait_lines(&mut c, &vm.id, 30).await;
+    let (d, cut_d) = snapshot_at(&mut c, &vm.id, "d", "d").await;
+    assert_eq!(d.parent_id, b.id);
+    assert!(cut_d < expected.len(), "D is mid-run");
+    assert_eq!(finish(&mut c, &vm.id).await, expected);
+    let rb = restore_new(&mut c, &b.id, "from-b", pb::MemoryRestoreMode::Lazy).await;
+    assert_eq!(finish(&mut c, &rb.id).await, expected[cut_b..]);
+    let rd = restore_new(&mut c, &d.id, "from-d", pb::MemoryRestoreMode::Eager).await;
+    assert_eq!(finish(&mut c, &rd.id).await, expected[cut_d..]);
+
+    // A snapshot of the finished guest restores as finished: it does not run past its end.
+    let (done, _) = snapshot_at(&mut c, &vm.id, "done", "done").await;
+    let rf = restore_new(&mut c, &done.id, "from-done", pb::MemoryRestoreMode::Eager).await;
+    assert_eq!(rf.state(), pb::VmState::Finished, "{rf:?}");
+    assert_eq!(console(&mut c, &rf.id).await, "");
 }

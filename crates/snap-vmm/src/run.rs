@@ -19,7 +19,7 @@ pub const PORT_EXIT: u16 = 0xf4;
 pub const PORT_BOOT_MARK: u16 = 0xf5;
 
 /// Why the guest stopped on its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VmExit {
     /// The guest wrote this status to [`PORT_EXIT`].
     Finished(u32),

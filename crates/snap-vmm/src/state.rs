@@ -17,8 +17,8 @@ use crate::virtio::{MAX_DISKS, VirtioBlkState};
 pub const VM_STATE_FORMAT: FormatSpec = FormatSpec {
     name: "vm state",
     magic: *b"SNAPVMST",
-    version: 2,
-    min_version: 2,
+    version: 3,
+    min_version: 3,
     max_payload: 64 << 20,
 };
 
@@ -58,6 +58,9 @@ pub struct VmState {
     /// The virtio-blk devices, disk `i` at index `i` (their disks' contents are not part of the
     /// state: a restore is handed the disks as of the snapshot).
     pub disks: Vec<VirtioBlkState>,
+    /// Set when the guest had stopped on its own when the state was saved: a VM restored from
+    /// it is stopped the same way (it does not run on past its own end).
+    pub stopped: Option<crate::VmExit>,
 }
 
 /// Errors reading or checking a saved state.

@@ -523,7 +523,11 @@ impl Vm {
             disks,
             disk_irqs,
         };
-        Self::start_threads(machine, state.config, devices, vcpus)
+        let vm = Self::start_threads(machine, state.config, devices, vcpus)?;
+        if let Some(exit) = &state.stopped {
+            vm.shared.gate().state = RunState::Stopped(exit.clone());
+        }
+        Ok(vm)
     }
 
     fn start_threads(
@@ -774,6 +778,10 @@ impl Vm {
             disks: (0..self.shared.disks.len())
                 .map(|i| self.shared.disk(i).state())
                 .collect(),
+            stopped: match &self.shared.gate().state {
+                RunState::Stopped(exit) => Some(exit.clone()),
+                _ => None,
+            },
         })
     }
 
@@ -885,7 +893,10 @@ impl Vm {
         }
         let mut g = self.shared.gate();
         if !matches!(g.state, RunState::Failed(_)) {
-            g.state = RunState::Paused;
+            g.state = match &state.stopped {
+                Some(exit) => RunState::Stopped(exit.clone()),
+                None => RunState::Paused,
+            };
         }
         Ok(())
     }

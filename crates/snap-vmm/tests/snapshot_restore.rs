@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use snap_vmm::guest::WORKING_SET_BASE;
-use snap_vmm::{TestGuest, Vm, VmError, VmExit, snapshot};
+use snap_vmm::{RunState, TestGuest, Vm, VmError, VmExit, snapshot};
 
 /// Runs to a snapshot point, saves, lets the original finish, restores into a new VM and runs it
 /// to the end: output after the snapshot and final memory must be identical.
@@ -200,4 +200,43 @@ fn restore_twice_from_one_snapshot() {
     let tail = &vm.serial_output().bytes()[cut..];
     assert_eq!(a.serial_output().bytes(), tail);
     assert_eq!(b.serial_output().bytes(), tail);
+}
+
+/// A snapshot of a guest that has finished restores as a finished VM, and a revert to it leaves
+/// the VM finished: neither runs on past the guest's own end.
+#[test]
+fn a_finished_guest_restores_finished() {
+    if !kvm_available("a_finished_guest_restores_finished") {
+        return;
+    }
+    let (config, guest) = small(1);
+    let vm = boot(config, &guest);
+    run_to_end(&vm);
+    let done = SnapDir::new();
+    save_full(&vm, done.path());
+    let restored = snapshot::restore(done.path()).unwrap();
+    assert_eq!(restored.run_state(), RunState::Stopped(VmExit::Finished(0)));
+    assert!(matches!(
+        restored.resume(),
+        Err(VmError::Stopped(VmExit::Finished(0)))
+    ));
+    assert_eq!(restored.serial_output().text(), "");
+
+    // A VM reverted to a mid-run snapshot runs again; reverted to the finished one, it stops.
+    let (config2, guest2) = small(1);
+    let other = boot(config2, &guest2);
+    let cut = pause_after(&other, 3);
+    let mid = done.sibling("mid");
+    save_full(&other, &mid);
+    run_to_end(&other);
+    snapshot::revert(&other, &mid).unwrap();
+    assert_eq!(other.run_state(), RunState::Paused);
+    let mark = other.serial_output().len();
+    run_to_end(&other);
+    assert_eq!(
+        other.serial_output().text()[mark..],
+        guest2.model(1).output[cut..]
+    );
+    snapshot::revert(&other, done.path()).unwrap();
+    assert_eq!(other.run_state(), RunState::Stopped(VmExit::Finished(0)));
 }

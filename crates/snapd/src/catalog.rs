@@ -628,14 +628,20 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Updates a snapshot's labels, parent and pause time.
+    /// Updates a snapshot's labels, parent, pause time and memory chain.
     ///
     /// # Errors
     /// SQLite's error.
     pub fn update_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
         self.0.execute(
-            "UPDATE snapshots SET labels = ?2, parent_id = ?3, pause_us = ?4 WHERE id = ?1",
-            params![s.id, json(&s.labels), s.parent_id, s.pause_us as i64],
+            "UPDATE snapshots SET labels = ?2, parent_id = ?3, pause_us = ?4, mem_chain = ?5 WHERE id = ?1",
+            params![
+                s.id,
+                json(&s.labels),
+                s.parent_id,
+                s.pause_us as i64,
+                json(&s.mem_chain)
+            ],
         )?;
         Ok(())
     }
@@ -680,6 +686,18 @@ impl Tx<'_> {
         self.0.execute(
             "INSERT INTO layers (id, kind, file, bytes) VALUES (?1, ?2, ?3, ?4)",
             params![l.id, l.kind, l.file, l.bytes as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Points a layer at another file (after a merge rewrote it).
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn set_layer_file(&self, id: &str, file: &str, bytes: u64) -> Result<()> {
+        self.0.execute(
+            "UPDATE layers SET file = ?2, bytes = ?3 WHERE id = ?1",
+            params![id, file, bytes as i64],
         )?;
         Ok(())
     }

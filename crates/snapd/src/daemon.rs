@@ -303,6 +303,15 @@ fn vm_state_enum(s: &str) -> pb::VmState {
     }
 }
 
+/// Lets a restored VM's guest run, unless it had stopped on its own when the snapshot was taken
+/// (a restore of it is stopped the same way).
+fn run_on(vm: &Vm) -> ApiResult<()> {
+    if vm.run_state() == RunState::Paused {
+        vm.resume()?;
+    }
+    Ok(())
+}
+
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
@@ -791,7 +800,7 @@ impl Daemon {
                         (guest.create_vm(config, &options)?, disks)
                     }
                 };
-                vm.resume()?;
+                run_on(&vm)?;
                 slot.set_instance(Some(Arc::new(vm)), disks, true);
             }
         }
@@ -1565,7 +1574,7 @@ impl Daemon {
             tx.collect()
         })?;
         if !leave_paused {
-            vm.resume()?;
+            run_on(&vm)?;
         }
         slot.set_instance(Some(vm), opened.disks, true);
         self.remove_layer_files(old);
@@ -1616,7 +1625,7 @@ impl Daemon {
         let vm = Arc::new(vm);
         let slot = Arc::new(Slot::new(&rec.id, &rec.state));
         if !leave_paused {
-            vm.resume()?;
+            run_on(&vm)?;
         }
         slot.set_instance(Some(vm), opened.disks, true);
         lock(&self.slots).insert(rec.id.clone(), slot);
@@ -1772,9 +1781,21 @@ impl Daemon {
             for id in &doomed {
                 tx.delete_snapshot(id)?;
             }
-            Ok((doomed.into_iter().collect::<Vec<_>>(), tx.collect()?))
+            let own_layers: Vec<String> = all
+                .iter()
+                .filter(|s| doomed.contains(&s.id))
+                .filter_map(|s| s.mem_chain.last().cloned())
+                .collect();
+            Ok((
+                doomed.into_iter().collect::<Vec<_>>(),
+                (tx.collect()?, own_layers),
+            ))
         })?;
+        let (freed_layers, own_layers) = freed_layers;
         let mut freed = 0;
+        for layer in own_layers {
+            freed += self.merge_into_only_child(&layer)?;
+        }
         for id in &deleted {
             freed += remove_file(&self.data.join(format!("states/{id}.state")));
             freed += remove_file(&self.data.join(format!("states/{id}.wset")));
@@ -1784,6 +1805,56 @@ impl Daemon {
             freed += remove_file(&self.data.join(&l.file));
         }
         Ok((deleted, freed))
+    }
+
+    /// After a delete: memory layer `id`, if some layer still builds on it, is merged into that
+    /// layer when it is the only one that does and it is the end of every chain naming it (a
+    /// leaf). The merged file replaces the child's (same layer id), so the pages the child
+    /// overrides are freed; returns the bytes freed. Nothing happens otherwise: a layer that
+    /// VMs or several children use directly stays whole.
+    ///
+    /// Crash safe: the merged layer goes to a new file; one catalog transaction re-points the
+    /// child's row at it and drops `id` from every chain; the old files go after the commit
+    /// (or, after a crash, as orphans at the next start).
+    fn merge_into_only_child(&self, id: &str) -> ApiResult<u64> {
+        let Some((layer, child)) = self.catalog.transaction(|tx| merge_plan(tx, id))? else {
+            return Ok(0);
+        };
+        let out_file = format!("layers/{}.mlayer", Id::random());
+        let out = self.data.join(&out_file);
+        let open = |l: &LayerRecord| {
+            Layer::open(self.data.join(&l.file))
+                .map_err(|e| ApiError::internal(format!("merging layers: {e}")))
+        };
+        snap_mem::layer::merge_into_child(&open(&layer)?, &open(&child)?, &out, None)
+            .map_err(|e| ApiError::internal(format!("merging layers: {e}")))?;
+        let bytes = file_len(&out);
+        let committed = self.catalog.transaction(|tx| {
+            if merge_plan(tx, id)? != Some((layer.clone(), child.clone())) {
+                return Ok(None);
+            }
+            for mut s in tx.snapshots()? {
+                if s.mem_chain.contains(&layer.id) {
+                    s.mem_chain.retain(|l| l != &layer.id);
+                    tx.update_snapshot(&s)?;
+                }
+            }
+            for mut vm in tx.vms()? {
+                if vm.mem_chain.contains(&layer.id) {
+                    vm.mem_chain.retain(|l| l != &layer.id);
+                    tx.update_vm(&vm)?;
+                }
+            }
+            tx.set_layer_file(&child.id, &out_file, bytes)?;
+            Ok(Some(tx.collect()?))
+        })?;
+        let Some(unused) = committed else {
+            // The tree changed meanwhile (a new snapshot builds on the child): no merge.
+            remove_file(&out);
+            return Ok(0);
+        };
+        let released = remove_file(&self.data.join(&child.file)) + self.remove_layer_files(unused);
+        Ok(released.saturating_sub(bytes))
     }
 
     /// Starts the deletion of a VM that is not running (and of its snapshots if asked).
@@ -1871,5 +1942,49 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+/// The merge [`Daemon::merge_into_only_child`] would do for memory layer `id`: the layer and its
+/// only child, if the child follows it in every chain that names it and ends every chain that
+/// names the child.
+fn merge_plan(
+    tx: &crate::catalog::Tx<'_>,
+    id: &str,
+) -> Result<Option<(LayerRecord, LayerRecord)>, CatalogError> {
+    let chains: Vec<Vec<String>> = tx
+        .snapshots()?
+        .into_iter()
+        .map(|s| s.mem_chain)
+        .chain(tx.vms()?.into_iter().map(|v| v.mem_chain))
+        .collect();
+    let mut child: Option<&String> = None;
+    for chain in &chains {
+        if let Some(pos) = chain.iter().position(|l| l == id) {
+            let Some(next) = chain.get(pos + 1) else {
+                // Something is based on the layer itself.
+                return Ok(None);
+            };
+            if child.is_some_and(|c| c != next) {
+                return Ok(None);
+            }
+            child = Some(next);
+        }
+    }
+    let Some(child) = child else {
+        return Ok(None);
+    };
+    let leaf = chains.iter().all(|chain| {
+        chain
+            .iter()
+            .position(|l| l == child)
+            .is_none_or(|p| p + 1 == chain.len())
+    });
+    if !leaf {
+        return Ok(None);
+    }
+    match (tx.layer(id)?, tx.layer(child)?) {
+        (Some(l), Some(c)) if l.kind == "mem" && c.kind == "mem" => Ok(Some((l, c))),
+        _ => Ok(None),
     }
 }
