@@ -8,20 +8,24 @@ use tonic::transport::Channel;
 
 use crate::error::{CliError, operation_error};
 use crate::{
-    Cli, Command, Mode, OpCommand, SnapshotCommand, VmCommand, WaitArgs, labels, resolve, show,
-    wait,
+    Cli, Command, Mode, OpCommand, SnapshotCommand, VmCommand, WaitArgs, bench, labels, resolve,
+    show, wait,
 };
 
 type Client = SnapdClient<Channel>;
 
 /// Runs the command line.
 pub(crate) async fn run(cli: &Cli) -> Result<(), CliError> {
+    if let Command::Bench(args) = &cli.command {
+        return bench::run(cli, args).await;
+    }
     let mut c = cli.connect().await?;
     match &cli.command {
         Command::Vm(cmd) => vm(cli, &mut c, cmd).await,
         Command::Snapshot(cmd) => snapshot(cli, &mut c, cmd).await,
         Command::Op(cmd) => op(cli, &mut c, cmd).await,
         Command::Events { vm, after } => events(cli, &mut c, vm.as_deref(), *after).await,
+        Command::Bench(_) => unreachable!("handled above"),
     }
 }
 

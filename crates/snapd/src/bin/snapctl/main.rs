@@ -1,8 +1,11 @@
 //! snapctl: the command line of snapd. Every command is one or a few calls of the snapd v1 API
-//! (`proto/snapd/v1/snapd.proto`) through the generated client.
+//! (`proto/snapd/v1/snapd.proto`) through the generated client; `snapctl bench` drives the
+//! daemon with concurrent clients and measures it.
 
+mod bench;
 mod commands;
 mod error;
+mod idle;
 mod resolve;
 mod show;
 mod wait;
@@ -21,8 +24,8 @@ use crate::error::CliError;
 #[command(
     name = "snapctl",
     version,
-    about = "Drive snapd: VMs, their snapshots, long operations and events",
-    long_about = "Drive snapd: VMs, their snapshots, long operations and events.\n\n\
+    about = "Drive snapd: VMs, their snapshots, long operations, events, and a load bench",
+    long_about = "Drive snapd: VMs, their snapshots, long operations, events, and a load bench.\n\n\
         Where a VM is expected, its id or its name will do; where a snapshot is expected, its id \
         or <vm>/<snapshot name>. Long commands (snapshot create/restore/clone/delete, vm delete) \
         wait for their operation and show its progress; --no-wait prints the operation at once. \
@@ -68,6 +71,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
+    /// Load bench: concurrent clients running a mix of calls, or the memory of idle VMs.
+    Bench(bench::BenchArgs),
 }
 
 /// The guest program of a new VM (the project's test guest; see the README).

@@ -130,6 +130,23 @@ pub(crate) async fn until_ended(
     Ok(op)
 }
 
+/// Waits without a progress bar, with WaitOperation only (one call per `timeout`).
+pub(crate) async fn quietly(
+    c: &mut SnapdClient<Channel>,
+    mut op: pb::Operation,
+) -> Result<pb::Operation, tonic::Status> {
+    while op.ended_unix_ms == 0 {
+        op = c
+            .wait_operation(pb::WaitOperationRequest {
+                operation_id: op.id.clone(),
+                timeout_ms: 120_000,
+            })
+            .await?
+            .into_inner();
+    }
+    Ok(op)
+}
+
 async fn get(c: &mut SnapdClient<Channel>, id: &str) -> Result<pb::Operation, CliError> {
     Ok(c.get_operation(pb::GetOperationRequest {
         operation_id: id.to_string(),
