@@ -25,18 +25,19 @@ impl Bar {
         } else {
             ProgressBar::hidden()
         };
-        bar.set_prefix(what.to_string());
-        bar.enable_steady_tick(Duration::from_millis(100));
         let bar = Self(bar);
+        // The style first: the default one would draw a frame of its own.
         bar.style(false);
+        bar.0.set_prefix(what.to_string());
+        bar.0.enable_steady_tick(Duration::from_millis(100));
         bar
     }
 
     fn style(&self, bytes: bool) {
         let template = if bytes {
-            "{spinner} {prefix} {msg} [{bar:30}] {bytes}/{total_bytes} {elapsed}"
+            "{spinner} {prefix}: {msg} [{wide_bar}] {bytes}/{total_bytes} {elapsed}"
         } else {
-            "{spinner} {prefix} {msg} {elapsed}"
+            "{spinner} {prefix}: {msg} {elapsed}"
         };
         if let Ok(style) = ProgressStyle::with_template(template) {
             self.0.set_style(style.progress_chars("=> "));
