@@ -156,8 +156,14 @@ fn vms_and_snapshots_through_snapctl() {
         "--start",
         "--label",
         "team=a",
+        "--disk",
+        "root=1",
+        "--disk-sectors-per-tick",
+        "2",
     ]);
     assert_eq!(vm["name"], "demo");
+    assert_eq!(vm["disks"][0]["name"], "root");
+    assert_eq!(vm["disks"][0]["size_bytes"], 1 << 20);
     assert_eq!(vm["state"], "VM_STATE_RUNNING");
     assert_eq!(vm["memory_bytes"], 32 << 20);
     assert_eq!(vm["labels"]["team"], "a");

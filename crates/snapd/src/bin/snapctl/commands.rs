@@ -49,6 +49,7 @@ async fn vm(cli: &Cli, c: &mut Client, cmd: &VmCommand) -> Result<(), CliError> 
             vcpus,
             guest,
             labels: l,
+            disks,
             start,
         } => {
             let v = c
@@ -57,13 +58,13 @@ async fn vm(cli: &Cli, c: &mut Client, cmd: &VmCommand) -> Result<(), CliError> 
                     name: name.clone(),
                     memory_bytes: memory_mib << 20,
                     vcpus: *vcpus,
-                    disks: Vec::new(),
+                    disks: disks.clone(),
                     guest: Some(pb::GuestProgram {
                         seed: guest.seed,
                         working_set_pages: guest.working_set_pages,
                         mutations_per_tick: guest.mutations_per_tick,
                         ticks: guest.ticks,
-                        disk_sectors_per_tick: 0,
+                        disk_sectors_per_tick: guest.disk_sectors_per_tick,
                     }),
                     labels: labels(l),
                     start: *start,

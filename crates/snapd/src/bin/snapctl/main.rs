@@ -90,6 +90,9 @@ pub(crate) struct GuestArgs {
     /// Words written per tick.
     #[arg(long, default_value_t = 32)]
     mutations_per_tick: u64,
+    /// Sectors of its first disk the guest writes per tick (0: it does not use its disk).
+    #[arg(long, default_value_t = 0)]
+    disk_sectors_per_tick: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -109,6 +112,10 @@ enum VmCommand {
         /// A label k=v (repeatable).
         #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// A disk: NAME=SIZE_MIB for an empty one, or NAME=/abs/path/to/raw.img to import a raw
+        /// image as its base (repeatable; the first is the guest's disk 0).
+        #[arg(long = "disk", value_name = "NAME=SIZE_MIB|NAME=IMAGE", value_parser = parse_disk)]
+        disks: Vec<pb::DiskSpec>,
         /// Start the guest at once.
         #[arg(long)]
         start: bool,
@@ -328,6 +335,27 @@ enum OpCommand {
         #[arg(long)]
         active: bool,
     },
+}
+
+fn parse_disk(s: &str) -> Result<pb::DiskSpec, String> {
+    let (name, what) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=SIZE_MIB or NAME=/path/to/image"))?;
+    if what.starts_with('/') {
+        return Ok(pb::DiskSpec {
+            name: name.into(),
+            size_bytes: 0,
+            image_path: what.into(),
+        });
+    }
+    let mib: u64 = what
+        .parse()
+        .map_err(|_| format!("{s:?}: {what:?} is neither a size in MiB nor an absolute path"))?;
+    Ok(pb::DiskSpec {
+        name: name.into(),
+        size_bytes: mib << 20,
+        image_path: String::new(),
+    })
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
