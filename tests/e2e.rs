@@ -1305,3 +1305,50 @@ async fn deleting_a_parent_merges_it_into_its_only_child() {
     assert_eq!(rf.state(), pb::VmState::Finished, "{rf:?}");
     assert_eq!(console(&mut c, &rf.id).await, "");
 }
+
+/// On request the daemon listens on TCP too, serving the same API; a second daemon on the same
+/// data directory is refused with a message naming the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listener_and_one_daemon_per_directory() {
+    let (daemon, _) = Snapd::start("").await;
+    // A free port: bind, read it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp_dir = tempfile::tempdir().unwrap();
+    let mut tcp = Command::new(env!("CARGO_BIN_EXE_snapd"))
+        .arg("--data-dir")
+        .arg(tcp_dir.path())
+        .arg("--tcp")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let vms = loop {
+        if let Ok(mut c) = snapd::client::connect(&addr).await {
+            if let Ok(r) = c.list_vms(pb::ListVmsRequest::default()).await {
+                break r.into_inner().vms;
+            }
+        }
+        assert!(Instant::now() < deadline, "snapd never answered on {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(vms.is_empty());
+    tcp.kill().unwrap();
+    tcp.wait().unwrap();
+
+    let second = Command::new(env!("CARGO_BIN_EXE_snapd"))
+        .arg("--data-dir")
+        .arg(&daemon.data)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another snapd is using"), "{err}");
+}

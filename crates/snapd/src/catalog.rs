@@ -748,6 +748,22 @@ impl Tx<'_> {
         Ok(unused)
     }
 
+    /// Forgets request ids answered before `before_ms` and operations that ended before it;
+    /// returns how many rows went.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn prune(&self, before_ms: i64) -> Result<usize> {
+        let requests = self
+            .0
+            .execute("DELETE FROM requests WHERE created_ms < ?1", [before_ms])?;
+        let operations = self.0.execute(
+            "DELETE FROM operations WHERE ended = 1 AND created_ms < ?1",
+            [before_ms],
+        )?;
+        Ok(requests + operations)
+    }
+
     /// Stores the answer to a request id.
     ///
     /// # Errors
@@ -834,6 +850,32 @@ mod tests {
         let cat = Catalog::open(&dir.path().join("c.db")).unwrap();
         assert_eq!(cat.layers().unwrap().len(), 2);
         assert_eq!(cat.vms().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn old_requests_and_ended_operations_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let r = RequestRecord {
+            method: "CreateVm".into(),
+            fingerprint: vec![1],
+            response: vec![2],
+        };
+        cat.transaction(|tx| {
+            tx.put_request("old", &r, 10)?;
+            tx.put_request("new", &r, 1000)?;
+            tx.put_operation("done", "vm", 10, true, b"x")?;
+            tx.put_operation("running", "vm", 10, false, b"y")
+        })
+        .unwrap();
+        assert_eq!(cat.transaction(|tx| tx.prune(500)).unwrap(), 2);
+        assert!(cat.request("old").unwrap().is_none());
+        assert!(cat.request("new").unwrap().is_some());
+        assert_eq!(
+            cat.operations().unwrap().len(),
+            1,
+            "a running operation stays"
+        );
     }
 
     #[test]

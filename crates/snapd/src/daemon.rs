@@ -42,6 +42,10 @@ use crate::failpoints::FailPoints;
 /// Sectors of its first disk the test guest uses at most.
 const GUEST_DISK_SECTORS: u64 = 2048;
 
+/// How long answers to request ids (and ended operations) are kept: a retry within this time
+/// gets the first answer. Older ones are forgotten when the daemon starts.
+const REQUEST_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
 /// Events kept for replay to watchers that ask for older ones.
 const RECENT_EVENTS: usize = 4096;
 
@@ -360,6 +364,13 @@ impl Daemon {
     }
 
     fn recover(&self) -> ApiResult<()> {
+        // Retries come within minutes; a day of answers is kept.
+        let pruned = self
+            .catalog
+            .transaction(|tx| tx.prune(now_ms() - REQUEST_RETENTION_MS))?;
+        if pruned > 0 {
+            tracing::info!(rows = pruned, "forgot old request ids and ended operations");
+        }
         let mut vms = self.catalog.vms()?;
         // A disk top sealed by a snapshot that was never published (the daemon died between
         // the seal and the catalog commit) stays in the VM's chain, under a fresh top.
