@@ -127,6 +127,19 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The layer files the daemon's catalog names (read while it runs: WAL allows readers).
+fn catalog_files(daemon: &Snapd) -> Vec<String> {
+    let catalog = snapd::catalog::Catalog::open(&daemon.data.join("catalog.db")).unwrap();
+    let mut named: Vec<String> = catalog
+        .layers()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.file.trim_start_matches("layers/").to_string())
+        .collect();
+    named.sort();
+    named
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|r| {
@@ -604,6 +617,43 @@ async fn concurrent_snapshots() {
         succeeded(&mut c, op.expect("snapshots of different VMs all start")).await;
     }
     assert_eq!(snapshot_count(&mut c).await, 4);
+
+    // These snapshots let their VMs run on before writing their layers (the pages were copied
+    // out while paused): a restore still continues exactly from the pause, wherever it was
+    // (mid-line, possibly).
+    let expected = model(&guest());
+    let snaps = c
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    for s in snaps.iter().filter(|s| s.name.starts_with('p')) {
+        assert!(s.pause_us > 0);
+        let r = restore_new(
+            &mut c,
+            &s.id,
+            &format!("from-{}", s.name),
+            pb::MemoryRestoreMode::Eager,
+        )
+        .await;
+        let out = finish(&mut c, &r.id).await;
+        assert!(
+            !out.is_empty(),
+            "{}: the snapshot was taken after the end",
+            s.name
+        );
+        assert!(
+            expected.ends_with(&out),
+            "{}: the restore diverged: {out}",
+            s.name
+        );
+        assert!(
+            out.starts_with("tick "),
+            "{}: it did not resume at a line boundary",
+            s.name
+        );
+    }
 }
 
 /// A failed memory write and a failed catalog commit leave no snapshot listed, no file behind
@@ -638,10 +688,21 @@ async fn failures_leave_no_half_snapshot() {
             0,
             "{what}: a failed snapshot is listed"
         );
+        // No memory layer is left; the disk keeps every write (the VM resumed before the layer
+        // was written and wrote into its new top, which then stays in its chain), and every
+        // layer file is one the catalog names.
+        let mlayers = |v: Vec<String>| -> Vec<String> {
+            v.into_iter().filter(|f| f.ends_with(".mlayer")).collect()
+        };
+        assert_eq!(
+            mlayers(files_in(&daemon.data.join("layers"))),
+            mlayers(layers_before.clone()),
+            "{what}: a memory layer is left"
+        );
         assert_eq!(
             files_in(&daemon.data.join("layers")),
-            layers_before,
-            "{what}: files left, or the disk's layers changed"
+            catalog_files(&daemon),
+            "{what}: files the catalog does not name"
         );
         assert!(
             files_in(&daemon.data.join("states")).is_empty(),
@@ -721,15 +782,11 @@ async fn failures_leave_no_half_snapshot() {
         mlayers(&layers_before),
         "the half snapshot's layer is left"
     );
-    let catalog = snapd::catalog::Catalog::open(&daemon.data.join("catalog.db")).unwrap();
-    let mut named: Vec<String> = catalog
-        .layers()
-        .unwrap()
-        .into_iter()
-        .map(|l| l.file.trim_start_matches("layers/").to_string())
-        .collect();
-    named.sort();
-    assert_eq!(layers_after, named, "files the catalog does not name");
+    assert_eq!(
+        layers_after,
+        catalog_files(&daemon),
+        "files the catalog does not name"
+    );
     let o = c
         .get_operation(pb::GetOperationRequest {
             operation_id: op.id.clone(),

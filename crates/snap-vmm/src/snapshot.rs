@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use snap_core::Id;
 use snap_mem::dirty::PageBitmap;
 use snap_mem::layer::{
-    Layer, LayerChain, LayerInfo, LayerOptions, NewLayer, ParentRef, write_layer,
+    Layer, LayerChain, LayerInfo, LayerOptions, NewLayer, PageSource, ParentRef, write_layer,
 };
 use snap_mem::lazy::{CompleteHook, WindowSource};
 use snap_mem::working_set::{WorkingSet, WorkingSetError};
@@ -129,6 +129,57 @@ pub fn save(
     }
 }
 
+const PAGE_BYTES: usize = 4096;
+
+/// Guest pages copied out of a paused VM: the source of a layer written after it resumed.
+/// Pages outside the copy read as zero (the layer writer only stores the captured ones).
+#[derive(Debug)]
+pub struct CopiedPages {
+    page_count: u64,
+    /// Sorted page numbers.
+    pages: Vec<u64>,
+    /// Their bytes, in the same order.
+    data: Vec<u8>,
+}
+
+impl CopiedPages {
+    /// Bytes held.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl PageSource for CopiedPages {
+    fn page_count(&self) -> u64 {
+        self.page_count
+    }
+
+    fn read_pages(&self, first_page: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let n = (buf.len() / PAGE_BYTES) as u64;
+        if first_page
+            .checked_add(n)
+            .is_none_or(|end| end > self.page_count)
+        {
+            return Err(std::io::Error::other(format!(
+                "pages {first_page}+{n} beyond {} pages",
+                self.page_count
+            )));
+        }
+        let mut at = self.pages.partition_point(|&p| p < first_page);
+        for (k, out) in buf.chunks_mut(PAGE_BYTES).enumerate() {
+            let page = first_page + k as u64;
+            if self.pages.get(at) == Some(&page) {
+                out.copy_from_slice(&self.data[at * PAGE_BYTES..(at + 1) * PAGE_BYTES]);
+                at += 1;
+            } else {
+                out.fill(0);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a snapshot of a paused VM holds before anything is written: the VM's state and the
 /// pages its memory layer must hold. The pages stay pending in the VM until
 /// [`Captured::commit`]: dropping a capture (because writing it failed) loses nothing, and the
@@ -207,6 +258,65 @@ impl Captured {
             &layer,
             self.pages.iter(),
             vm.memory(),
+            options,
+        )?)
+    }
+
+    /// Copies the captured pages out of the VM's memory (call it while the VM is still paused),
+    /// so that the VM can resume before the layer is written: the layer is then written from the
+    /// copy with [`Captured::write_memory_from`]. Costs a memory copy of the pages.
+    ///
+    /// # Errors
+    /// The read error.
+    pub fn copy_pages(&self, vm: &Vm) -> Result<CopiedPages, VmError> {
+        let pages: Vec<u64> = self.pages.iter().collect();
+        let mut data = vec![0u8; pages.len() * PAGE_BYTES];
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                j += 1;
+            }
+            vm.memory()
+                .read_pages(pages[i], &mut data[i * PAGE_BYTES..j * PAGE_BYTES])
+                .map_err(|e| VmError::Snapshot {
+                    dir: PathBuf::new(),
+                    problem: format!(
+                        "copying guest pages {}..{}: {e}",
+                        pages[i],
+                        pages[j - 1] + 1
+                    ),
+                })?;
+            i = j;
+        }
+        Ok(CopiedPages {
+            page_count: vm.memory().size() / PAGE_BYTES as u64,
+            pages,
+            data,
+        })
+    }
+
+    /// As [`Captured::write_memory`], from `source` (a [`CopiedPages`] taken while the VM was
+    /// paused) instead of the VM's memory.
+    ///
+    /// # Errors
+    /// The layer writer's error; nothing is left at `path`.
+    pub fn write_memory_from(
+        &self,
+        source: &CopiedPages,
+        path: &Path,
+        options: &LayerOptions,
+    ) -> Result<LayerInfo, VmError> {
+        let layer = NewLayer {
+            id: Id::random(),
+            parent: self.parent,
+            memory_bytes: source.page_count * PAGE_BYTES as u64,
+        };
+        Ok(write_layer(
+            path,
+            &layer,
+            self.pages.iter(),
+            source,
             options,
         )?)
     }

@@ -240,3 +240,55 @@ fn a_finished_guest_restores_finished() {
     snapshot::revert(&other, done.path()).unwrap();
     assert_eq!(other.run_state(), RunState::Stopped(VmExit::Finished(0)));
 }
+
+/// A snapshot whose pages are copied out while the VM is paused, and written after it resumed
+/// (so the VM is paused only for the copy), holds memory exactly as of the pause: restores from
+/// a full and a diff layer written that way continue as the model says, although the guest
+/// changed those pages before the layers were written.
+#[test]
+fn layers_written_after_resuming_hold_the_pause_point() {
+    if !kvm_available("layers_written_after_resuming_hold_the_pause_point") {
+        return;
+    }
+    let (config, guest) = small(1);
+    let model = guest.model(1).output;
+    let vm = boot(config, &guest);
+    let dir = SnapDir::new();
+    let options = snap_vmm::LayerOptions::default();
+
+    let cut1 = pause_after(&vm, 4);
+    let full = snapshot::capture(&vm, None).unwrap();
+    let copy = full.copy_pages(&vm).unwrap();
+    assert_eq!(copy.bytes() as u64, full.pages() * 4096);
+    vm.resume().unwrap();
+    assert!(vm.serial_output().wait_for_lines(8, TIMEOUT));
+    let full_path = dir.path().with_extension("full");
+    let full_info = full.write_memory_from(&copy, &full_path, &options).unwrap();
+    let full_state = snap_vmm::VmState::from_bytes(&full.state.to_bytes()).unwrap();
+    full.commit(&vm, &full_info);
+
+    let cut2 = pause_after(&vm, 12);
+    let diff = snapshot::capture(&vm, Some(&full_info)).unwrap();
+    let copy = diff.copy_pages(&vm).unwrap();
+    vm.resume().unwrap();
+    assert!(vm.serial_output().wait_for_lines(16, TIMEOUT));
+    let diff_path = dir.path().with_extension("diff");
+    let diff_info = diff.write_memory_from(&copy, &diff_path, &options).unwrap();
+    let diff_state = snap_vmm::VmState::from_bytes(&diff.state.to_bytes()).unwrap();
+    diff.commit(&vm, &diff_info);
+    run_to_end(&vm);
+
+    for (state, paths, cut) in [
+        (&full_state, vec![full_path.clone()], cut1),
+        (
+            &diff_state,
+            vec![full_path.clone(), diff_path.clone()],
+            cut2,
+        ),
+    ] {
+        let chain = snap_vmm::LayerChain::open(&paths).unwrap();
+        let restored = Vm::restore(state, &chain).unwrap();
+        run_to_end(&restored);
+        assert_eq!(restored.serial_output().text(), model[cut..], "{paths:?}");
+    }
+}

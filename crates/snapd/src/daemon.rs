@@ -69,6 +69,9 @@ pub struct Config {
     pub layer_options: LayerOptions,
     /// Injected failures (tests only).
     pub failpoints: FailPoints,
+    /// A snapshot of at most this many bytes of pages copies them out while the VM is paused
+    /// and resumes it before writing the layer (0: always write while paused).
+    pub copy_before_resume: u64,
 }
 
 /// A VM the daemon knows, and its running instance if it has one.
@@ -228,8 +231,12 @@ pub struct Daemon {
     seq: AtomicU64,
     failpoints: FailPoints,
     layer_options: LayerOptions,
+    copy_before_resume: u64,
     stopping: AtomicBool,
 }
+
+/// A disk sealed by a snapshot in progress: its index in the VM, the disk, and its new top.
+type Sealed = (usize, Arc<Disk>, LayerRecord);
 
 /// What a clone makes.
 #[derive(Debug, Clone)]
@@ -357,6 +364,7 @@ impl Daemon {
             seq: AtomicU64::new(0),
             failpoints: config.failpoints,
             layer_options: config.layer_options,
+            copy_before_resume: config.copy_before_resume,
             stopping: AtomicBool::new(false),
         });
         daemon.recover().map_err(|e| e.to_string())?;
@@ -1318,6 +1326,8 @@ impl Daemon {
             self.data.join(format!("states/{snap_id}.state")),
         ];
         let mut sealed = Vec::new();
+        // Resumed early (after copying the pages out) by `snapshot_paused`, when it may.
+        let mut resumed = None;
         let written = self.snapshot_paused(
             op,
             vm,
@@ -1327,25 +1337,18 @@ impl Daemon {
             parent.as_ref(),
             &files,
             (name, labels),
+            (was_running && !leave_paused, paused_at, &mut resumed),
         );
         if written.is_err() {
             for f in &files {
                 remove_file(f);
             }
-            // The disks write into their old tops again; the new empty tops go.
-            for d in &sealed {
-                match d.undo_seal() {
-                    Ok(top) => {
-                        remove_file(&top);
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot undo a disk seal"),
-                }
-            }
+            self.unseal(vm_id, sealed);
         }
-        if was_running && (written.is_err() || !leave_paused) {
+        if was_running && resumed.is_none() && (written.is_err() || !leave_paused) {
             vm.resume()?;
         }
-        let pause_us = paused_at.elapsed().as_micros() as u64;
+        let pause_us = resumed.unwrap_or_else(|| paused_at.elapsed()).as_micros() as u64;
         op.set_pause(pause_us);
         let mut snap = written?;
         snap.pause_us = pause_us;
@@ -1359,17 +1362,51 @@ impl Daemon {
         })
     }
 
+    /// After a failed snapshot: each sealed disk writes into its old top again and the new top
+    /// goes; where the VM already wrote into the new top (it resumed early), the sealed layer
+    /// stays in the VM's chain under it instead. Nothing written is lost either way.
+    fn unseal(&self, vm_id: &str, sealed: Vec<Sealed>) {
+        let mut kept = Vec::new();
+        for (i, d, top) in sealed {
+            match d.undo_seal() {
+                Ok(path) => {
+                    remove_file(&path);
+                }
+                Err(_) => kept.push((i, top)),
+            }
+        }
+        if kept.is_empty() {
+            return;
+        }
+        let adopted = self.catalog.transaction(|tx| {
+            let Some(mut rec) = tx.vm(vm_id)? else {
+                return Ok(());
+            };
+            for (i, top) in &kept {
+                tx.insert_layer(top)?;
+                if let Some(d) = rec.disks.get_mut(*i) {
+                    d.chain.push(top.id.clone());
+                }
+            }
+            tx.update_vm(&rec)
+        });
+        if let Err(e) = adopted {
+            tracing::error!(error = %e, vm = vm_id, "cannot record the disks' new tops");
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn snapshot_paused(
         &self,
         op: &OpHandle<'_>,
         vm: &Vm,
-        (disks, sealed): (&[Arc<Disk>], &mut Vec<Arc<Disk>>),
+        (disks, sealed): (&[Arc<Disk>], &mut Vec<Sealed>),
         vm_id: &str,
         snap_id: &str,
         parent: Option<&snap_mem::layer::LayerInfo>,
         [mem_file, state_file]: &[PathBuf; 2],
         (name, labels): (String, BTreeMap<String, String>),
+        (may_resume, paused_at, resumed): (bool, Instant, &mut Option<Duration>),
     ) -> ApiResult<SnapshotRecord> {
         let captured = snapshot::capture(vm, parent)?;
         // The disks' half: each top is sealed as it is now (capture flushed it) and the VM
@@ -1377,30 +1414,45 @@ impl Daemon {
         op.progress("sealing disks", 0, 0);
         let mut new_tops = Vec::new();
         let mut sealed_bytes = 0;
-        for d in disks {
+        for (i, d) in disks.iter().enumerate() {
             let file = crate::disks::layer_file(&Id::random());
             let path = self.data.join(&file);
             let info = d
                 .seal(&path)
                 .map_err(|e| crate::disks::disk_error("sealing a disk", &e))?;
-            sealed.push(Arc::clone(d));
             sealed_bytes += file_len(&info.path);
-            let top = d
-                .layers()
-                .last()
-                .map(|l| l.id.to_string())
-                .unwrap_or_default();
-            new_tops.push(LayerRecord {
-                id: top,
+            let top = LayerRecord {
+                id: d
+                    .layers()
+                    .last()
+                    .map(|l| l.id.to_string())
+                    .unwrap_or_default(),
                 kind: "disk".into(),
                 bytes: file_len(&path),
                 file,
-            });
+            };
+            sealed.push((i, Arc::clone(d), top.clone()));
+            new_tops.push(top);
             self.failpoints.pass("snapshot.seal-disk")?;
         }
+        // With few enough pages, copy them out and let the VM run on while the layer is
+        // written and synced: the pause then costs a memory copy, not a write and an fsync.
+        let bytes = captured.pages() * 4096;
+        let copy = if may_resume && bytes <= self.copy_before_resume {
+            let copy = captured.copy_pages(vm)?;
+            vm.resume()?;
+            *resumed = Some(paused_at.elapsed());
+            Some(copy)
+        } else {
+            None
+        };
         op.progress("writing memory", 0, captured.pages() * 4096);
         self.failpoints.pass("snapshot.write-memory")?;
-        let info = captured.write_memory(vm, mem_file, &self.layer_options)?;
+        let info = match &copy {
+            Some(copy) => captured.write_memory_from(copy, mem_file, &self.layer_options)?,
+            None => captured.write_memory(vm, mem_file, &self.layer_options)?,
+        };
+        drop(copy);
         captured
             .state
             .write_file(state_file)

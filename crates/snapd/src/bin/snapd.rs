@@ -38,6 +38,10 @@ struct Args {
     /// Memory layer frame size in KiB (64 to 2048): the lazy restore unit.
     #[arg(long, default_value_t = 256)]
     frame_kib: u32,
+    /// A snapshot of at most this many MiB of pages copies them out while the VM is paused and
+    /// resumes it before writing and syncing its layer (0: write while paused).
+    #[arg(long, default_value_t = 256)]
+    copy_before_resume_mib: u64,
 }
 
 fn main() {
@@ -88,6 +92,7 @@ fn run(args: Args) -> Result<(), String> {
         data_dir: args.data_dir.clone(),
         layer_options,
         failpoints,
+        copy_before_resume: args.copy_before_resume_mib << 20,
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
