@@ -26,6 +26,9 @@ pub enum CatalogError {
     /// A unique name is taken.
     #[error("{0}")]
     NameTaken(String),
+    /// What an operation builds on went away meanwhile.
+    #[error("{0}")]
+    Gone(String),
     /// Failure injected by a test (see `FailPoints`).
     #[error("injected failure: {0}")]
     Injected(&'static str),

@@ -1623,6 +1623,7 @@ impl Daemon {
             }
         };
         let old = self.catalog.transaction(|tx| {
+            still_there(tx, snap)?;
             for l in &opened.new_layers {
                 tx.insert_layer(l)?;
             }
@@ -1675,6 +1676,7 @@ impl Daemon {
             failure: None,
         };
         let published = self.catalog.transaction(|tx| {
+            still_there(tx, snap)?;
             for l in &opened.new_layers {
                 tx.insert_layer(l)?;
             }
@@ -2050,4 +2052,22 @@ fn merge_plan(
         (Some(l), Some(c)) if l.kind == "mem" && c.kind == "mem" => Ok(Some((l, c))),
         _ => Ok(None),
     }
+}
+
+/// Checks, inside the transaction that records a restore, that the layers the restored VM builds
+/// on are still in the catalog (a delete of the snapshot may have run meanwhile).
+fn still_there(tx: &crate::catalog::Tx<'_>, snap: &SnapshotRecord) -> Result<(), CatalogError> {
+    let chains = snap
+        .mem_chain
+        .iter()
+        .chain(snap.disks.iter().flat_map(|d| &d.chain));
+    for id in chains {
+        if tx.layer(id)?.is_none() {
+            return Err(CatalogError::Gone(format!(
+                "snapshot {} was deleted while it was being restored",
+                snap.id
+            )));
+        }
+    }
+    Ok(())
 }

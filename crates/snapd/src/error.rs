@@ -66,6 +66,7 @@ impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
         match e {
             CatalogError::NameTaken(m) => Self::new(Code::AlreadyExists, m),
+            CatalogError::Gone(m) => Self::new(Code::Aborted, m),
             e => Self::internal(e.to_string()),
         }
     }
