@@ -1409,3 +1409,92 @@ async fn tcp_listener_and_one_daemon_per_directory() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("another snapd is using"), "{err}");
 }
+
+/// A disk can start from a raw image on the daemon's host (imported as the disk's sealed base);
+/// a bad image path or a size that disagrees with the image is refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_from_raw_images() {
+    if !kvm_available("disks_from_raw_images") {
+        return;
+    }
+    let (daemon, mut c) = Snapd::start("").await;
+    let image = daemon.data.parent().unwrap().join("base.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let request = |name: &str, disk: pb::DiskSpec| pb::CreateVmRequest {
+        request_id: rid("img"),
+        name: name.into(),
+        memory_bytes: 32 << 20,
+        vcpus: 1,
+        guest: Some(guest()),
+        start: true,
+        disks: vec![disk],
+        ..Default::default()
+    };
+    let from_image = pb::DiskSpec {
+        name: "root".into(),
+        size_bytes: 0,
+        image_path: image.to_str().unwrap().into(),
+    };
+    let vm = c
+        .create_vm(request("imaged", from_image.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vm.disks[0].size_bytes, 1 << 20);
+    assert_eq!(
+        vm.disks[0].layer_ids.len(),
+        2,
+        "the imported base and the VM's top"
+    );
+    assert_eq!(finish(&mut c, &vm.id).await, model(&guest()));
+
+    for (disk, what) in [
+        (
+            pb::DiskSpec {
+                image_path: "relative.img".into(),
+                ..from_image.clone()
+            },
+            "absolute",
+        ),
+        (
+            pb::DiskSpec {
+                image_path: "/nonexistent/base.img".into(),
+                ..from_image.clone()
+            },
+            "/nonexistent/base.img",
+        ),
+        (
+            pb::DiskSpec {
+                size_bytes: 2 << 20,
+                ..from_image.clone()
+            },
+            "the image holds",
+        ),
+        (
+            pb::DiskSpec {
+                name: "root".into(),
+                size_bytes: 1000,
+                image_path: String::new(),
+            },
+            "multiple of 512",
+        ),
+    ] {
+        let e = c.create_vm(request("refused", disk)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains(what), "{what}: {e}");
+    }
+    assert_eq!(
+        c.list_vms(pb::ListVmsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .vms
+            .len(),
+        1
+    );
+    assert_eq!(
+        files_in(&daemon.data.join("layers")),
+        catalog_files(&daemon),
+        "no file left"
+    );
+}
