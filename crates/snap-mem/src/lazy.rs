@@ -1,5 +1,7 @@
 //! Lazy memory restore: guest memory is registered with userfaultfd and filled from a memory
-//! layer chain as it is touched, while a background filler installs the windows not touched yet.
+//! layer chain as it is touched, while a background filler installs the windows not touched yet
+//! that hold data. Windows no layer holds are left alone: once every window with data is in, the
+//! range is unregistered and they read as zero from the fresh memory, never allocated.
 //!
 //! One server thread owns the userfaultfd. It serves faults first (each fault installs the whole
 //! window around it: the chain's largest frame size, read and decompressed once) and, whenever no
@@ -83,6 +85,13 @@ pub trait WindowSource: Send + Sync {
         window: u64,
         buf: &mut [u8],
     ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>>;
+
+    /// The windows that may hold data, in increasing order (`None`, the default: any may). The
+    /// page server installs only these in the background: the others read as zero from the
+    /// fresh memory once it has finished (it serves them with zero pages if touched before).
+    fn windows_with_data(&self) -> Option<Vec<u64>> {
+        None
+    }
 }
 
 impl WindowSource for LayerChain {
@@ -106,6 +115,20 @@ impl WindowSource for LayerChain {
             LayerChain::read_window(self, window, buf, &mut scratch.borrow_mut())
                 .map_err(|e: LayerError| e.into())
         })
+    }
+
+    /// Windows where some layer has a frame (a region holding at least one page, data or zero
+    /// entry): a window no layer covers reads as zero.
+    fn windows_with_data(&self) -> Option<Vec<u64>> {
+        let window_pages = LayerChain::window_pages(self);
+        let mut windows: Vec<u64> = self
+            .layers()
+            .iter()
+            .flat_map(|l| (0..l.frame_count()).map(move |f| l.frame(f).pages.start / window_pages))
+            .collect();
+        windows.sort_unstable();
+        windows.dedup();
+        Some(windows)
     }
 }
 
@@ -162,6 +185,10 @@ struct Shared {
     source: Box<dyn WindowSource>,
     /// Per unit: installed yet?
     installed: Vec<AtomicBool>,
+    /// Per window: may it hold data (must the server install it before it finishes)?
+    needed: Vec<bool>,
+    /// Units of needed windows not installed yet: the server finishes at zero.
+    needed_left: AtomicU64,
     stop: AtomicBool,
     faults: AtomicU64,
     filled: AtomicU64,
@@ -244,6 +271,23 @@ impl PageServer {
             }
         };
         let units = (memory.size() / PAGE_SIZE).div_ceil(unit_pages);
+        let needed = match source.windows_with_data() {
+            None => vec![true; windows as usize],
+            Some(list) => {
+                let mut v = vec![false; windows as usize];
+                for w in list.into_iter().filter(|&w| w < windows) {
+                    v[w as usize] = true;
+                }
+                v
+            }
+        };
+        let upw = window_pages / unit_pages;
+        let needed_left = needed
+            .iter()
+            .enumerate()
+            .filter(|&(_, &n)| n)
+            .map(|(w, _)| upw.min(units - w as u64 * upw))
+            .sum();
         let shared = Arc::new(Shared {
             uffd,
             base: base as usize,
@@ -254,6 +298,8 @@ impl PageServer {
             units,
             source: Box::new(source),
             installed: (0..units).map(|_| AtomicBool::new(false)).collect(),
+            needed,
+            needed_left: AtomicU64::new(needed_left),
             stop: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             filled: AtomicU64::new(0),
@@ -365,10 +411,10 @@ fn serve(s: &Shared) {
     let mut next_prefetch = 0;
     let mut prefetch_chunks = 0;
     let mut scratch = PrefetchScratch::default();
-    let mut remaining = s.units;
     let started = std::time::Instant::now();
     let mut last_fault: Option<std::time::Instant> = None;
-    while remaining > 0 && !s.stop.load(Ordering::Relaxed) {
+    let left = || s.needed_left.load(Ordering::Relaxed);
+    while left() > 0 && !s.stop.load(Ordering::Relaxed) {
         // Drain the faults that are waiting.
         loop {
             match s.uffd.read_event() {
@@ -384,7 +430,6 @@ fn serve(s: &Shared) {
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .push(unit);
-                            remaining -= n;
                         }
                         Err(e) => return finish(s, Err(e.to_string())),
                     }
@@ -409,7 +454,6 @@ fn serve(s: &Shared) {
             match prefetch(s, set, chunk, &mut cache, &mut scratch) {
                 Ok(n) => {
                     s.prefetched.fetch_add(n, Ordering::Relaxed);
-                    remaining -= n;
                 }
                 Err(e) => return finish(s, Err(e.to_string())),
             }
@@ -428,7 +472,11 @@ fn serve(s: &Shared) {
                 continue;
             }
         }
-        // The not yet installed units of one window nobody asked for, then faults again.
+        // The not yet installed units of one window nobody asked for (that may hold data), then
+        // faults again.
+        while next_fill < s.windows && !s.needed[next_fill as usize] {
+            next_fill += 1;
+        }
         if next_fill < s.windows {
             let upw = s.window_pages / s.unit_pages;
             let first = next_fill * upw;
@@ -437,18 +485,18 @@ fn serve(s: &Shared) {
             match install(s, first, count, &mut cache) {
                 Ok(n) => {
                     s.filled.fetch_add(n, Ordering::Relaxed);
-                    remaining -= n;
                 }
                 Err(e) => return finish(s, Err(e.to_string())),
             }
-        } else if remaining > 0 {
+        } else {
             wait_readable(s);
         }
     }
     let _ = s
         .uffd
         .unregister(s.base as *mut libc::c_void, s.memory_bytes as usize);
-    if remaining > 0 {
+    // Units of windows without data that nobody touched stay holes of the fresh memory: zero.
+    if left() > 0 {
         return finish(
             s,
             Err("the page server was stopped before memory was complete".into()),
@@ -511,6 +559,16 @@ fn poll_readable(s: &Shared, ms: i32) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
+/// Records unit `unit` as installed (once).
+fn mark_installed(s: &Shared, unit: u64) {
+    if !s.installed[unit as usize].swap(true, Ordering::Relaxed) {
+        let window = unit * s.unit_pages / s.window_pages;
+        if s.needed[window as usize] {
+            s.needed_left.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Wakes threads waiting on a unit another path already installed.
 fn wake(s: &Shared, unit: u64) {
     let (start, len) = range(s, unit, 1);
@@ -553,7 +611,7 @@ fn install(s: &Shared, unit: u64, count: u64, cache: &mut WindowCache) -> Result
         let zero = !has_data || crate::layer::is_zero(bytes);
         install_bytes(s, start, len, (!zero).then_some(bytes), run_start)?;
         for v in run_start..u {
-            s.installed[v as usize].store(true, Ordering::Relaxed);
+            mark_installed(s, v);
         }
         if zero {
             s.zero_units.fetch_add(u - run_start, Ordering::Relaxed);
@@ -737,7 +795,7 @@ fn prefetch(
         };
         install_bytes(s, start, len, bytes, todo[i].0)?;
         for t in &todo[i..j] {
-            s.installed[t.0 as usize].store(true, Ordering::Relaxed);
+            mark_installed(s, t.0);
         }
         if zero {
             s.zero_units.fetch_add((j - i) as u64, Ordering::Relaxed);

@@ -112,10 +112,12 @@ fn lazily_restored_memory_equals_the_chain() {
     let stats = server.wait().unwrap();
     assert!(stats.faults > 0, "no fault was served: {stats:?}");
     assert!(stats.filled > 0 && stats.zero_units > 0, "{stats:?}");
-    assert_eq!(
-        stats.faults + stats.filled,
-        PAGES.div_ceil(16),
-        "every 64 KiB window installed exactly once"
+    // Every 64 KiB window that holds data went in once, by a fault or the filler; windows
+    // without data went in only if touched.
+    let with_data = windows_with_data(&paths);
+    assert!(
+        (with_data..=PAGES / 16).contains(&(stats.faults + stats.filled)),
+        "{stats:?}, {with_data} windows with data"
     );
     assert!(
         target.to_vec() == image,
@@ -146,9 +148,10 @@ fn small_units_serve_single_pages_from_one_window_read() {
             assert_eq!(&page[..], &image[at..at + 4096], "unit {unit}, page {p}");
         }
         let stats = server.wait().unwrap();
-        assert_eq!(
-            stats.faults + stats.filled,
-            SIZE / unit,
+        let per_window = (64 << 10) / unit;
+        assert!(
+            (windows_with_data(&paths) * per_window..=SIZE / unit)
+                .contains(&(stats.faults + stats.filled)),
             "unit {unit}: {stats:?}"
         );
         assert!(
@@ -179,6 +182,65 @@ fn a_damaged_frame_stops_the_server_naming_layer_and_frame() {
     let e = server.wait().unwrap_err();
     assert!(e.contains("full") && e.contains("frame 0"), "{e}");
     assert_eq!(server.failure().as_deref(), Some(e.as_str()));
+}
+
+/// Windows of the chain at `paths` that some layer covers (the rest are never stored).
+fn windows_with_data(paths: &[std::path::PathBuf]) -> u64 {
+    use snap_mem::lazy::WindowSource;
+    LayerChain::open(paths)
+        .unwrap()
+        .windows_with_data()
+        .unwrap()
+        .len() as u64
+}
+
+/// A big memory whose snapshot holds a few pages: the lazy restore installs only the windows
+/// that hold data, and the rest of memory stays unallocated (reading as zero) once it finishes.
+#[test]
+fn windows_without_data_are_left_to_read_as_zero() {
+    if !uffd_available("windows_without_data_are_left_to_read_as_zero") {
+        return;
+    }
+    const BIG: u64 = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mem = GuestMemory::new(BIG).unwrap();
+    let pages = [3u64, 4, 5000, 60_000];
+    for &p in &pages {
+        mem.write_at_offset(p * 4096 + 8, &p.to_le_bytes()).unwrap();
+    }
+    let path = dir.path().join("sparse");
+    write_layer(
+        &path,
+        &NewLayer {
+            id: Id::random(),
+            parent: None,
+            memory_bytes: BIG,
+        },
+        pages.iter().copied(),
+        &mem,
+        &LayerOptions {
+            frame_size: 64 << 10,
+            ..LayerOptions::default()
+        },
+    )
+    .unwrap();
+    let target = GuestMemory::new(BIG).unwrap();
+    let server = PageServer::start(&target, LayerChain::open(&[&path]).unwrap()).unwrap();
+    // Touch one page far from any data: served as zero.
+    let mut page = [0xffu8; 4096];
+    target.read(50_000 * 4096, &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0));
+    let stats = server.wait().unwrap();
+    assert_eq!(
+        stats.faults + stats.filled,
+        4,
+        "3 windows with data and the touched one: {stats:?}"
+    );
+    assert!(
+        target.resident_pages().unwrap().count() <= 4 * 16,
+        "memory without data was allocated"
+    );
+    assert!(target.to_vec() == mem.to_vec(), "restored memory differs");
 }
 
 /// Units of a working set in a plausible fault order: runs of neighbours, jumps back and forth,
@@ -235,7 +297,7 @@ fn a_recorded_working_set_is_installed_from_its_file_in_bulk() {
     let stats = server.wait().unwrap();
     assert_eq!(stats.prefetched, units.len() as u64, "{stats:?}");
     assert_eq!(stats.faults, 0, "{stats:?}");
-    assert_eq!(stats.prefetched + stats.filled, PAGES / 16, "{stats:?}");
+    assert!(stats.prefetched + stats.filled <= PAGES / 16, "{stats:?}");
     assert!(target.to_vec() == image, "restored memory differs");
 }
 

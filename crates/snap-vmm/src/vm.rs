@@ -226,6 +226,17 @@ impl PreparedVm {
         &self.options
     }
 
+    /// Gives the VM its disks (known only when the snapshot to restore is): a VM can be prepared
+    /// before anyone knows which disks it will get.
+    ///
+    /// # Errors
+    /// [`ConfigError::Disks`] for more disks than a VM takes.
+    pub fn set_disks(&mut self, disks: Vec<Arc<dyn BlockBackend>>) -> Result<(), ConfigError> {
+        validate_disks(&disks)?;
+        self.options.disks = disks;
+        Ok(())
+    }
+
     fn check(&self, state: &VmState) -> Result<(), VmError> {
         state.check()?;
         if state.config != self.config {

@@ -40,14 +40,19 @@ fn lazy_restore_continues_exactly_from_a_chain() {
     assert_eq!(restored.serial_output().text(), model[cut..]);
     restored.wait_memory_resident().unwrap();
     assert_same_memory(&restored.memory().to_vec(), &vm.memory().to_vec());
-    // Every window went in exactly once, by a fault or by the filler (which of the two is a race
-    // between the guest and the filler; the prefetch test below shows faults).
+    // Every window with data went in once, by a fault or by the filler (which of the two is a
+    // race between the guest and the filler; the prefetch test below shows faults). Windows no
+    // layer holds stay unallocated unless touched: most of this guest's memory.
     let stats = restored.lazy_stats().unwrap();
     let windows = config.memory_bytes / (256 << 10);
-    assert_eq!(
-        stats.faults + stats.filled + stats.prefetched,
-        windows,
-        "{stats:?}"
+    let (_, chain) = snapshot::open(&diff).unwrap();
+    let with_data = snap_mem::lazy::WindowSource::windows_with_data(&chain)
+        .unwrap()
+        .len() as u64;
+    let installed = stats.faults + stats.filled + stats.prefetched;
+    assert!(
+        (with_data..windows).contains(&installed),
+        "{stats:?}: {with_data} of {windows} windows hold data"
     );
 
     // A lazily restored VM can be snapshotted again (after its memory is all in).
@@ -210,9 +215,8 @@ fn lazy_restore_with_page_sized_units() {
     restored.wait_memory_resident().unwrap();
     assert_same_memory(&restored.memory().to_vec(), &vm.memory().to_vec());
     let stats = restored.lazy_stats().unwrap();
-    assert_eq!(
-        stats.faults + stats.filled,
-        config.memory_bytes / 4096,
+    assert!(
+        stats.faults + stats.filled <= config.memory_bytes / 4096 && stats.faults > 0,
         "{stats:?}"
     );
 

@@ -72,6 +72,8 @@ pub struct Config {
     /// A snapshot of at most this many bytes of pages copies them out while the VM is paused
     /// and resumes it before writing the layer (0: always write while paused).
     pub copy_before_resume: u64,
+    /// Prepared VMs kept per VM shape restored so far, for fast restores.
+    pub warm_pool: usize,
 }
 
 /// A VM the daemon knows, and its running instance if it has one.
@@ -232,6 +234,7 @@ pub struct Daemon {
     failpoints: FailPoints,
     layer_options: LayerOptions,
     copy_before_resume: u64,
+    pool: Arc<crate::pool::Pool>,
     stopping: AtomicBool,
 }
 
@@ -365,6 +368,7 @@ impl Daemon {
             failpoints: config.failpoints,
             layer_options: config.layer_options,
             copy_before_resume: config.copy_before_resume,
+            pool: crate::pool::Pool::new(config.warm_pool),
             stopping: AtomicBool::new(false),
         });
         daemon.recover().map_err(|e| e.to_string())?;
@@ -1121,11 +1125,8 @@ impl Daemon {
                 })?;
             }
         }
-        let options = VmOptions {
-            disks: opened.backends(),
-            ..VmOptions::default()
-        };
-        let prepared = Vm::prepare(state.config, &options)?;
+        let mut prepared = self.pool.take(state.config)?;
+        prepared.set_disks(opened.backends())?;
         let wset = self.data.join(format!("states/{}.wset", s.id));
         Ok(snapshot::restore_from(
             &state, chain, &wset, prepared, mode,

@@ -12,4 +12,5 @@ pub mod disks;
 pub mod error;
 pub mod failpoints;
 pub mod names;
+pub mod pool;
 pub mod service;

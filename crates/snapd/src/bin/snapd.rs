@@ -42,6 +42,10 @@ struct Args {
     /// resumes it before writing and syncing its layer (0: write while paused).
     #[arg(long, default_value_t = 256)]
     copy_before_resume_mib: u64,
+    /// Prepared VMs (KVM VM, memory slots, vCPUs built ahead) kept for each VM shape restored so
+    /// far: a restore into one only loads state.
+    #[arg(long, default_value_t = 1)]
+    warm_pool: usize,
 }
 
 fn main() {
@@ -93,6 +97,7 @@ fn run(args: Args) -> Result<(), String> {
         layer_options,
         failpoints,
         copy_before_resume: args.copy_before_resume_mib << 20,
+        warm_pool: args.warm_pool,
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
