@@ -648,11 +648,6 @@ async fn concurrent_snapshots() {
             "{}: the restore diverged: {out}",
             s.name
         );
-        assert!(
-            out.starts_with("tick "),
-            "{}: it did not resume at a line boundary",
-            s.name
-        );
     }
 }
 
