@@ -553,6 +553,16 @@ impl Daemon {
         (rx, old)
     }
 
+    /// Forgets operations that ended more than a day ago (the catalog forgets them at the next
+    /// start; see [`REQUEST_RETENTION_MS`]).
+    pub fn forget_old_operations(&self) {
+        let before = now_ms() - REQUEST_RETENTION_MS;
+        lock(&self.ops).retain(|_, c| {
+            let op = lock(&c.op);
+            op.ended_unix_ms == 0 || op.ended_unix_ms >= before
+        });
+    }
+
     /// Reports VMs whose state changed on their own (a guest finished or failed).
     pub fn watch_states(&self) {
         let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();

@@ -120,10 +120,16 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
     // Reports VMs whose guest finished or failed on its own.
     let watcher = Arc::clone(&daemon);
     tokio::spawn(async move {
-        loop {
+        for tick in 0u64.. {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let d = Arc::clone(&watcher);
-            let _ = tokio::task::spawn_blocking(move || d.watch_states()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                d.watch_states();
+                if tick % 600 == 0 {
+                    d.forget_old_operations();
+                }
+            })
+            .await;
         }
     });
 
