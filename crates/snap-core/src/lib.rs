@@ -29,6 +29,7 @@ pub mod atomic;
 pub mod checksum;
 pub mod format;
 pub mod id;
+pub mod layer_ref;
 
 pub use atomic::{AtomicFile, AtomicFileError};
 pub use checksum::{crc32c, crc32c_append};
@@ -37,3 +38,4 @@ pub use format::{
     HEADER_LEN, HeaderInfo,
 };
 pub use id::{Id, ParseIdError};
+pub use layer_ref::{Digest, ParentRef};

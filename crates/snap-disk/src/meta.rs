@@ -1,6 +1,5 @@
 //! Plain data describing layers: geometry limits, digests, parent references and summaries.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use snap_core::Id;
@@ -18,40 +17,7 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
 /// Largest disk a layer may describe (16 TiB); readers refuse larger claims.
 pub const MAX_DISK_BYTES: u64 = 1 << 44;
 
-/// A layer's digest: BLAKE3 of its identity and its block map (block numbers and the CRC-32C of
-/// each block's data), not of its parent link. Set when the layer is sealed.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Digest(pub [u8; 32]);
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({self})")
-    }
-}
-
-/// How a layer names the sealed layer it applies on top of.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct ParentRef {
-    /// The parent layer's id.
-    pub id: Id,
-    /// The parent layer's digest.
-    pub digest: Digest,
-}
-
-impl fmt::Display for ParentRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "layer {} (digest {})", self.id, self.digest)
-    }
-}
+pub use snap_core::{Digest, ParentRef};
 
 /// Size and block size of a disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,6 +1,5 @@
 //! Plain data describing a layer: its parent reference, digest, writer options and summary.
 
-use std::fmt;
 use std::num::NonZeroUsize;
 
 use snap_core::Id;
@@ -20,40 +19,7 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// Largest memory a layer may describe (1 TiB); readers refuse larger claims.
 pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
 
-/// A layer's digest: BLAKE3 of the content part of its index (see the module documentation),
-/// which covers the id, the memory size, the frame table and every frame's checksum.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Digest(pub [u8; 32]);
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({self})")
-    }
-}
-
-/// How a diff layer names the layer it applies on top of.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct ParentRef {
-    /// The parent layer's id.
-    pub id: Id,
-    /// The parent layer's digest.
-    pub digest: Digest,
-}
-
-impl fmt::Display for ParentRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "layer {} (digest {})", self.id, self.digest)
-    }
-}
+pub use snap_core::{Digest, ParentRef};
 
 /// How a layer is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
