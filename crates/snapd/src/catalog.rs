@@ -223,55 +223,44 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
             || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
-fn vm_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<[String; 12]> {
-    Ok([
-        r.get(0)?,
-        r.get(1)?,
-        r.get::<_, i64>(2)?.to_string(),
-        r.get::<_, i64>(3)?.to_string(),
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get::<_, Option<String>>(7)?.unwrap_or_default(),
-        r.get(8)?,
-        r.get(9)?,
-        r.get::<_, i64>(10)?.to_string(),
-        r.get::<_, Option<String>>(11)?.unwrap_or_default(),
-    ])
+/// A VM row: the plain columns, and the JSON ones (guest, labels, memory chain, disks) still as
+/// text for [`vm_record`] to parse.
+fn vm_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(VmRecord, [String; 4])> {
+    Ok((
+        VmRecord {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            memory_bytes: r.get::<_, i64>(2)? as u64,
+            vcpus: r.get::<_, i64>(3)? as u32,
+            guest: GuestSpec::default(),
+            labels: BTreeMap::new(),
+            state: r.get(6)?,
+            current_snapshot: r.get(7)?,
+            mem_chain: Vec::new(),
+            disks: Vec::new(),
+            created_ms: r.get(10)?,
+            failure: r.get(11)?,
+        },
+        [r.get(4)?, r.get(5)?, r.get(8)?, r.get(9)?],
+    ))
 }
 
-fn vm_record(f: [String; 12]) -> Result<VmRecord> {
-    let num = |s: &str| {
-        s.parse::<i64>()
-            .map_err(|e| CatalogError::Damaged(format!("vm number {s}: {e}")))
-    };
-    let [
-        id,
-        name,
-        mem,
-        vcpus,
-        guest,
-        labels,
-        state,
-        current,
-        chain,
-        disks,
-        created,
-        failure,
-    ] = f;
-    Ok(VmRecord {
-        memory_bytes: num(&mem)? as u64,
-        vcpus: num(&vcpus)? as u32,
-        guest: unjson(&guest, "vm guest")?,
-        labels: unjson(&labels, "vm labels")?,
-        state,
-        current_snapshot: (!current.is_empty()).then_some(current),
-        mem_chain: unjson(&chain, "vm memory chain")?,
-        disks: unjson(&disks, "vm disks")?,
-        created_ms: num(&created)?,
-        failure: (!failure.is_empty()).then_some(failure),
-        id,
-        name,
+fn vm_record((mut vm, [guest, labels, chain, disks]): (VmRecord, [String; 4])) -> Result<VmRecord> {
+    vm.guest = unjson(&guest, "vm guest")?;
+    vm.labels = unjson(&labels, "vm labels")?;
+    vm.mem_chain = unjson(&chain, "vm memory chain")?;
+    vm.disks = unjson(&disks, "vm disks")?;
+    Ok(vm)
+}
+
+const LAYER_COLUMNS: &str = "id, kind, file, bytes";
+
+fn layer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRecord> {
+    Ok(LayerRecord {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        file: r.get(2)?,
+        bytes: r.get::<_, i64>(3)? as u64,
     })
 }
 
@@ -409,18 +398,7 @@ impl Catalog {
     /// # Errors
     /// SQLite's error.
     pub fn layers(&self) -> Result<Vec<LayerRecord>> {
-        self.with(|c| {
-            let mut st = c.prepare("SELECT id, kind, file, bytes FROM layers")?;
-            let rows = st.query_map([], |r| {
-                Ok(LayerRecord {
-                    id: r.get(0)?,
-                    kind: r.get(1)?,
-                    file: r.get(2)?,
-                    bytes: r.get::<_, i64>(3)? as u64,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-        })
+        self.transaction(|tx| tx.layers())
     }
 
     /// The stored answer to `request_id`.
@@ -667,18 +645,23 @@ impl Tx<'_> {
         Ok(self
             .0
             .query_row(
-                "SELECT id, kind, file, bytes FROM layers WHERE id = ?1",
+                &format!("SELECT {LAYER_COLUMNS} FROM layers WHERE id = ?1"),
                 [id],
-                |r| {
-                    Ok(LayerRecord {
-                        id: r.get(0)?,
-                        kind: r.get(1)?,
-                        file: r.get(2)?,
-                        bytes: r.get::<_, i64>(3)? as u64,
-                    })
-                },
+                layer_from_row,
             )
             .optional()?)
+    }
+
+    /// Every layer.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn layers(&self) -> Result<Vec<LayerRecord>> {
+        let mut st = self
+            .0
+            .prepare(&format!("SELECT {LAYER_COLUMNS} FROM layers"))?;
+        let rows = st.query_map([], layer_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// Inserts a layer.
@@ -732,18 +715,11 @@ impl Tx<'_> {
             used.extend(s.mem_chain);
             used.extend(s.disks.into_iter().flat_map(|d| d.chain));
         }
-        let mut st = self.0.prepare("SELECT id, kind, file, bytes FROM layers")?;
-        let all = st
-            .query_map([], |r| {
-                Ok(LayerRecord {
-                    id: r.get(0)?,
-                    kind: r.get(1)?,
-                    file: r.get(2)?,
-                    bytes: r.get::<_, i64>(3)? as u64,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let unused: Vec<LayerRecord> = all.into_iter().filter(|l| !used.contains(&l.id)).collect();
+        let unused: Vec<LayerRecord> = self
+            .layers()?
+            .into_iter()
+            .filter(|l| !used.contains(&l.id))
+            .collect();
         for l in &unused {
             self.0
                 .execute("DELETE FROM layers WHERE id = ?1", [&l.id])?;
