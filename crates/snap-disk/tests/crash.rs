@@ -10,32 +10,15 @@
 //! the device's flush (that is the fdatasync ordering the crate documentation argues).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use snap_disk::{Disk, check_layer};
 
-/// The bytes of write `k`, as the writer makes them.
-fn data(seed: u64, k: u64, len: usize) -> Vec<u8> {
-    let mut x = seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+#[path = "../src/bin/crash_writer/plan.rs"]
+mod plan;
 
-fn chain(dir: &Path) -> Vec<PathBuf> {
-    (0..)
-        .map(|i| dir.join(i.to_string()))
-        .take_while(|p| p.exists())
-        .collect()
-}
+use plan::{chain, data};
 
 struct Run {
     /// (offset, len) of each write announced, in order.

@@ -10,31 +10,14 @@
 //! Usage: `snap-disk-crash-writer <dir> <seed> <disk bytes> <block size>`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use snap_core::Id;
 use snap_disk::{Disk, Geometry, NewLayer, create_layer, layer_info};
 
-/// The bytes of write `k` (the test computes the same).
-fn data(seed: u64, k: u64, len: usize) -> Vec<u8> {
-    let mut x = seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+mod plan;
 
-fn chain(dir: &Path) -> Vec<PathBuf> {
-    (0..)
-        .map(|i| dir.join(i.to_string()))
-        .take_while(|p| p.exists())
-        .collect()
-}
+use plan::{chain, data};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
