@@ -297,6 +297,19 @@ fn test_guest(g: &GuestSpec) -> TestGuest {
     }
 }
 
+/// A new VM booting the test guest `g` on `disks` (paused).
+fn boot(config: VmConfig, g: &GuestSpec, disks: &[Arc<Disk>]) -> Result<Vm, snap_vmm::VmError> {
+    let mut guest = test_guest(g);
+    if let Some(d) = disks.first() {
+        guest.disk_sectors = (d.size() / 512).min(GUEST_DISK_SECTORS);
+    }
+    let options = VmOptions {
+        disks: crate::disks::backends(disks),
+        ..VmOptions::default()
+    };
+    guest.create_vm(config, &options)
+}
+
 fn mode_of(m: pb::MemoryRestoreMode) -> MemoryRestore {
     match m {
         pb::MemoryRestoreMode::Lazy => MemoryRestore::Lazy,
@@ -729,17 +742,9 @@ impl Daemon {
             vcpus: spec.vcpus,
         };
         snap_vmm::vm::validate_config(&config)?;
-        let mut guest = test_guest(&spec.guest);
-        guest.validate(&config)?;
+        test_guest(&spec.guest).validate(&config)?;
         let opened = self.create_disks(&spec.disks)?;
-        if let Some(d) = opened.disks.first() {
-            guest.disk_sectors = (d.size() / 512).min(GUEST_DISK_SECTORS);
-        }
-        let options = VmOptions {
-            disks: opened.backends(),
-            ..VmOptions::default()
-        };
-        let vm = match guest.create_vm(config, &options) {
+        let vm = match boot(config, &spec.guest, &opened.disks) {
             Ok(vm) => vm,
             Err(e) => {
                 opened.discard(&self.data);
@@ -819,18 +824,7 @@ impl Daemon {
                             memory_bytes: rec.memory_bytes,
                             vcpus: rec.vcpus,
                         };
-                        let mut guest = test_guest(&rec.guest);
-                        if let Some(d) = disks.first() {
-                            guest.disk_sectors = (d.size() / 512).min(GUEST_DISK_SECTORS);
-                        }
-                        let options = VmOptions {
-                            disks: disks
-                                .iter()
-                                .map(|d| Arc::clone(d) as Arc<dyn snap_vmm::BlockBackend>)
-                                .collect(),
-                            ..VmOptions::default()
-                        };
-                        (guest.create_vm(config, &options)?, disks)
+                        (boot(config, &rec.guest, &disks)?, disks)
                     }
                 };
                 run_on(&vm)?;
@@ -976,15 +970,25 @@ impl Daemon {
             .collect()
     }
 
-    /// Opens a snapshot's state and memory chain, checking both.
-    fn open_snapshot(&self, s: &SnapshotRecord) -> ApiResult<(VmState, LayerChain)> {
-        let state =
-            VmState::read_file(&self.data.join(format!("states/{}.state", s.id))).map_err(|e| {
-                ApiError::precondition(format!("snapshot {} cannot be restored: {e}", s.id))
-            })?;
-        let chain = LayerChain::open(&self.layer_paths(&s.mem_chain)?).map_err(|e| {
+    /// Opens a snapshot's state and memory chain, checking both (and, with `every_frame`,
+    /// reading every frame of every layer: what an eager restore or a revert needs before it
+    /// touches anything; a lazy restore checks frames as it goes and stops the VM on a bad one).
+    fn open_snapshot(
+        &self,
+        s: &SnapshotRecord,
+        every_frame: bool,
+    ) -> ApiResult<(VmState, LayerChain)> {
+        let unusable = |e: &dyn std::fmt::Display| {
             ApiError::precondition(format!("snapshot {} cannot be restored: {e}", s.id))
-        })?;
+        };
+        let state = VmState::read_file(&self.data.join(format!("states/{}.state", s.id)))
+            .map_err(|e| unusable(&e))?;
+        let chain = LayerChain::open(&self.layer_paths(&s.mem_chain)?).map_err(|e| unusable(&e))?;
+        if every_frame {
+            for layer in chain.layers() {
+                layer.verify().map_err(|e| unusable(&e))?;
+            }
+        }
         Ok((state, chain))
     }
 
@@ -1013,97 +1017,95 @@ impl Daemon {
     /// Creates the disks of a new VM: an empty base, or a raw image imported as a sealed base,
     /// each with an empty top.
     fn create_disks(&self, specs: &[NewDisk]) -> ApiResult<Opened> {
-        let mut opened = Opened::default();
-        match self.create_disks_into(specs, &mut opened) {
-            Ok(()) => Ok(opened),
-            Err(e) => {
-                opened.discard(&self.data);
-                Err(e)
+        self.open_disks(|opened| {
+            for spec in specs {
+                let (size, base) = match &spec.image {
+                    Some(image) => {
+                        let base = self.import_image(image, opened)?;
+                        let size = base.geometry.disk_bytes;
+                        if spec.size_bytes != 0 && spec.size_bytes != size {
+                            return Err(ApiError::invalid(
+                                "disks.size_bytes",
+                                format!(
+                                    "disk {:?}: {} bytes asked, the image holds {size} (use 0 for the image's size)",
+                                    spec.name, spec.size_bytes
+                                ),
+                            ));
+                        }
+                        (size, vec![(base.path, base.id.to_string())])
+                    }
+                    None => (spec.size_bytes, Vec::new()),
+                };
+                let (paths, chain) = base.into_iter().unzip();
+                self.add_disk(opened, &spec.name, size, paths, chain)?;
             }
-        }
+            Ok(())
+        })
     }
 
-    fn create_disks_into(&self, specs: &[NewDisk], opened: &mut Opened) -> ApiResult<()> {
-        for spec in specs {
-            let mut paths = Vec::new();
-            let mut chain = Vec::new();
-            let size = match &spec.image {
-                Some(image) => {
-                    let file = crate::disks::layer_file(&Id::random());
-                    let path = self.data.join(&file);
-                    let info = snap_disk::import_raw(image, &path, snap_disk::DEFAULT_BLOCK_SIZE)
-                        .map_err(|e| ApiError::invalid("disks.image_path", e))?;
-                    opened.new_layers.push(LayerRecord {
-                        id: info.id.to_string(),
-                        kind: "disk".into(),
-                        bytes: file_len(&path),
-                        file,
-                    });
-                    let size = info.geometry.disk_bytes;
-                    if spec.size_bytes != 0 && spec.size_bytes != size {
-                        return Err(ApiError::invalid(
-                            "disks.size_bytes",
-                            format!(
-                                "disk {:?}: {} bytes asked, the image holds {size} (use 0 for the image's size)",
-                                spec.name, spec.size_bytes
-                            ),
-                        ));
-                    }
-                    paths.push(path);
-                    chain.push(info.id.to_string());
-                    size
-                }
-                None => spec.size_bytes,
-            };
-            let top = new_top(
-                &self.data,
-                paths.last().map(PathBuf::as_path),
-                geometry(size),
-            )?;
-            paths.push(self.data.join(&top.file));
-            chain.push(top.id.clone());
-            opened.new_layers.push(top);
-            opened.disks.push(crate::disks::open(&paths)?);
-            opened.records.push(DiskRecord {
-                name: spec.name.clone(),
-                size_bytes: size,
-                chain,
-            });
-        }
-        Ok(())
+    /// Imports the raw image at `image` as a sealed base layer (recorded in `opened`).
+    fn import_image(&self, image: &Path, opened: &mut Opened) -> ApiResult<snap_disk::LayerInfo> {
+        let file = crate::disks::layer_file(&Id::random());
+        let path = self.data.join(&file);
+        let info = snap_disk::import_raw(image, &path, snap_disk::DEFAULT_BLOCK_SIZE)
+            .map_err(|e| ApiError::invalid("disks.image_path", e))?;
+        opened.new_layers.push(LayerRecord {
+            id: info.id.to_string(),
+            kind: "disk".into(),
+            bytes: file_len(&path),
+            file,
+        });
+        Ok(info)
     }
 
     /// Opens each of `records`' sealed chains with a fresh top of its own.
     fn disks_over(&self, records: &[DiskRecord]) -> ApiResult<Opened> {
-        let mut opened = Opened::default();
-        let result = (|| {
+        self.open_disks(|opened| {
             for r in records {
-                let mut paths = self.layer_paths(&r.chain)?;
-                let top = new_top(
-                    &self.data,
-                    paths.last().map(PathBuf::as_path),
-                    geometry(r.size_bytes),
-                )?;
-                paths.push(self.data.join(&top.file));
-                let mut chain = r.chain.clone();
-                chain.push(top.id.clone());
-                opened.new_layers.push(top);
-                opened.disks.push(crate::disks::open(&paths)?);
-                opened.records.push(DiskRecord {
-                    name: r.name.clone(),
-                    size_bytes: r.size_bytes,
-                    chain,
-                });
+                let paths = self.layer_paths(&r.chain)?;
+                self.add_disk(opened, &r.name, r.size_bytes, paths, r.chain.clone())?;
             }
             Ok(())
-        })();
-        match result {
+        })
+    }
+
+    /// Runs `open` on a fresh [`Opened`]; on error the layers it created go again.
+    fn open_disks(&self, open: impl FnOnce(&mut Opened) -> ApiResult<()>) -> ApiResult<Opened> {
+        let mut opened = Opened::default();
+        match open(&mut opened) {
             Ok(()) => Ok(opened),
             Err(e) => {
                 opened.discard(&self.data);
                 Err(e)
             }
         }
+    }
+
+    /// Adds to `opened` a disk named `name` of `size` bytes: the sealed layers `paths` (ids
+    /// `chain`, oldest first; none for an empty disk) under a fresh, empty top.
+    fn add_disk(
+        &self,
+        opened: &mut Opened,
+        name: &str,
+        size: u64,
+        mut paths: Vec<PathBuf>,
+        mut chain: Vec<String>,
+    ) -> ApiResult<()> {
+        let top = new_top(
+            &self.data,
+            paths.last().map(PathBuf::as_path),
+            geometry(size),
+        )?;
+        paths.push(self.data.join(&top.file));
+        chain.push(top.id.clone());
+        opened.new_layers.push(top);
+        opened.disks.push(crate::disks::open(&paths)?);
+        opened.records.push(DiskRecord {
+            name: name.to_string(),
+            size_bytes: size,
+            chain,
+        });
+        Ok(())
     }
 
     /// A new, paused VM instance restored from `s`, with fresh disk tops over its disks (not in
@@ -1125,16 +1127,7 @@ impl Daemon {
         mode: MemoryRestore,
         opened: &Opened,
     ) -> ApiResult<Vm> {
-        let (state, chain) = self.open_snapshot(s)?;
-        if mode == MemoryRestore::Eager {
-            // Every frame is checked before the VM exists (a lazy restore checks as it goes and
-            // stops the VM on a bad one).
-            for layer in chain.layers() {
-                layer.verify().map_err(|e| {
-                    ApiError::precondition(format!("snapshot {} cannot be restored: {e}", s.id))
-                })?;
-            }
-        }
+        let (state, chain) = self.open_snapshot(s, mode == MemoryRestore::Eager)?;
         let mut prepared = self.pool.take(state.config)?;
         prepared.set_disks(opened.backends())?;
         let wset = self.data.join(format!("states/{}.wset", s.id));
@@ -1602,13 +1595,7 @@ impl Daemon {
     ) -> ApiResult<pb::OperationResult> {
         let slot = self.slot(vm_id)?;
         op.progress("checking the snapshot", 0, 0);
-        let (state, chain) = self.open_snapshot(snap)?;
-        // Every frame is checked before the VM is touched.
-        for layer in chain.layers() {
-            layer.verify().map_err(|e| {
-                ApiError::precondition(format!("snapshot {} cannot be restored: {e}", snap.id))
-            })?;
-        }
+        let (state, chain) = self.open_snapshot(snap, true)?;
         op.no_return()?;
         op.progress("reverting", 0, snap.memory_bytes);
         let (vm, opened) = match slot.instance() {

@@ -39,11 +39,16 @@ impl Opened {
 
     /// The disks as block backends for a VM.
     pub fn backends(&self) -> Vec<Arc<dyn snap_vmm::BlockBackend>> {
-        self.disks
-            .iter()
-            .map(|d| Arc::clone(d) as Arc<dyn snap_vmm::BlockBackend>)
-            .collect()
+        backends(&self.disks)
     }
+}
+
+/// `disks` as block backends for a VM.
+pub fn backends(disks: &[Arc<Disk>]) -> Vec<Arc<dyn snap_vmm::BlockBackend>> {
+    disks
+        .iter()
+        .map(|d| Arc::clone(d) as Arc<dyn snap_vmm::BlockBackend>)
+        .collect()
 }
 
 /// Maps a snap-disk error to the API.
