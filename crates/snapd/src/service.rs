@@ -280,52 +280,28 @@ impl Snapd for Service {
         &self,
         request: Request<pb::VmActionRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let r = request.into_inner();
-        check_id("vm_id", &r.vm_id)?;
-        let fp = fingerprint!(r);
-        self.once("StartVm", &r.request_id, &fp, move |d, _| {
-            d.start_vm(&r.vm_id)
-        })
-        .await
+        self.vm_action("StartVm", request, Daemon::start_vm).await
     }
 
     async fn pause_vm(
         &self,
         request: Request<pb::VmActionRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let r = request.into_inner();
-        check_id("vm_id", &r.vm_id)?;
-        let fp = fingerprint!(r);
-        self.once("PauseVm", &r.request_id, &fp, move |d, _| {
-            d.pause_vm(&r.vm_id)
-        })
-        .await
+        self.vm_action("PauseVm", request, Daemon::pause_vm).await
     }
 
     async fn resume_vm(
         &self,
         request: Request<pb::VmActionRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let r = request.into_inner();
-        check_id("vm_id", &r.vm_id)?;
-        let fp = fingerprint!(r);
-        self.once("ResumeVm", &r.request_id, &fp, move |d, _| {
-            d.resume_vm(&r.vm_id)
-        })
-        .await
+        self.vm_action("ResumeVm", request, Daemon::resume_vm).await
     }
 
     async fn stop_vm(
         &self,
         request: Request<pb::VmActionRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let r = request.into_inner();
-        check_id("vm_id", &r.vm_id)?;
-        let fp = fingerprint!(r);
-        self.once("StopVm", &r.request_id, &fp, move |d, _| {
-            d.stop_vm(&r.vm_id)
-        })
-        .await
+        self.vm_action("StopVm", request, Daemon::stop_vm).await
     }
 
     async fn delete_vm(
@@ -684,6 +660,20 @@ impl Snapd for Service {
 }
 
 impl Service {
+    /// Start, pause, resume or stop: `action` on the VM the request names, once per request id.
+    async fn vm_action(
+        &self,
+        method: &'static str,
+        request: Request<pb::VmActionRequest>,
+        action: fn(&Daemon, &str) -> ApiResult<pb::Vm>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let r = request.into_inner();
+        check_id("vm_id", &r.vm_id)?;
+        let fp = fingerprint!(r);
+        self.once(method, &r.request_id, &fp, move |d, _| action(&d, &r.vm_id))
+            .await
+    }
+
     /// An operation answered from the request store, as it is now.
     fn fresh(&self, op: Response<pb::Operation>) -> Response<pb::Operation> {
         let op = op.into_inner();
