@@ -321,6 +321,25 @@ async fn restore_new(
     succeeded(c, op).await.vms.remove(0)
 }
 
+/// Starts a revert of VM `vm` to snapshot `snapshot`.
+async fn start_revert(
+    c: &mut SnapdClient<Channel>,
+    snapshot: &str,
+    vm: &str,
+    leave_paused: bool,
+) -> pb::Operation {
+    c.restore_snapshot(pb::RestoreSnapshotRequest {
+        request_id: rid("revert"),
+        snapshot_id: snapshot.into(),
+        target: Some(pb::restore_snapshot_request::Target::VmId(vm.into())),
+        leave_paused,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// Runs a VM to the end and returns its console.
 async fn finish(c: &mut SnapdClient<Channel>, vm: &str) -> String {
     let deadline = Instant::now() + TIMEOUT;
@@ -420,17 +439,7 @@ async fn snapshot_revert_restore_clone_delete_restart() {
     assert_eq!(e.code(), Code::AlreadyExists, "{e}");
 
     // Revert the finished VM to A: the lines after A repeat.
-    let op = c
-        .restore_snapshot(pb::RestoreSnapshotRequest {
-            request_id: rid("revert"),
-            snapshot_id: a.id.clone(),
-            target: Some(pb::restore_snapshot_request::Target::VmId(vm.id.clone())),
-            leave_paused: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let op = start_revert(&mut c, &a.id, &vm.id, true).await;
     succeeded(&mut c, op).await;
     let mark = console(&mut c, &vm.id).await.len();
     c.resume_vm(pb::VmActionRequest {
@@ -522,16 +531,7 @@ async fn snapshot_revert_restore_clone_delete_restart() {
     );
     // A clone (based on A's layers) snapshots and restores exactly too.
     let clone = &clones[0];
-    let op = c
-        .restore_snapshot(pb::RestoreSnapshotRequest {
-            request_id: rid("restore-b-into-clone"),
-            snapshot_id: b.id.clone(),
-            target: Some(pb::restore_snapshot_request::Target::VmId(clone.id.clone())),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let op = start_revert(&mut c, &b.id, &clone.id, false).await;
     succeeded(&mut c, op).await;
 
     // Restart: the tree is intact and the VMs are reported stopped.
@@ -1016,16 +1016,7 @@ async fn bad_input_is_refused_clearly() {
     let at = lbytes.len() / 2;
     lbytes[at] ^= 0xff;
     std::fs::write(&layer, &lbytes).unwrap();
-    let op = c
-        .restore_snapshot(pb::RestoreSnapshotRequest {
-            request_id: rid("revert-corrupt"),
-            snapshot_id: s.id.clone(),
-            target: Some(pb::restore_snapshot_request::Target::VmId(vm.id.clone())),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let op = start_revert(&mut c, &s.id, &vm.id, false).await;
     let op = wait_op(&mut c, op).await;
     assert_eq!(op.state(), pb::OperationState::Failed, "{op:?}");
     let expected = model(&guest());
@@ -1139,16 +1130,7 @@ async fn tree_listing_labels_cancel_and_events() {
     let (root, _) = snapshot_at(&mut c, &vm.id, "root", "root").await;
     let (mid, _) = snapshot_at(&mut c, &vm.id, "mid", "mid").await;
     let (leaf, _) = snapshot_at(&mut c, &vm.id, "leaf", "leaf").await;
-    let op = c
-        .restore_snapshot(pb::RestoreSnapshotRequest {
-            request_id: rid("revert"),
-            snapshot_id: root.id.clone(),
-            target: Some(pb::restore_snapshot_request::Target::VmId(vm.id.clone())),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let op = start_revert(&mut c, &root.id, &vm.id, false).await;
     succeeded(&mut c, op).await;
     let (side, _) = snapshot_at(&mut c, &vm.id, "side", "side").await;
     assert_eq!(side.parent_id, root.id, "a branch after the revert");
