@@ -1019,6 +1019,33 @@ async fn bad_input_is_refused_clearly() {
     let op = start_revert(&mut c, &s.id, &vm.id, false).await;
     let op = wait_op(&mut c, op).await;
     assert_eq!(op.state(), pb::OperationState::Failed, "{op:?}");
+    // An eager restore of it into a new VM meets the damaged frame and creates nothing.
+    let op = c
+        .restore_snapshot(pb::RestoreSnapshotRequest {
+            request_id: rid("restore-damaged-layer"),
+            snapshot_id: s.id.clone(),
+            target: Some(pb::restore_snapshot_request::Target::NewVm(pb::NewVm {
+                name: "never-either".into(),
+                ..Default::default()
+            })),
+            memory_mode: pb::MemoryRestoreMode::Eager as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let op = wait_op(&mut c, op).await;
+    assert_eq!(op.state(), pb::OperationState::Failed, "{op:?}");
+    let err = op.error.unwrap();
+    assert_eq!(err.code, Code::FailedPrecondition as i32, "{err:?}");
+    assert!(err.message.contains("cannot be restored"), "{err:?}");
+    let vms = c
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1, "a VM was created from a damaged layer");
     let expected = model(&guest());
     assert_eq!(
         finish(&mut c, &vm.id).await,

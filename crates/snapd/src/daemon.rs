@@ -330,6 +330,11 @@ fn vm_state_enum(s: &str) -> pb::VmState {
     }
 }
 
+/// A snapshot whose files cannot be used: FAILED_PRECONDITION saying which and why.
+fn unusable(s: &SnapshotRecord, e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::precondition(format!("snapshot {} cannot be restored: {e}", s.id))
+}
+
 /// Lets a restored VM's guest run, unless it had stopped on its own when the snapshot was taken
 /// (a restore of it is stopped the same way).
 fn run_on(vm: &Vm) -> ApiResult<()> {
@@ -971,16 +976,13 @@ impl Daemon {
     }
 
     /// Opens a snapshot's state and memory chain, checking both (and, with `every_frame`,
-    /// reading every frame of every layer: what an eager restore or a revert needs before it
-    /// touches anything; a lazy restore checks frames as it goes and stops the VM on a bad one).
+    /// reading every frame of every layer: what a revert needs before it touches the VM).
     fn open_snapshot(
         &self,
         s: &SnapshotRecord,
         every_frame: bool,
     ) -> ApiResult<(VmState, LayerChain)> {
-        let unusable = |e: &dyn std::fmt::Display| {
-            ApiError::precondition(format!("snapshot {} cannot be restored: {e}", s.id))
-        };
+        let unusable = |e: &dyn std::fmt::Display| unusable(s, e);
         let state = VmState::read_file(&self.data.join(format!("states/{}.state", s.id)))
             .map_err(|e| unusable(&e))?;
         let chain = LayerChain::open(&self.layer_paths(&s.mem_chain)?).map_err(|e| unusable(&e))?;
@@ -1127,13 +1129,16 @@ impl Daemon {
         mode: MemoryRestore,
         opened: &Opened,
     ) -> ApiResult<Vm> {
-        let (state, chain) = self.open_snapshot(s, mode == MemoryRestore::Eager)?;
+        // Frames are checked as they are read: an eager restore that meets a damaged one fails
+        // before the new VM exists, a lazy one stops the VM (so no pass over every frame here).
+        let (state, chain) = self.open_snapshot(s, false)?;
         let mut prepared = self.pool.take(state.config)?;
         prepared.set_disks(opened.backends())?;
         let wset = self.data.join(format!("states/{}.wset", s.id));
-        Ok(snapshot::restore_from(
-            &state, chain, &wset, prepared, mode,
-        )?)
+        snapshot::restore_from(&state, chain, &wset, prepared, mode).map_err(|e| match e {
+            snap_vmm::VmError::Layer(e) => unusable(s, &e),
+            e => e.into(),
+        })
     }
 
     fn start_op(
