@@ -38,6 +38,43 @@ pub trait BlockBackend: Send + Sync {
     /// # Errors
     /// The I/O error.
     fn flush(&self) -> io::Result<()>;
+
+    /// Freezes the disk's contents as they are now for a snapshot: the writable top becomes
+    /// read-only and a fresh, empty top at `new_top` takes the writes from here on. Backends
+    /// without layers do not support it.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::Unsupported`] by default; the backend's error otherwise (the disk is then
+    /// as it was).
+    fn seal(&self, new_top: &Path) -> io::Result<Sealed> {
+        let _ = new_top;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this disk has no layers to seal",
+        ))
+    }
+
+    /// Undoes the last [`seal`](BlockBackend::seal) while nothing was written since: the old top
+    /// takes writes again. Returns the dropped top's file for the caller to delete.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::Unsupported`] by default; the backend's error, e.g. when the new top
+    /// already holds writes (then the seal stands: both layers hold data).
+    fn undo_seal(&self) -> io::Result<std::path::PathBuf> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this disk has no layers to unseal",
+        ))
+    }
+}
+
+/// What a [`BlockBackend::seal`] did: the layer it froze and the one that takes writes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// The frozen layer (the snapshot's).
+    pub sealed: snap_core::Id,
+    /// The fresh top.
+    pub top: snap_core::Id,
 }
 
 /// A disk kept in a plain file or block device, one to one (pread, pwrite, fdatasync).
@@ -147,6 +184,23 @@ impl BlockBackend for snap_disk::Disk {
 
     fn flush(&self) -> io::Result<()> {
         snap_disk::Disk::flush(self).map_err(io::Error::other)
+    }
+
+    fn seal(&self, new_top: &Path) -> io::Result<Sealed> {
+        let sealed = snap_disk::Disk::seal(self, new_top).map_err(io::Error::other)?;
+        let top = self
+            .layers()
+            .last()
+            .map(|l| l.id)
+            .ok_or_else(|| io::Error::other("a sealed chain has a top"))?;
+        Ok(Sealed {
+            sealed: sealed.id,
+            top,
+        })
+    }
+
+    fn undo_seal(&self) -> io::Result<std::path::PathBuf> {
+        snap_disk::Disk::undo_seal(self).map_err(io::Error::other)
     }
 }
 

@@ -25,7 +25,7 @@ use snap_mem::working_set::{WorkingSet, WorkingSetError};
 
 use crate::error::VmError;
 use crate::state::VmState;
-use crate::vm::{MemoryRestore, PreparedVm, Vm, VmOptions};
+use crate::vm::{MemoryRestore, PreparedVm, RunState, Vm, VmOptions};
 
 /// Name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "vm.state";
@@ -326,6 +326,211 @@ impl Captured {
     pub fn commit(self, vm: &Vm, layer: &LayerInfo) {
         vm.commit_dirty();
         vm.set_memory_base(Some(layer.id));
+    }
+}
+
+/// A disk that a [`PendingSnapshot`] sealed: the layer holding the disk as of the snapshot, and
+/// the fresh top the VM writes into since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedDisk {
+    /// The disk's index in the VM.
+    pub index: usize,
+    /// The frozen layer (the snapshot's).
+    pub sealed: Id,
+    /// The fresh top.
+    pub top: Id,
+    /// The fresh top's file.
+    pub top_path: PathBuf,
+}
+
+/// What became of a sealed disk when its snapshot was abandoned.
+#[derive(Debug)]
+pub enum Unsealed {
+    /// The seal is undone: the old top takes writes again; `dropped` (the fresh top's file) is no
+    /// longer used and can be deleted.
+    Undone {
+        /// The disk.
+        index: usize,
+        /// The file of the top that was dropped.
+        dropped: PathBuf,
+    },
+    /// The VM already wrote into the fresh top (it had resumed), so the seal stands: the sealed
+    /// layer stays in the disk's chain under the fresh top, which must be kept.
+    Kept(SealedDisk),
+}
+
+/// A snapshot of a paused VM being taken, as one transaction: it holds the VM's state, the pages
+/// its memory layer will hold (they stay pending in the VM), and the disks it sealed. Write it
+/// ([`PendingSnapshot::write_memory`], [`PendingSnapshot::write_state`]), publish what was
+/// written wherever the caller keeps snapshots, then [`PendingSnapshot::commit`]. Dropped or
+/// [aborted](PendingSnapshot::abort) instead, it undoes the seals (where the VM has not written
+/// into the fresh tops yet) and leaves the pages pending, so the next snapshot holds them again:
+/// nothing of the VM is lost.
+pub struct PendingSnapshot<'vm> {
+    vm: &'vm Vm,
+    captured: Option<Captured>,
+    sealed: Vec<SealedDisk>,
+    copy: Option<CopiedPages>,
+}
+
+impl Vm {
+    /// Begins a snapshot of this paused VM: captures its vCPU and device state and the pages of
+    /// its next memory layer (a diff over `parent`, the layer the VM's memory is based on, or a
+    /// full layer with `None`), and seals each disk with its fresh top at `disk_tops[i]` (one
+    /// path per disk; none to leave the disks alone, e.g. raw files the caller copies).
+    ///
+    /// # Errors
+    /// As [`capture`]; [`VmError::Snapshot`] if `disk_tops` does not have one path per disk;
+    /// [`VmError::Disk`] naming the disk that could not be sealed (the disks sealed before it are
+    /// unsealed again, and the pages stay pending).
+    pub fn begin_snapshot(
+        &self,
+        parent: Option<&LayerInfo>,
+        disk_tops: &[PathBuf],
+    ) -> Result<PendingSnapshot<'_>, VmError> {
+        let disks = self.disks();
+        if !disk_tops.is_empty() && disk_tops.len() != disks.len() {
+            return Err(VmError::Snapshot {
+                dir: PathBuf::new(),
+                problem: format!(
+                    "{} new disk tops for {} disks: give one per disk, or none",
+                    disk_tops.len(),
+                    disks.len()
+                ),
+            });
+        }
+        let captured = capture(self, parent)?;
+        let mut pending = PendingSnapshot {
+            vm: self,
+            captured: Some(captured),
+            sealed: Vec::new(),
+            copy: None,
+        };
+        for (index, (disk, top_path)) in disks.iter().zip(disk_tops).enumerate() {
+            let s = disk
+                .seal(top_path)
+                .map_err(|source| VmError::Disk { index, source })?;
+            pending.sealed.push(SealedDisk {
+                index,
+                sealed: s.sealed,
+                top: s.top,
+                top_path: top_path.clone(),
+            });
+        }
+        Ok(pending)
+    }
+}
+
+impl PendingSnapshot<'_> {
+    /// The captured vCPU and device state.
+    #[must_use]
+    pub fn state(&self) -> &VmState {
+        &self.captured().state
+    }
+
+    /// Pages the memory layer holds (dirty pages for a diff, resident pages for a full one).
+    #[must_use]
+    pub fn pages(&self) -> u64 {
+        self.captured().pages()
+    }
+
+    /// The disks sealed, in disk order.
+    #[must_use]
+    pub fn sealed(&self) -> &[SealedDisk] {
+        &self.sealed
+    }
+
+    fn captured(&self) -> &Captured {
+        self.captured
+            .as_ref()
+            .expect("present until commit or abort consume the snapshot")
+    }
+
+    /// Copies the layer's pages out of guest memory (the VM must still be paused), so that the
+    /// VM can resume before the layer is written; returns the bytes copied.
+    ///
+    /// # Errors
+    /// The read error.
+    pub fn copy_pages(&mut self) -> Result<usize, VmError> {
+        let copy = self.captured().copy_pages(self.vm)?;
+        let bytes = copy.bytes();
+        self.copy = Some(copy);
+        Ok(bytes)
+    }
+
+    /// Writes the memory layer (a new layer id) to `path` atomically: from the copy if
+    /// [`copy_pages`](PendingSnapshot::copy_pages) made one, else from guest memory, which then
+    /// must not have changed since the snapshot began (the VM still paused).
+    ///
+    /// # Errors
+    /// [`VmError::NotPaused`] without a copy of a VM that runs again; the layer writer's error
+    /// (nothing is left at `path`).
+    pub fn write_memory(&self, path: &Path, options: &LayerOptions) -> Result<LayerInfo, VmError> {
+        let captured = self.captured();
+        match &self.copy {
+            Some(copy) => captured.write_memory_from(copy, path, options),
+            None if self.vm.run_state() == RunState::Running => Err(VmError::NotPaused),
+            None => captured.write_memory(self.vm, path, options),
+        }
+    }
+
+    /// Writes the captured state to `path` atomically (snap-core's format, checksummed).
+    ///
+    /// # Errors
+    /// The I/O error naming the file.
+    pub fn write_state(&self, path: &Path) -> Result<(), VmError> {
+        Ok(self.captured().state.write_file(path)?)
+    }
+
+    /// Marks the snapshot taken, once what was written is durable and published: its pages stop
+    /// being pending, the VM's memory is based on `layer` from now on, and the seals stand.
+    pub fn commit(mut self, layer: &LayerInfo) {
+        if let Some(c) = self.captured.take() {
+            c.commit(self.vm, layer);
+        }
+        self.sealed.clear();
+    }
+
+    /// Abandons the snapshot: each sealed disk is unsealed where the VM has not written into its
+    /// fresh top yet, or keeps the seal (its fresh top must be kept then); the pages stay
+    /// pending. Says what became of each disk.
+    pub fn abort(mut self) -> Vec<Unsealed> {
+        self.undo()
+    }
+
+    fn undo(&mut self) -> Vec<Unsealed> {
+        self.captured = None;
+        let disks = self.vm.disks();
+        std::mem::take(&mut self.sealed)
+            .into_iter()
+            .rev()
+            .map(|s| match disks[s.index].undo_seal() {
+                Ok(dropped) => Unsealed::Undone {
+                    index: s.index,
+                    dropped,
+                },
+                Err(e) => {
+                    tracing::info!(disk = s.index, reason = %e, "the seal of an abandoned snapshot stands");
+                    Unsealed::Kept(s)
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for PendingSnapshot<'_> {
+    fn drop(&mut self) {
+        if self.captured.is_some() {
+            for u in self.undo() {
+                if let Unsealed::Kept(s) = u {
+                    tracing::warn!(
+                        disk = s.index,
+                        top = %s.top_path.display(),
+                        "an abandoned snapshot left a disk sealed under its fresh top"
+                    );
+                }
+            }
+        }
     }
 }
 
