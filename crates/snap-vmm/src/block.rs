@@ -4,6 +4,12 @@
 //! the vCPU thread that notified the queue, so when a VM is paused no request is in flight and a
 //! snapshot sees exactly the bytes the guest was told are written. [`RawFile`] keeps them in a
 //! plain file; snap-disk's delta layers implement the same trait.
+//!
+//! Most backend errors reach the guest as VIRTIO_BLK_S_IOERR. Two classes do not (as QEMU's
+//! `werror=stop` / `rerror=stop`): a full host filesystem or quota ([`io::ErrorKind::StorageFull`],
+//! [`io::ErrorKind::QuotaExceeded`]) and damaged disk data ([`io::ErrorKind::InvalidData`]). Those
+//! pause the VM with the request still pending and the reason in an [`IoStop`]; a resume runs the
+//! request again (see [`stops_vm`]).
 
 use std::fs::File;
 use std::io;
@@ -24,19 +30,21 @@ pub trait BlockBackend: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`.
     ///
     /// # Errors
-    /// The I/O error; the guest sees VIRTIO_BLK_S_IOERR.
+    /// The I/O error: one of the kinds [`stops_vm`] names pauses the VM, any other the guest
+    /// sees as VIRTIO_BLK_S_IOERR.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
     /// Writes `buf` at `offset`.
     ///
     /// # Errors
-    /// The I/O error; the guest sees VIRTIO_BLK_S_IOERR.
+    /// As [`BlockBackend::read_at`].
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
 
     /// Makes every completed write durable.
     ///
     /// # Errors
-    /// The I/O error.
+    /// As [`BlockBackend::read_at`] when the guest asked for the flush; a flush the VMM makes
+    /// for a snapshot fails that snapshot.
     fn flush(&self) -> io::Result<()>;
 
     /// Freezes the disk's contents as they are now for a snapshot: the writable top becomes
@@ -75,6 +83,60 @@ pub struct Sealed {
     pub sealed: snap_core::Id,
     /// The fresh top.
     pub top: snap_core::Id,
+}
+
+/// Whether a backend error pauses the VM instead of reaching the guest: the host filesystem or
+/// quota is full (the operator can free space and resume), or the disk's data is damaged (the
+/// operator can repair or replace it). A request that fails so stays pending and runs again when
+/// the VM resumes.
+#[must_use]
+pub fn stops_vm(kind: io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::InvalidData
+    )
+}
+
+/// Why a disk paused the VM: its backend failed a request with an error of a kind
+/// [`stops_vm`] names. The request was not answered and runs again at the next resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IoStop {
+    /// The disk, index `i` of the VM's disks.
+    pub disk: usize,
+    /// The error's kind.
+    pub kind: io::ErrorKind,
+    /// The backend's message (for damaged data it names the file and the block).
+    pub message: String,
+}
+
+impl IoStop {
+    /// The stop of disk `disk` for backend error `error`.
+    #[must_use]
+    pub fn new(disk: usize, error: &io::Error) -> Self {
+        Self {
+            disk,
+            kind: error.kind(),
+            message: error.to_string(),
+        }
+    }
+
+    /// What the error means for the operator, in a few words.
+    #[must_use]
+    pub fn cause(&self) -> &'static str {
+        match self.kind {
+            io::ErrorKind::StorageFull => "the host filesystem is full",
+            io::ErrorKind::QuotaExceeded => "the disk quota on the host is exceeded",
+            io::ErrorKind::InvalidData => "the disk's data is damaged",
+            _ => "the disk failed",
+        }
+    }
+}
+
+impl std::fmt::Display for IoStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "disk {}: {}: {}", self.disk, self.cause(), self.message)
+    }
 }
 
 /// A disk kept in a plain file or block device, one to one (pread, pwrite, fdatasync).
@@ -227,5 +289,31 @@ mod tests {
         let reopened = RawFile::open(&dir.path().join("d.img")).unwrap();
         reopened.read_at(512, &mut b[..512]).unwrap();
         assert!(b[..512].iter().all(|&x| x == 7));
+    }
+
+    #[test]
+    fn full_and_damaged_stop_the_vm_other_errors_do_not() {
+        use io::ErrorKind::*;
+        for kind in [StorageFull, QuotaExceeded, InvalidData] {
+            assert!(stops_vm(kind), "{kind:?}");
+        }
+        for kind in [
+            Other,
+            InvalidInput,
+            UnexpectedEof,
+            PermissionDenied,
+            NotFound,
+        ] {
+            assert!(!stops_vm(kind), "{kind:?}");
+        }
+        let full = IoStop::new(1, &io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(full.kind, StorageFull);
+        let text = full.to_string();
+        assert!(
+            text.starts_with("disk 1: the host filesystem is full: "),
+            "{text}"
+        );
+        let quota = IoStop::new(0, &io::Error::from_raw_os_error(libc::EDQUOT));
+        assert_eq!(quota.kind, QuotaExceeded);
     }
 }

@@ -77,6 +77,10 @@ pub enum VmError {
     /// The guest stopped on its own; it runs again only after a restore.
     #[error("the guest has stopped ({0:?}): restore a snapshot to run it again")]
     Stopped(crate::vm::VmExit),
+    /// A disk's backend failed a request with an error the guest must not see (see
+    /// [`crate::block::stops_vm`]): the VM is paused with the request pending.
+    #[error("the VM is paused on a disk error: {0}")]
+    IoStopped(crate::block::IoStop),
     /// An earlier restore failed part-way, so the VM must not run again.
     #[error("the VM cannot run: {0}")]
     Failed(String),

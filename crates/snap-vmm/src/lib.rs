@@ -45,7 +45,7 @@ pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-pub use block::{BlockBackend, RawFile};
+pub use block::{BlockBackend, IoStop, RawFile};
 pub use boot::BootImage;
 pub use error::{ConfigError, VmError};
 pub use guest::TestGuest;

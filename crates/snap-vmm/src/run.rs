@@ -1,5 +1,5 @@
 //! The vCPU threads: the run gate that parks and releases them, and the loop that runs a vCPU and
-//! handles its exits (UART, exit port, boot mark, faults).
+//! handles its exits (UART, exit port, boot mark, disks, faults).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{KVM_EXIT_DIRTY_RING_FULL, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::block::IoStop;
 use crate::memory::GuestMemory;
 use crate::serial::{COM1_BASE, COM1_PORTS, SerialDevice};
 use crate::vcpu;
@@ -61,7 +62,8 @@ pub enum VmExit {
 /// Where the VM is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunState {
-    /// vCPUs are parked (a new or restored VM starts here).
+    /// vCPUs are parked (a new or restored VM starts here). A disk whose backend fails with an
+    /// error the guest must not see pauses a running VM here too: `Vm::io_stop` says why.
     Paused,
     /// vCPUs run guest code.
     Running,
@@ -74,6 +76,8 @@ pub enum RunState {
 /// What the VM and its vCPU threads agree on, under one lock.
 pub(crate) struct Gate {
     pub(crate) state: RunState,
+    /// Why a disk paused the VM, until a resume runs its pending requests.
+    pub(crate) io_stop: Option<IoStop>,
     pub(crate) parked: Vec<bool>,
     pub(crate) exited: Vec<bool>,
     pub(crate) threads: Vec<libc::pthread_t>,
@@ -125,6 +129,28 @@ impl Shared {
             g.state = RunState::Stopped(exit);
         }
         Self::kick(&g, Some(index));
+        self.cond.notify_all();
+    }
+
+    /// Pauses a running VM because a disk's backend failed with an error the guest must not see
+    /// (the request stays pending), and kicks the other vCPUs. The vCPU `index` that made the
+    /// request parks once it is back in its loop, after completing its MMIO access. The first
+    /// reason is kept until a resume runs the pending requests.
+    pub(crate) fn pause_for_io(&self, index: usize, stop: IoStop) {
+        let mut g = self.gate();
+        match g.state {
+            RunState::Running => {
+                tracing::warn!(vcpu = index, reason = %stop, "disk I/O error: pausing the VM");
+                g.state = RunState::Paused;
+                Self::kick(&g, Some(index));
+            }
+            RunState::Paused => {}
+            // The guest stopped meanwhile: it does not run on without a restore anyway.
+            RunState::Stopped(_) | RunState::Failed(_) => return,
+        }
+        if g.io_stop.is_none() {
+            g.io_stop = Some(stop);
+        }
         self.cond.notify_all();
     }
 
@@ -287,9 +313,13 @@ fn run_once(index: u32, vcpu: &mut VcpuFd, shared: &Shared) -> (Option<VmExit>, 
         }
         Ok(VcpuExit::MmioWrite(addr, data)) => {
             // A queue notify runs the disk's requests here, on this vCPU, before the guest
-            // goes on: a paused VM never has a request in flight.
+            // goes on: a paused VM never has a request in flight. A request stopped by its
+            // backend stays pending and pauses the VM; this vCPU completes the access and parks.
             if let Some((i, offset)) = virtio::window_of(addr, shared.disks.len()) {
-                shared.disk(i).write(offset, data, &shared.memory);
+                let stop = shared.disk(i).write(offset, data, &shared.memory);
+                if let Some(stop) = stop {
+                    shared.pause_for_io(index as usize, stop);
+                }
             }
             (None, true)
         }

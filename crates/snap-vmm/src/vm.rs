@@ -12,7 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::block::{BlockBackend, SECTOR_SIZE};
+use crate::block::{BlockBackend, IoStop, SECTOR_SIZE};
 use crate::boot::{self, BootImage, MAX_IDENTITY_GIB, MAX_VCPUS, MIN_MEMORY};
 use crate::error::{ConfigError, VmError};
 use crate::memory::{GuestMemory, MMIO_GAP_END, MMIO_GAP_START, layout_regions};
@@ -568,6 +568,7 @@ impl Vm {
         let shared = Arc::new(Shared {
             gate: Mutex::new(Gate {
                 state: RunState::Paused,
+                io_stop: None,
                 parked: vec![false; n],
                 exited: vec![true; n],
                 threads: Vec::with_capacity(n),
@@ -698,22 +699,66 @@ impl Vm {
         self.control.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Why a disk paused the VM, if one did: its backend failed a request with an error the
+    /// guest must not see (the host filesystem or quota is full, or the disk's data is damaged;
+    /// see [`crate::block::stops_vm`]). The VM is [`RunState::Paused`] with the request pending;
+    /// [`Vm::resume`] runs it again and clears this once it succeeds. The VM can be saved and
+    /// snapshotted meanwhile: a VM restored from such a snapshot runs the request at its first
+    /// resume.
+    pub fn io_stop(&self) -> Option<IoStop> {
+        self.shared.gate().io_stop.clone()
+    }
+
     /// Lets the vCPUs run guest code. A no-op on a running VM.
+    ///
+    /// Before any vCPU runs, every disk runs the requests its driver has made available and
+    /// the device has not taken yet: those a backend error left pending ([`Vm::io_stop`]),
+    /// also in a VM restored from a snapshot taken in that state.
     ///
     /// # Errors
     /// [`VmError::Stopped`] if the guest has stopped on its own (restore a snapshot into the VM
-    /// to run it again), [`VmError::Failed`] if an earlier restore left the VM unusable.
+    /// to run it again), [`VmError::Failed`] if an earlier restore left the VM unusable,
+    /// [`VmError::IoStopped`] if a pending request failed again with an error the guest must not
+    /// see: the VM stays paused (free space or repair the disk, then resume again).
     pub fn resume(&self) -> Result<(), VmError> {
         let _c = self.control();
-        let mut g = self.shared.gate();
+        let g = self.shared.gate();
         match &g.state {
             RunState::Failed(why) => return Err(VmError::Failed(why.clone())),
             RunState::Stopped(exit) => return Err(VmError::Stopped(exit.clone())),
-            RunState::Paused | RunState::Running => {}
+            RunState::Running => return Ok(()),
+            RunState::Paused => {}
+        }
+        // A disk pauses the VM on its own: its vCPUs may still be on their way to park.
+        drop(self.shared.wait_parked(g));
+        let retried = self.run_available_requests();
+        let mut g = self.shared.gate();
+        // A lazy restore can fail meanwhile.
+        if let RunState::Failed(why) = &g.state {
+            return Err(VmError::Failed(why.clone()));
+        }
+        if let Err(stop) = retried {
+            g.io_stop = Some(stop.clone());
+            return Err(VmError::IoStopped(stop));
+        }
+        if let Some(stop) = g.io_stop.take() {
+            tracing::info!(reason = %stop, "the disk's pending requests completed; resuming");
         }
         g.state = RunState::Running;
         self.shared.cond.notify_all();
         Ok(())
+    }
+
+    /// Runs the available requests of every disk (every vCPU parked); the first stop if any
+    /// disk stopped again.
+    fn run_available_requests(&self) -> Result<(), IoStop> {
+        let mut first = None;
+        for i in 0..self.shared.disks.len() {
+            if let Err(stop) = self.shared.disk(i).run_available(&self.shared.memory) {
+                first.get_or_insert(stop);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Stops every vCPU and returns once all of them are out of KVM_RUN and parked.
@@ -731,15 +776,22 @@ impl Vm {
     /// Waits until the guest stops on its own and every vCPU is parked.
     ///
     /// # Errors
-    /// [`VmError::Timeout`] if that did not happen within `timeout`; [`VmError::NotPaused`] is never
-    /// returned here.
+    /// [`VmError::IoStopped`] if a disk paused the VM instead (see [`Vm::io_stop`]; every vCPU
+    /// is parked then too), [`VmError::Timeout`] if neither happened within `timeout`;
+    /// [`VmError::NotPaused`] is never returned here.
     pub fn wait_for_exit(&self, timeout: Duration) -> Result<VmExit, VmError> {
         self.shared
-            .wait_until(timeout, |g| match &g.state {
-                RunState::Stopped(exit) if g.parked.iter().all(|&p| p) => Some(exit.clone()),
-                _ => None,
+            .wait_until(timeout, |g| {
+                if !g.parked.iter().all(|&p| p) {
+                    return None;
+                }
+                match (&g.state, &g.io_stop) {
+                    (RunState::Stopped(exit), _) => Some(Ok(exit.clone())),
+                    (RunState::Paused, Some(stop)) => Some(Err(VmError::IoStopped(stop.clone()))),
+                    _ => None,
+                }
             })
-            .ok_or(VmError::Timeout)
+            .unwrap_or(Err(VmError::Timeout))
     }
 
     fn require_parked(&self) -> Result<(), VmError> {
@@ -889,6 +941,9 @@ impl Vm {
         for (slot, device) in self.shared.disks.iter().zip(new_disks) {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = device;
         }
+        // The devices that stopped are gone; the restored ones run what the state left
+        // available at the next resume.
+        self.shared.gate().io_stop = None;
         if let Err(e) = memory.materialize_into(&self.shared.memory, Restore::Used) {
             self.fail(format!("memory restore failed part-way: {e}"));
             return Err(e.into());

@@ -5,6 +5,13 @@
 //! write returns to the guest. A paused VM therefore never has a request in flight, and the
 //! saved [`VirtioBlkState`] (transport registers plus the queue's addresses and ring indices) is
 //! all a restored device needs to continue where the guest left it.
+//!
+//! A backend error of a kind [`stops_vm`] names stops the device instead of failing the request:
+//! the request is not put in the used ring, the queue's next available index goes back to it
+//! (so it and every later request stay available), and the device remembers the [`IoStop`] and
+//! takes no further requests. The VM pauses; [`VirtioBlk::run_available`], called by every
+//! resume before a vCPU runs, runs the available requests again. A saved state of a stopped
+//! device holds the requests as available, so a device restored from it runs them too.
 
 use std::sync::Arc;
 
@@ -22,8 +29,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::guest_view::guest_view;
-use super::request;
-use crate::block::{BlockBackend, SECTOR_SIZE};
+use super::request::{self, Outcome};
+use crate::block::{BlockBackend, IoStop, SECTOR_SIZE, stops_vm};
 use crate::memory::GuestMemory;
 
 /// "virt" in little endian: the first register of every virtio-mmio device.
@@ -96,6 +103,7 @@ pub struct VirtioBlkState {
 pub struct VirtioBlk {
     backend: Arc<dyn BlockBackend>,
     irq: EventFd,
+    index: usize,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -105,6 +113,9 @@ pub struct VirtioBlk {
     interrupt_status: u32,
     config_generation: u32,
     queue: Queue,
+    /// Set when a backend error stopped the device: requests stay available until
+    /// [`VirtioBlk::run_available`].
+    stop: Option<IoStop>,
 }
 
 /// The answer to GET_ID for disk `index`: "snap-disk-<index>", zero padded.
@@ -122,6 +133,7 @@ impl VirtioBlk {
         Self {
             backend,
             irq,
+            index,
             id: disk_id(index),
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -131,6 +143,7 @@ impl VirtioBlk {
             interrupt_status: 0,
             config_generation: 0,
             queue: Queue::new(QUEUE_MAX_SIZE).expect("the maximum queue size is a power of two"),
+            stop: None,
         }
     }
 
@@ -214,6 +227,30 @@ impl VirtioBlk {
         &self.backend
     }
 
+    /// Why the device stopped taking requests, if a backend error stopped it.
+    pub fn io_stop(&self) -> Option<&IoStop> {
+        self.stop.as_ref()
+    }
+
+    /// Runs every request the driver has made available, also after a stop: the request that
+    /// stopped the device runs again, then the ones after it. Call it with no vCPU running.
+    ///
+    /// # Errors
+    /// The [`IoStop`] if a request failed again with an error that stops the VM; the device
+    /// stays stopped with that request pending.
+    pub fn run_available(&mut self, memory: &GuestMemory) -> Result<(), IoStop> {
+        if self.stop.take().is_some() {
+            tracing::info!(
+                disk = self.index,
+                "virtio-blk: retrying the stopped requests"
+            );
+        }
+        match self.process_queue(memory) {
+            Some(stop) => Err(stop),
+            None => Ok(()),
+        }
+    }
+
     fn config_space(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[..8].copy_from_slice(&(self.backend.size() / SECTOR_SIZE).to_le_bytes());
@@ -260,16 +297,19 @@ impl VirtioBlk {
 
     /// Handles a guest write of `data` at `offset` in the register window. A QUEUE_NOTIFY runs
     /// every available request before it returns; `memory` is guest memory.
-    pub fn write(&mut self, offset: u64, data: &[u8], memory: &GuestMemory) {
+    ///
+    /// Returns the [`IoStop`] when this write stopped the device: a request failed with an
+    /// error that must pause the VM (see the module documentation).
+    pub fn write(&mut self, offset: u64, data: &[u8], memory: &GuestMemory) -> Option<IoStop> {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             // The configuration space is read-only (no writable fields are offered).
-            return;
+            return None;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            return;
+            return None;
         };
         if offset % 4 != 0 {
-            return;
+            return None;
         }
         let v = u32::from_le_bytes(bytes);
         let configuring = self.queue_sel == 0 && !self.queue.ready();
@@ -311,11 +351,12 @@ impl VirtioBlk {
             VIRTIO_MMIO_QUEUE_USED_HIGH if configuring => {
                 self.queue.set_used_ring_address(None, Some(v))
             }
-            VIRTIO_MMIO_QUEUE_NOTIFY if v == 0 => self.process_queue(memory),
+            VIRTIO_MMIO_QUEUE_NOTIFY if v == 0 => return self.process_queue(memory),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => self.set_status(v),
             _ => {}
         }
+        None
     }
 
     fn features_writable(&self) -> bool {
@@ -352,34 +393,59 @@ impl VirtioBlk {
         self.queue_sel = 0;
         self.interrupt_status = 0;
         self.queue.reset();
+        // The requests a stop left pending went with the queue.
+        self.stop = None;
     }
 
-    fn process_queue(&mut self, memory: &GuestMemory) {
+    /// Runs the requests available now. Returns the [`IoStop`] if one of them stopped the
+    /// device; a stopped device runs nothing (its requests wait for
+    /// [`VirtioBlk::run_available`]).
+    fn process_queue(&mut self, memory: &GuestMemory) -> Option<IoStop> {
         let running = VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FEATURES_OK;
-        if self.status & running != running
+        if self.stop.is_some()
+            || self.status & running != running
             || self.status & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED) != 0
         {
-            return;
+            return None;
         }
         let view = guest_view(memory);
         if !self.queue.is_valid(&view) {
             self.needs_reset("queue addresses are not valid guest memory");
-            return;
+            return None;
         }
         // The requests available at the notify, and no more: a guest that keeps adding requests
         // from another vCPU cannot hold this vCPU (and a pause) here. Later requests come with
         // their own notify.
+        let first = self.queue.next_avail();
         let chains: Vec<_> = match self.queue.iter(&view) {
             Ok(it) => it.collect(),
             Err(e) => {
                 self.needs_reset(&format!("available ring: {e}"));
-                return;
+                return None;
             }
         };
         let mut completed = 0u32;
-        for chain in chains {
+        let mut stopped = None;
+        // The iterator took the chains from consecutive available entries starting at `first`.
+        for (position, chain) in (0u16..).zip(chains) {
             let head = chain.head_index();
-            let done = request::execute(chain, &view, self.backend.as_ref(), &self.id);
+            let done = match request::execute(chain, &view, self.backend.as_ref(), &self.id) {
+                Outcome::Done(done) => done,
+                Outcome::Stopped(error) => {
+                    debug_assert!(stops_vm(error.kind()));
+                    // This request and every later one stay available, unanswered.
+                    self.queue.set_next_avail(first.wrapping_add(position));
+                    let stop = IoStop::new(self.index, &error);
+                    tracing::warn!(
+                        disk = self.index,
+                        reason = %stop,
+                        "virtio-blk: backend error; requests stay pending and the VM pauses"
+                    );
+                    self.stop = Some(stop.clone());
+                    stopped = Some(stop);
+                    break;
+                }
+            };
             if let Err(e) = self.queue.add_used(&view, head, done.used_len) {
                 self.needs_reset(&format!("used ring: {e}"));
                 break;
@@ -389,6 +455,7 @@ impl VirtioBlk {
         if completed > 0 {
             self.interrupt(VIRTIO_MMIO_INT_VRING);
         }
+        stopped
     }
 
     fn needs_reset(&mut self, why: &str) {

@@ -2,8 +2,9 @@
 //! crafted in guest memory (out-of-bounds addresses, loops, chains without status, data on the
 //! wrong side, sectors beyond the disk, broken rings). Every case must end in an error status,
 //! an unanswered chain or a device that needs a reset, never in a host panic or a write outside
-//! the request.
+//! the request. And a backend that fails: errors that stop the VM leave requests pending.
 
+use std::io;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
@@ -36,25 +37,48 @@ const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 
-/// A disk in host memory.
-struct MemDisk(Mutex<Vec<u8>>);
+/// A disk in host memory, whose reads or writes (and flushes) can be made to fail.
+struct MemDisk {
+    data: Mutex<Vec<u8>>,
+    fail_reads: Mutex<Option<(io::ErrorKind, &'static str)>>,
+    fail_writes: Mutex<Option<(io::ErrorKind, &'static str)>>,
+}
+
+impl MemDisk {
+    fn new(bytes: usize) -> Self {
+        Self {
+            data: Mutex::new(vec![0u8; bytes]),
+            fail_reads: Mutex::new(None),
+            fail_writes: Mutex::new(None),
+        }
+    }
+}
+
+fn injected(fail: &Mutex<Option<(io::ErrorKind, &'static str)>>) -> io::Result<()> {
+    match *fail.lock().unwrap() {
+        Some((kind, message)) => Err(io::Error::new(kind, message)),
+        None => Ok(()),
+    }
+}
 
 impl BlockBackend for MemDisk {
     fn size(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
+        self.data.lock().unwrap().len() as u64
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let d = self.0.lock().unwrap();
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        injected(&self.fail_reads)?;
+        let d = self.data.lock().unwrap();
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-        let mut d = self.0.lock().unwrap();
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        injected(&self.fail_writes)?;
+        let mut d = self.data.lock().unwrap();
         d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
     }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
+    fn flush(&self) -> io::Result<()> {
+        injected(&self.fail_writes)
     }
 }
 
@@ -68,10 +92,7 @@ struct Rig {
 
 impl Rig {
     fn new() -> Self {
-        let disk = Arc::new(MemDisk(Mutex::new(vec![
-            0u8;
-            (DISK_SECTORS * 512) as usize
-        ])));
+        let disk = Arc::new(MemDisk::new((DISK_SECTORS * 512) as usize));
         let backend: Arc<dyn BlockBackend> = disk.clone();
         let dev = VirtioBlk::new(0, backend, EventFd::new(EFD_NONBLOCK).unwrap());
         let mut rig = Self {
@@ -205,7 +226,7 @@ impl Rig {
     }
 
     fn disk(&self) -> Vec<u8> {
-        self.disk.0.lock().unwrap().clone()
+        self.disk.data.lock().unwrap().clone()
     }
 }
 
@@ -321,7 +342,7 @@ fn data_on_the_wrong_side_is_refused() {
     assert_eq!(r.request(T_OUT, 0, Some((DATA, 512, WRITE))).0, IOERR);
     assert!(r.disk().iter().all(|&b| b == 0));
     // IN whose data buffer is read-only for the device.
-    r.disk.0.lock().unwrap()[..512].fill(0x11);
+    r.disk.data.lock().unwrap()[..512].fill(0x11);
     assert_eq!(r.request(T_IN, 0, Some((DATA, 512, 0))).0, IOERR);
     let mut b = [0u8; 512];
     r.mem.read(DATA, &mut b).unwrap();
@@ -458,7 +479,7 @@ fn saved_state_continues_the_queue() {
     );
     assert_eq!(r.used_idx(), 6);
     // A disk of another size, or a queue virtio-queue refuses, is not loaded.
-    let small: Arc<dyn BlockBackend> = Arc::new(MemDisk(Mutex::new(vec![0u8; 512])));
+    let small: Arc<dyn BlockBackend> = Arc::new(MemDisk::new(512));
     assert!(VirtioBlk::from_state(0, &state, small, irq()).is_err());
     let mut bad = state.clone();
     bad.queue.size = 3;
@@ -491,4 +512,138 @@ fn device_writes_are_marked_as_vmm_writes() {
         vec![USED / 4096, STATUS / 4096, (DATA + 0x5000) / 4096],
         "used ring, status and read data"
     );
+}
+
+/// Queues three requests in one notify: OUT of `DATA` to sector 3 (slot 0), IN of sector 3 into
+/// `DATA + 0x1000` (slot 1), FLUSH (slot 2).
+fn out_in_flush(r: &mut Rig) {
+    r.mem.write(DATA, &[0x42; 512]).unwrap();
+    let h = r.header(0, T_OUT, 3);
+    r.desc(0, h, 16, NEXT, 1);
+    r.desc(1, DATA, 512, NEXT, 2);
+    r.desc(2, STATUS, 1, WRITE, 0);
+    let h = r.header(1, T_IN, 3);
+    r.desc(3, h, 16, NEXT, 4);
+    r.desc(4, DATA + 0x1000, 512, WRITE | NEXT, 5);
+    r.desc(5, STATUS + 1, 1, WRITE, 0);
+    let h = r.header(2, T_FLUSH, 0);
+    r.desc(6, h, 16, NEXT, 7);
+    r.desc(7, STATUS + 2, 1, WRITE, 0);
+    r.publish(&[0, 3, 6]);
+}
+
+fn notify(r: &mut Rig) -> Option<crate::block::IoStop> {
+    r.dev.write(
+        u64::from(VIRTIO_MMIO_QUEUE_NOTIFY),
+        &0u32.to_le_bytes(),
+        &r.mem,
+    )
+}
+
+#[test]
+fn a_full_disk_leaves_every_request_pending_until_retried() {
+    let mut r = Rig::new();
+    *r.disk.fail_writes.lock().unwrap() = Some((io::ErrorKind::StorageFull, "no space left"));
+    out_in_flush(&mut r);
+    let stop = notify(&mut r).expect("the write stops the device");
+    assert_eq!((stop.disk, stop.kind), (0, io::ErrorKind::StorageFull));
+    assert!(
+        stop.to_string().contains("the host filesystem is full"),
+        "{stop}"
+    );
+    assert_eq!(r.dev.io_stop(), Some(&stop));
+    // Nothing answered: no used entry, no status byte, no interrupt; all three stay available.
+    assert_eq!(r.used_idx(), 0);
+    assert_eq!([r.status(0), r.status(1), r.status(2)], [0xee; 3]);
+    assert_eq!(r.reg(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    assert_eq!(r.dev.state().queue.next_avail, 0);
+    // A stopped device takes no notify; a retry while still full stops it again.
+    assert_eq!(notify(&mut r), None);
+    assert_eq!(r.dev.run_available(&r.mem), Err(stop.clone()));
+    assert_eq!(r.used_idx(), 0);
+    assert_eq!(r.dev.state().queue.next_avail, 0);
+
+    // Space freed: a device restored from the stopped one's state runs them, as does the
+    // stopped device itself; their writes into guest memory are VMM writes.
+    *r.disk.fail_writes.lock().unwrap() = None;
+    let state = r.dev.state();
+    let backend: Arc<dyn BlockBackend> = r.disk.clone();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut restored = VirtioBlk::from_state(0, &state, backend, irq).unwrap();
+    assert_eq!(restored.io_stop(), None);
+    let mut sink = PageBitmap::for_memory(MEMORY);
+    r.mem.take_vmm_writes(&mut sink);
+    assert_eq!(restored.run_available(&r.mem), Ok(()));
+    let mut marked = PageBitmap::for_memory(MEMORY);
+    r.mem.take_vmm_writes(&mut marked);
+    assert_eq!(
+        marked.iter().collect::<Vec<_>>(),
+        vec![USED / 4096, STATUS / 4096, (DATA + 0x1000) / 4096]
+    );
+    assert_eq!(r.used_idx(), 3);
+    assert_eq!([r.status(0), r.status(1), r.status(2)], [OK; 3]);
+    assert!(r.disk()[3 * 512..4 * 512].iter().all(|&b| b == 0x42));
+    let mut back = [0u8; 512];
+    r.mem.read(DATA + 0x1000, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0x42));
+
+    let mut r = Rig::new();
+    *r.disk.fail_writes.lock().unwrap() = Some((io::ErrorKind::QuotaExceeded, "quota"));
+    out_in_flush(&mut r);
+    assert_eq!(notify(&mut r).unwrap().kind, io::ErrorKind::QuotaExceeded);
+    *r.disk.fail_writes.lock().unwrap() = None;
+    assert_eq!(r.dev.run_available(&r.mem), Ok(()));
+    assert_eq!(r.dev.io_stop(), None);
+    assert_eq!(r.used_idx(), 3);
+    assert_eq!([r.status(0), r.status(1), r.status(2)], [OK; 3]);
+}
+
+#[test]
+fn damaged_data_stops_at_the_request_that_read_it() {
+    let mut r = Rig::new();
+    let damage = "layer /d/top.dlayer: block 0: checksum mismatch";
+    *r.disk.fail_reads.lock().unwrap() = Some((io::ErrorKind::InvalidData, damage));
+    out_in_flush(&mut r);
+    let stop = notify(&mut r).expect("the read stops the device");
+    assert_eq!(stop.kind, io::ErrorKind::InvalidData);
+    assert_eq!(stop.message, damage);
+    // The OUT before it completed; the IN and the FLUSH after it wait.
+    assert_eq!(r.used_idx(), 1);
+    assert_eq!(r.used_entry(0), (0, 1));
+    assert_eq!([r.status(0), r.status(1), r.status(2)], [OK, 0xee, 0xee]);
+    assert_eq!(r.dev.state().queue.next_avail, 1);
+    assert_eq!(r.reg(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+    *r.disk.fail_reads.lock().unwrap() = None;
+    assert_eq!(r.dev.run_available(&r.mem), Ok(()));
+    assert_eq!(r.used_idx(), 3);
+    assert_eq!(r.used_entry(1), (3, 513));
+    assert_eq!([r.status(0), r.status(1), r.status(2)], [OK; 3]);
+    // A reset drops the pending requests and the stop with them.
+    out_in_flush(&mut r);
+    *r.disk.fail_reads.lock().unwrap() = Some((io::ErrorKind::InvalidData, damage));
+    assert!(notify(&mut r).is_some());
+    r.set(VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(r.dev.io_stop(), None);
+}
+
+#[test]
+fn other_backend_errors_reach_the_guest() {
+    for kind in [
+        io::ErrorKind::Other,
+        io::ErrorKind::PermissionDenied,
+        io::ErrorKind::UnexpectedEof,
+    ] {
+        let mut r = Rig::new();
+        *r.disk.fail_writes.lock().unwrap() = Some((kind, "failed"));
+        *r.disk.fail_reads.lock().unwrap() = Some((kind, "failed"));
+        out_in_flush(&mut r);
+        assert_eq!(notify(&mut r), None, "{kind:?}");
+        assert_eq!(r.used_idx(), 3);
+        assert_eq!(
+            [r.status(0), r.status(1), r.status(2)],
+            [IOERR; 3],
+            "{kind:?}"
+        );
+        assert_eq!(r.dev.io_stop(), None);
+    }
 }
