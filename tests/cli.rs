@@ -1,64 +1,25 @@
 //! Tests of snapctl: the real snapctl binary against the real daemon on a temporary socket,
 //! with `--json` output parsed and checked.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
+use snap_testkit::kvm_available;
+use snap_testkit::snapd::Snapd;
 
-fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("SNAP_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: SNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            println!("SKIP {test}: /dev/kvm cannot be opened: {e}");
-            false
-        }
-    }
-}
+/// The daemon, and snapctl run against it.
+struct Daemon(Snapd);
 
-/// A snapd process on a data directory of its own; killed on drop.
-struct Snapd {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Snapd {
+impl Daemon {
     fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let child = Command::new(env!("CARGO_BIN_EXE_snapd"))
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--frame-kib")
-            .arg("64")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting snapd");
-        let d = Self {
-            child,
-            socket: data.join("snapd.sock"),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !snapctl(&d.socket, &["vm", "list"]).status.success() {
-            assert!(Instant::now() < deadline, "snapd did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
+        let mut d = Snapd::new(env!("CARGO_BIN_EXE_snapd"), &[]);
+        d.start("");
+        Self(d)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = snapctl(&self.socket, args);
+        let out = snapctl(&self.0.socket(), args);
         assert!(
             out.status.success(),
             "snapctl {args:?} failed ({}): {}",
@@ -78,7 +39,7 @@ impl Snapd {
 
     /// Runs snapctl expecting it to fail; returns its stderr.
     fn fails(&self, args: &[&str]) -> String {
-        let out = snapctl(&self.socket, args);
+        let out = snapctl(&self.0.socket(), args);
         assert_eq!(
             out.status.code(),
             Some(1),
@@ -86,13 +47,6 @@ impl Snapd {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8(out.stderr).unwrap()
-    }
-}
-
-impl Drop for Snapd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -143,7 +97,7 @@ fn vms_and_snapshots_through_snapctl() {
     if !kvm_available("vms_and_snapshots_through_snapctl") {
         return;
     }
-    let d = Snapd::start();
+    let d = Daemon::start();
     // A guest that runs for the whole test.
     let vm = d.json(&[
         "vm",
@@ -306,7 +260,7 @@ fn bench_through_snapctl() {
     if !kvm_available("bench_through_snapctl") {
         return;
     }
-    let d = Snapd::start();
+    let d = Daemon::start();
     let out = d.ok(&[
         "bench",
         "--clients",

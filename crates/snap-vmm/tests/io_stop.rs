@@ -10,10 +10,10 @@ mod common;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
+use snap_testkit::fs::Tmpfs;
 use snap_vmm::guest::WORKING_SET_BASE;
 use snap_vmm::{
     BlockBackend, IoStop, RawFile, RunState, TestGuest, Vm, VmConfig, VmError, VmExit, VmOptions,
@@ -28,59 +28,9 @@ const FREE_PAGES: u64 = 16;
 /// Size of the disk image (sparse: it takes pages only where the guest writes).
 const DISK_BYTES: u64 = 1 << 20;
 
-/// A tmpfs mounted on a temporary directory, unmounted when dropped (also on panic).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(bytes: u64) -> Result<Self, String> {
-        let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("running mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let umount = |lazy: bool| {
-            let mut c = Command::new("umount");
-            if lazy {
-                c.arg("-l");
-            }
-            c.arg(self.dir.path()).status().is_ok_and(|s| s.success())
-        };
-        // Something may still hold a file open after a panic: detach it then.
-        if !umount(false) && !umount(true) {
-            eprintln!("cannot unmount the tmpfs at {}", self.dir.path().display());
-        }
-    }
-}
-
 /// Mounts the test's tmpfs, or prints `SKIP <test>: <reason>` and returns None.
 fn small_tmpfs(test: &str) -> Option<Tmpfs> {
-    match Tmpfs::mount(TMPFS_BYTES) {
-        Ok(fs) => Some(fs),
-        Err(e) => {
-            println!("SKIP {test}: cannot mount a tmpfs: {e}");
-            None
-        }
-    }
+    Tmpfs::for_test(test, TMPFS_BYTES)
 }
 
 /// Fills the filesystem at `dir` with a file, then gives `FREE_PAGES` pages back; returns the

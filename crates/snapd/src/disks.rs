@@ -6,34 +6,33 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use snap_core::Id;
-use snap_disk::{DEFAULT_BLOCK_SIZE, Disk, DiskError, Geometry, NewLayer, create_layer};
+use snap_disk::{DEFAULT_BLOCK_SIZE, Disk, Geometry, NewLayer, create_layer};
 
-use crate::catalog::{DiskRecord, LayerRecord};
-use crate::error::{ApiError, ApiResult};
+use crate::catalog::{CatalogError, DiskRecord, LayerKind, LayerRecord, Tx};
+use crate::error::{Error, Result, disk_error};
+use crate::ids::LayerId;
+use crate::store::{FileClaim, Store};
 
-/// File (relative to the data directory) of disk layer `id`.
-pub fn layer_file(id: &Id) -> String {
-    format!("layers/{id}.dlayer")
-}
-
-/// Disks opened for one VM instance, with the layers made for them (not in the catalog yet).
-#[derive(Default)]
-pub struct Opened {
-    /// The disks, in the VM's order.
+/// Disks opened for one VM instance, with the layers made for them: claimed files, not in the
+/// catalog yet. Dropped before [`DiskSet::publish`], it closes the disks and removes the files.
+pub struct DiskSet {
+    /// The disks, in the VM's order (dropped before the claim removes their files).
     pub disks: Vec<Arc<Disk>>,
     /// Their chains as the catalog records them.
     pub records: Vec<DiskRecord>,
     /// Layers created for them, to insert in the catalog.
     pub new_layers: Vec<LayerRecord>,
+    claim: FileClaim,
 }
 
-impl Opened {
-    /// Removes the layer files this created (after a failure, before anything names them).
-    pub fn discard(self, data: &Path) {
-        drop(self.disks);
-        for l in self.new_layers {
-            let _ = std::fs::remove_file(data.join(l.file));
+impl DiskSet {
+    /// An empty set.
+    pub fn new(store: &Arc<Store>) -> Self {
+        Self {
+            disks: Vec::new(),
+            records: Vec::new(),
+            new_layers: Vec::new(),
+            claim: store.claim(Vec::new()),
         }
     }
 
@@ -41,6 +40,155 @@ impl Opened {
     pub fn backends(&self) -> Vec<Arc<dyn snap_vmm::BlockBackend>> {
         backends(&self.disks)
     }
+
+    /// Inserts the new layers' rows (in the transaction that records the VM using them).
+    ///
+    /// # Errors
+    /// The catalog's error.
+    pub fn insert_layers(&self, tx: &Tx<'_>) -> std::result::Result<(), CatalogError> {
+        for l in &self.new_layers {
+            tx.insert_layer(l)?;
+        }
+        Ok(())
+    }
+
+    /// The catalog names the new layers now: keep their files; returns the disks.
+    pub fn publish(self) -> Vec<Arc<Disk>> {
+        self.claim.publish();
+        self.disks
+    }
+
+    /// Imports the raw image at `image` as a sealed base layer; returns its file and id and the
+    /// disk size it gives.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming `disks.image_path` for an image that cannot be imported.
+    pub fn import_image(&mut self, store: &Store, image: &Path) -> Result<(PathBuf, LayerId, u64)> {
+        let file = Store::disk_layer_file();
+        self.claim.add(file.clone());
+        let path = store.path(&file);
+        let info = snap_disk::import_raw(image, &path, DEFAULT_BLOCK_SIZE).map_err(|e| {
+            if crate::error::is_disk_full(&e) {
+                Error::disk_full(format!("importing {}", image.display()))
+            } else {
+                Error::invalid("disks.image_path", e)
+            }
+        })?;
+        let id = LayerId(info.id);
+        self.new_layers.push(LayerRecord {
+            id,
+            kind: LayerKind::Disk,
+            bytes: store.file_len(&file),
+            file,
+        });
+        Ok((path, id, info.geometry.disk_bytes))
+    }
+
+    /// Adds a disk named `name` of `size` bytes: the sealed layers `sealed` (oldest first; none
+    /// for an empty disk) under a fresh, empty top.
+    ///
+    /// # Errors
+    /// The error of creating the top or opening the chain.
+    pub fn add(
+        &mut self,
+        store: &Store,
+        name: &str,
+        size: u64,
+        sealed: Vec<(PathBuf, LayerId)>,
+    ) -> Result<()> {
+        let (mut paths, mut chain): (Vec<PathBuf>, Vec<LayerId>) = sealed.into_iter().unzip();
+        let top = self.new_top(store, paths.last().map(PathBuf::as_path), size)?;
+        paths.push(store.path(&top.file));
+        chain.push(top.id);
+        self.new_layers.push(top);
+        self.disks.push(open(&paths)?);
+        self.records.push(DiskRecord {
+            name: name.to_string(),
+            size_bytes: size,
+            chain,
+        });
+        Ok(())
+    }
+
+    /// Adds a disk named `name` of `size` bytes as its chain `chain` (files `paths`) is: with a
+    /// fresh top if its top is sealed (a snapshot sealed it and never published).
+    ///
+    /// # Errors
+    /// The error of reading the top, creating a fresh one or opening the chain.
+    pub fn add_as_recorded(
+        &mut self,
+        store: &Store,
+        name: &str,
+        size: u64,
+        paths: Vec<PathBuf>,
+        chain: Vec<LayerId>,
+    ) -> Result<()> {
+        let sealed_top = match paths.last() {
+            Some(top) => snap_disk::layer_info(top)
+                .map_err(|e| disk_error("the disk's top layer", &e))?
+                .sealed(),
+            None => true,
+        };
+        if sealed_top {
+            return self.add(store, name, size, paths.into_iter().zip(chain).collect());
+        }
+        self.disks.push(open(&paths)?);
+        self.records.push(DiskRecord {
+            name: name.to_string(),
+            size_bytes: size,
+            chain,
+        });
+        Ok(())
+    }
+
+    /// Creates an empty top layer over the sealed layer at `parent` (or a base), claimed.
+    ///
+    /// # Errors
+    /// The error of reading the parent or creating the file.
+    pub fn new_top(
+        &mut self,
+        store: &Store,
+        parent: Option<&Path>,
+        size: u64,
+    ) -> Result<LayerRecord> {
+        let file = Store::disk_layer_file();
+        self.claim.add(file.clone());
+        new_top(store, &file, parent, size)
+    }
+}
+
+/// Creates the empty top layer `file` (claimed by the caller) over the sealed layer at `parent`
+/// (or a base) for a disk of `size` bytes.
+///
+/// # Errors
+/// The error of reading the parent or creating the file.
+pub fn new_top(store: &Store, file: &str, parent: Option<&Path>, size: u64) -> Result<LayerRecord> {
+    let parent = match parent {
+        None => None,
+        Some(p) => {
+            let info = snap_disk::layer_info(p).map_err(|e| disk_error("the disk's layer", &e))?;
+            Some(
+                info.as_parent()
+                    .ok_or_else(|| Error::internal(format!("{} is not sealed", p.display())))?,
+            )
+        }
+    };
+    let id = LayerId::random();
+    create_layer(
+        &store.path(file),
+        &NewLayer {
+            id: id.0,
+            parent,
+            geometry: geometry(size),
+        },
+    )
+    .map_err(|e| disk_error("creating a disk layer", &e))?;
+    Ok(LayerRecord {
+        id,
+        kind: LayerKind::Disk,
+        bytes: store.file_len(file),
+        file: file.to_string(),
+    })
 }
 
 /// `disks` as block backends for a VM.
@@ -49,45 +197,6 @@ pub fn backends(disks: &[Arc<Disk>]) -> Vec<Arc<dyn snap_vmm::BlockBackend>> {
         .iter()
         .map(|d| Arc::clone(d) as Arc<dyn snap_vmm::BlockBackend>)
         .collect()
-}
-
-/// Maps a snap-disk error to the API.
-pub fn disk_error(what: &str, e: &DiskError) -> ApiError {
-    match e {
-        DiskError::Io { .. } => ApiError::internal(format!("{what}: {e}")),
-        _ => ApiError::precondition(format!("{what}: {e}")),
-    }
-}
-
-/// Creates an empty top layer over the sealed layer at `parent` (or a base), returns its row.
-pub fn new_top(data: &Path, parent: Option<&Path>, geometry: Geometry) -> ApiResult<LayerRecord> {
-    let parent = match parent {
-        None => None,
-        Some(p) => {
-            let info = snap_disk::layer_info(p).map_err(|e| disk_error("the disk's layer", &e))?;
-            Some(
-                info.as_parent()
-                    .ok_or_else(|| ApiError::internal(format!("{} is not sealed", p.display())))?,
-            )
-        }
-    };
-    let id = Id::random();
-    let file = layer_file(&id);
-    create_layer(
-        &data.join(&file),
-        &NewLayer {
-            id,
-            parent,
-            geometry,
-        },
-    )
-    .map_err(|e| disk_error("creating a disk layer", &e))?;
-    Ok(LayerRecord {
-        id: id.to_string(),
-        kind: "disk".into(),
-        bytes: std::fs::metadata(data.join(&file)).map_or(0, |m| m.len()),
-        file,
-    })
 }
 
 /// Geometry of a disk of `size` bytes with the default block size.
@@ -99,7 +208,10 @@ pub fn geometry(size: u64) -> Geometry {
 }
 
 /// Opens `paths` (oldest first) as one disk.
-pub fn open(paths: &[PathBuf]) -> ApiResult<Arc<Disk>> {
+///
+/// # Errors
+/// The error naming the layer that cannot be opened.
+pub fn open(paths: &[PathBuf]) -> Result<Arc<Disk>> {
     Disk::open(paths)
         .map(Arc::new)
         .map_err(|e| disk_error("opening a disk", &e))

@@ -2,14 +2,14 @@
 //! comma-separated list of `name=fail:N` (the next N passes through `name` fail) and
 //! `name=sleep:MS` (each pass sleeps MS milliseconds, so a test can kill the daemon there).
 //!
-//! Points: `snapshot.write-memory` (before the memory layer is written), `snapshot.write-state`
-//! (after it), `snapshot.publish` (before the catalog transaction), and `snapshot.before-publish`
-//! (a sleep point just before it).
+//! Points: `snapshot.seal-disk` (after the disks are sealed), `snapshot.write-memory` (before
+//! the memory layer is written), `snapshot.write-state` (after it), `snapshot.before-publish`
+//! (just before the catalog transaction), and `snapshot.publish` (inside it, before its commit).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy)]
 enum Action {
@@ -28,7 +28,7 @@ impl FailPoints {
     ///
     /// # Errors
     /// A message naming the entry that does not parse.
-    pub fn parse(spec: &str) -> Result<Self, String> {
+    pub fn parse(spec: &str) -> std::result::Result<Self, String> {
         let mut points = HashMap::new();
         for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             let bad = || format!("failpoint {entry:?}: expected name=fail:N or name=sleep:MS");
@@ -51,7 +51,7 @@ impl FailPoints {
     ///
     /// # Errors
     /// As [`FailPoints::parse`].
-    pub fn from_env() -> Result<Self, String> {
+    pub fn from_env() -> std::result::Result<Self, String> {
         Self::parse(&std::env::var("SNAPD_FAILPOINTS").unwrap_or_default())
     }
 
@@ -59,7 +59,7 @@ impl FailPoints {
     ///
     /// # Errors
     /// INTERNAL "injected failure at <name>".
-    pub fn pass(&self, name: &str) -> ApiResult<()> {
+    pub fn pass(&self, name: &str) -> Result<()> {
         let action = {
             let mut points = self.points.lock().unwrap_or_else(|e| e.into_inner());
             match points.get_mut(name) {
@@ -72,7 +72,7 @@ impl FailPoints {
             }
         };
         match action {
-            Some(Action::Fail(_)) => Err(ApiError::internal(format!("injected failure at {name}"))),
+            Some(Action::Fail(_)) => Err(Error::internal(format!("injected failure at {name}"))),
             Some(Action::SleepMs(ms)) => {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
                 Ok(())

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use snap_api::v1::snapd_server::SnapdServer;
+use snapd::api::Service;
 use snapd::daemon::{Config, Daemon};
 use snapd::failpoints::FailPoints;
-use snapd::service::Service;
+use snapd::store::StoreOptions;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -46,6 +47,15 @@ struct Args {
     /// far: a restore into one only loads state.
     #[arg(long, default_value_t = 1)]
     warm_pool: usize,
+    /// Space in MiB kept back in <data-dir>/reserve and given back when the filesystem is full,
+    /// so that the catalog can still be written and snapshots deleted to free space.
+    #[arg(long, default_value_t = 64)]
+    reserve_mib: u64,
+    /// Start even if the catalog does not match the data directory (missing, emptied, or it lost
+    /// committed transactions): files it does not name are moved to <data-dir>/lost+found
+    /// instead of being deleted.
+    #[arg(long)]
+    keep_unknown_files: bool,
 }
 
 fn main() {
@@ -98,6 +108,10 @@ fn run(args: Args) -> Result<(), String> {
         failpoints,
         copy_before_resume: args.copy_before_resume_mib << 20,
         warm_pool: args.warm_pool,
+        store: StoreOptions {
+            reserve_bytes: args.reserve_mib << 20,
+            keep_unknown_files: args.keep_unknown_files,
+        },
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -117,17 +131,19 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
 
-    // Reports VMs whose guest finished or failed on its own.
-    let watcher = Arc::clone(&daemon);
+    // Housekeeping: VMs whose guest finished, failed or paused on its own are reported every
+    // 100 ms; VMs a full disk paused are resumed once space is back (every second); files
+    // nothing names are removed and old operations forgotten every minute.
+    let keeper = Arc::clone(&daemon);
     tokio::spawn(async move {
-        for tick in 0u64.. {
+        for tick in 1u64.. {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let d = Arc::clone(&watcher);
+            let d = Arc::clone(&keeper);
             let _ = tokio::task::spawn_blocking(move || {
-                d.watch_states();
-                if tick % 600 == 0 {
-                    d.forget_old_operations();
+                if tick % 10 == 0 {
+                    d.resume_after_disk_full();
                 }
+                d.housekeeping(tick % 600 == 0);
             })
             .await;
         }

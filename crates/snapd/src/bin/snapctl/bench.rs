@@ -297,6 +297,7 @@ impl Client {
         let r = self
             .c
             .create_snapshot(pb::CreateSnapshotRequest {
+                wait: false,
                 request_id: crate::fresh_request_id(),
                 vm_id,
                 name,
@@ -319,6 +320,7 @@ impl Client {
         let r = self
             .c
             .restore_snapshot(pb::RestoreSnapshotRequest {
+                wait: false,
                 request_id: crate::fresh_request_id(),
                 snapshot_id,
                 target: Some(pb::restore_snapshot_request::Target::NewVm(pb::NewVm {
@@ -343,6 +345,7 @@ impl Client {
         let r = self
             .c
             .delete_snapshot(pb::DeleteSnapshotRequest {
+                wait: false,
                 request_id: crate::fresh_request_id(),
                 snapshot_id,
                 with_descendants: false,
@@ -358,6 +361,7 @@ impl Client {
         let r = self
             .c
             .stop_vm(pb::VmActionRequest {
+                wait: false,
                 request_id: crate::fresh_request_id(),
                 vm_id: vm_id.clone(),
             })
@@ -373,6 +377,7 @@ impl Client {
         let r = self
             .c
             .delete_vm(pb::DeleteVmRequest {
+                wait: false,
                 request_id: crate::fresh_request_id(),
                 vm_id,
                 with_snapshots: false,
@@ -393,6 +398,7 @@ impl Client {
             let r = self
                 .c
                 .delete_snapshot(pb::DeleteSnapshotRequest {
+                    wait: false,
                     request_id: crate::fresh_request_id(),
                     snapshot_id: snapshot_id.clone(),
                     with_descendants: false,
@@ -419,12 +425,14 @@ impl Client {
 /// Stops and deletes a VM, waiting for the deletion.
 pub(crate) async fn remove(c: &mut SnapdClient<Channel>, vm_id: &str) -> Result<(), CliError> {
     c.stop_vm(pb::VmActionRequest {
+        wait: false,
         request_id: crate::fresh_request_id(),
         vm_id: vm_id.to_string(),
     })
     .await?;
     let op = c
         .delete_vm(pb::DeleteVmRequest {
+            wait: false,
             request_id: crate::fresh_request_id(),
             vm_id: vm_id.to_string(),
             with_snapshots: false,

@@ -40,6 +40,7 @@ fn print_vm(cli: &Cli, v: &pb::Vm) {
 async fn vm(cli: &Cli, c: &mut Client, cmd: &VmCommand) -> Result<(), CliError> {
     let action = |vm_id: String| pb::VmActionRequest {
         request_id: cli.request_id(),
+        wait: cli.wait_busy,
         vm_id,
     };
     match cmd {
@@ -115,6 +116,7 @@ async fn vm(cli: &Cli, c: &mut Client, cmd: &VmCommand) -> Result<(), CliError> 
             let op = c
                 .delete_vm(pb::DeleteVmRequest {
                     request_id: cli.request_id(),
+                    wait: cli.wait_busy,
                     vm_id: id,
                     with_snapshots: *with_snapshots,
                 })
@@ -233,6 +235,7 @@ async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<()
             let op = c
                 .create_snapshot(pb::CreateSnapshotRequest {
                     request_id: cli.request_id(),
+                    wait: cli.wait_busy,
                     vm_id,
                     name: name.clone(),
                     labels: labels(l),
@@ -320,6 +323,7 @@ async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<()
             let op = c
                 .restore_snapshot(pb::RestoreSnapshotRequest {
                     request_id: cli.request_id(),
+                    wait: cli.wait_busy,
                     snapshot_id,
                     target: Some(target),
                     memory_mode: Mode::to_pb(*mode) as i32,
@@ -342,6 +346,7 @@ async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<()
             let op = c
                 .clone_snapshot(pb::CloneSnapshotRequest {
                     request_id: cli.request_id(),
+                    wait: cli.wait_busy,
                     snapshot_id,
                     count: *count,
                     name_prefix: prefix.clone(),
@@ -362,6 +367,7 @@ async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<()
             let op = c
                 .delete_snapshot(pb::DeleteSnapshotRequest {
                     request_id: cli.request_id(),
+                    wait: cli.wait_busy,
                     snapshot_id,
                     with_descendants: *with_descendants,
                 })

@@ -222,6 +222,7 @@ async fn idle_vm(
         .into_inner();
     if state == IdleState::Paused {
         c.pause_vm(pb::VmActionRequest {
+            wait: false,
             request_id: crate::fresh_request_id(),
             vm_id: vm.id.clone(),
         })

@@ -34,7 +34,7 @@ use crate::error::CliError;
 )]
 pub(crate) struct Cli {
     /// snapd's Unix socket.
-    #[arg(long, global = true, default_value = snapd::client::DEFAULT_SOCKET, conflicts_with = "addr")]
+    #[arg(long, global = true, default_value = snap_api::client::DEFAULT_SOCKET, conflicts_with = "addr")]
     socket: PathBuf,
     /// snapd over TCP instead of the socket, e.g. http://127.0.0.1:7325.
     #[arg(long, global = true)]
@@ -47,6 +47,10 @@ pub(crate) struct Cli {
     /// again with the same id is a safe retry: the daemon answers it with the first call's result.
     #[arg(long, global = true)]
     request_id: Option<String>,
+    /// If another operation holds what a command needs (its VM, or a snapshot or layer it reads
+    /// or changes), wait for it to end instead of failing with ABORTED.
+    #[arg(long, global = true)]
+    wait_busy: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -379,7 +383,7 @@ impl Cli {
 
     /// A client of snapd.
     pub(crate) async fn connect(&self) -> Result<SnapdClient<Channel>, CliError> {
-        snapd::client::connect(&self.target())
+        snap_api::client::connect(&self.target())
             .await
             .map_err(|e| CliError::new(tonic::Code::Unavailable, e))
     }

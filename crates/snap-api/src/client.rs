@@ -1,7 +1,7 @@
-//! Connecting to snapd: a Unix socket path, or an `http://host:port` address.
+//! Connecting to snapd: a Unix socket path, or an `http://host:port` address (feature `client`).
 
+use crate::v1::snapd_client::SnapdClient;
 use hyper_util::rt::TokioIo;
-use snap_api::v1::snapd_client::SnapdClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The socket of a daemon started with the default data directory.

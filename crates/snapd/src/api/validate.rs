@@ -1,8 +1,9 @@
-//! Checks of client-chosen strings: names, request ids, labels.
+//! Checks of what clients send: names, ids, request ids, labels. Each failure is
+//! INVALID_ARGUMENT naming the field.
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{Error, Result};
 
 /// Longest name.
 pub const NAME_MAX: usize = 63;
@@ -18,12 +19,12 @@ pub const LABELS_MAX: usize = 64;
 ///
 /// # Errors
 /// INVALID_ARGUMENT naming `field` and what is wrong.
-pub fn check_name(field: &str, name: &str) -> ApiResult<()> {
+pub fn check_name(field: &str, name: &str) -> Result<()> {
     if name.is_empty() {
-        return Err(ApiError::invalid(field, "must not be empty"));
+        return Err(Error::invalid(field, "must not be empty"));
     }
     if name.len() > NAME_MAX {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             field,
             format!("{} characters, at most {NAME_MAX} allowed", name.len()),
         ));
@@ -32,13 +33,13 @@ pub fn check_name(field: &str, name: &str) -> ApiResult<()> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             field,
             format!("{name:?} contains {c:?}; use only letters, digits, '.', '_' and '-'"),
         ));
     }
     if name.starts_with(['.', '-']) {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             field,
             format!("{name:?} must not start with '.' or '-'"),
         ));
@@ -50,15 +51,15 @@ pub fn check_name(field: &str, name: &str) -> ApiResult<()> {
 ///
 /// # Errors
 /// INVALID_ARGUMENT saying what is wrong.
-pub fn check_request_id(id: &str) -> ApiResult<()> {
+pub fn check_request_id(id: &str) -> Result<()> {
     if id.is_empty() {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "request_id",
             "must be set: a client-chosen id, unique per intended action, so that a retry does nothing twice",
         ));
     }
     if id.len() > REQUEST_ID_MAX || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "request_id",
             format!("must be 1 to {REQUEST_ID_MAX} printable ASCII characters without spaces"),
         ));
@@ -73,9 +74,9 @@ pub fn check_request_id(id: &str) -> ApiResult<()> {
 pub fn check_labels(
     field: &str,
     labels: &HashMap<String, String>,
-) -> ApiResult<BTreeMap<String, String>> {
+) -> Result<BTreeMap<String, String>> {
     if labels.len() > LABELS_MAX {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             field,
             format!("{} labels, at most {LABELS_MAX} allowed", labels.len()),
         ));
@@ -83,7 +84,7 @@ pub fn check_labels(
     for (k, v) in labels {
         check_name(&format!("{field} key"), k)?;
         if v.len() > LABEL_VALUE_MAX || v.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 &format!("{field}[{k}]"),
                 format!(
                     "value must be at most {LABEL_VALUE_MAX} characters without control characters"
@@ -94,22 +95,24 @@ pub fn check_labels(
     Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
-/// Checks an id argument: 32 lowercase hex digits.
+/// Parses an id argument: 32 lowercase hex digits.
 ///
 /// # Errors
-/// INVALID_ARGUMENT naming `field`.
-pub fn check_id(field: &str, id: &str) -> ApiResult<()> {
-    if id.len() != 32
-        || !id
+/// INVALID_ARGUMENT naming `field` (the value is shown cut short).
+pub fn parse_id<T: std::str::FromStr>(field: &str, id: &str) -> Result<T> {
+    let ok = id.len() == 32
+        && id
             .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(ApiError::invalid(
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let parsed = if ok { id.parse().ok() } else { None };
+    parsed.ok_or_else(|| {
+        let shown: String = id.chars().take(40).collect();
+        let more = if id.chars().count() > 40 { "..." } else { "" };
+        Error::invalid(
             field,
-            format!("{id:?} is not an id (32 lowercase hex digits)"),
-        ));
-    }
-    Ok(())
+            format!("{shown:?}{more} is not an id (32 lowercase hex digits)"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -131,7 +134,7 @@ mod tests {
             (&"x".repeat(64), "at most 63"),
         ] {
             let e = check_name("name", bad).unwrap_err();
-            assert_eq!(e.code, tonic::Code::InvalidArgument);
+            assert_eq!(e.kind, crate::error::ErrorKind::InvalidArgument);
             assert!(e.message.contains(why), "{bad:?}: {}", e.message);
         }
     }
@@ -142,8 +145,10 @@ mod tests {
         assert!(check_request_id("").is_err());
         assert!(check_request_id("a b").is_err());
         assert!(check_request_id(&"r".repeat(129)).is_err());
-        check_id("vm_id", &"0123456789abcdef".repeat(2)).unwrap();
-        assert!(check_id("vm_id", "nope").is_err());
-        assert!(check_id("vm_id", &"0123456789ABCDEF".repeat(2)).is_err());
+        parse_id::<crate::ids::VmId>("vm_id", &"0123456789abcdef".repeat(2)).unwrap();
+        assert!(parse_id::<crate::ids::VmId>("vm_id", "nope").is_err());
+        assert!(parse_id::<crate::ids::VmId>("vm_id", &"0123456789ABCDEF".repeat(2)).is_err());
+        let long = parse_id::<crate::ids::VmId>("vm_id", &"x".repeat(3 << 20)).unwrap_err();
+        assert!(long.message.len() < 200, "a huge id is not echoed whole");
     }
 }

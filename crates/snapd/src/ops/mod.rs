@@ -1,0 +1,358 @@
+//! Long operations: admission by the [`scheduler`], a thread that runs the work, its progress,
+//! cancellation and end, recorded in the catalog and told to watchers ([`events`]); and the
+//! client request ids every mutating call carries ([`requests`]).
+//!
+//! A long call is admitted before it returns: a conflict fails the call itself with ABORTED,
+//! unless the client asked to wait, in which case the call returns the operation at once in
+//! state PENDING and it runs when what it needs is free (or fails if it waited too long or was
+//! cancelled meanwhile).
+
+pub mod events;
+pub mod requests;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use snap_api::v1 as pb;
+
+use crate::daemon::Daemon;
+use crate::error::{Error, ErrorKind, Result};
+use crate::ids::{OpId, SnapshotId, VmId};
+use crate::now_ms;
+use requests::RequestCtx;
+use scheduler::{Admission, Footprint, Holder, Patience};
+
+/// How long an operation that asked to wait may wait for what it needs.
+pub const ADMISSION_WAIT: Duration = Duration::from_secs(600);
+
+/// How long ended operations are kept (in memory here, in the catalog until the next start).
+pub const OPERATION_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A long operation as it runs.
+pub struct OpCell {
+    op: Mutex<pb::Operation>,
+    cancel: AtomicBool,
+}
+
+impl OpCell {
+    fn new(op: pb::Operation) -> Arc<Self> {
+        Arc::new(Self {
+            op: Mutex::new(op),
+            cancel: AtomicBool::new(false),
+        })
+    }
+
+    fn get(&self) -> pb::Operation {
+        lock(&self.op).clone()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+}
+
+/// The operations the daemon knows: running ones, and ended ones for a day.
+#[derive(Default)]
+pub struct Operations {
+    cells: Mutex<HashMap<OpId, Arc<OpCell>>>,
+}
+
+impl Operations {
+    /// Adds an operation found in the catalog at start (one that had not ended is recorded as
+    /// failed by the caller first).
+    pub fn insert(&self, op: pb::Operation) {
+        if let Ok(id) = op.id.parse() {
+            lock(&self.cells).insert(id, OpCell::new(op));
+        }
+    }
+
+    fn cell(&self, id: OpId) -> Result<Arc<OpCell>> {
+        lock(&self.cells)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("operation", id))
+    }
+
+    /// One operation.
+    ///
+    /// # Errors
+    /// NOT_FOUND.
+    pub fn get(&self, id: OpId) -> Result<pb::Operation> {
+        Ok(self.cell(id)?.get())
+    }
+
+    /// Every operation, oldest first.
+    pub fn list(&self) -> Vec<pb::Operation> {
+        let mut ops: Vec<pb::Operation> = lock(&self.cells).values().map(|c| c.get()).collect();
+        ops.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        ops
+    }
+
+    /// Asks an operation to stop before its point of no return.
+    ///
+    /// # Errors
+    /// NOT_FOUND, or FAILED_PRECONDITION once it cannot be cancelled.
+    pub fn cancel(&self, id: OpId) -> Result<pb::Operation> {
+        let cell = self.cell(id)?;
+        let op = lock(&cell.op);
+        if !op.cancellable {
+            return Err(Error::precondition(format!(
+                "operation {id} can no longer be cancelled (it has ended or passed its point of no return)"
+            )));
+        }
+        cell.cancel.store(true, Ordering::Release);
+        Ok(op.clone())
+    }
+
+    /// Forgets operations that ended more than [`OPERATION_RETENTION_MS`] ago.
+    pub fn forget_old(&self) {
+        let before = now_ms() - OPERATION_RETENTION_MS;
+        lock(&self.cells).retain(|_, c| {
+            let op = lock(&c.op);
+            op.ended_unix_ms == 0 || op.ended_unix_ms >= before
+        });
+    }
+}
+
+/// What a running operation reports through, and asks whether it was cancelled.
+pub struct Progress<'a> {
+    daemon: &'a Daemon,
+    cell: &'a OpCell,
+}
+
+impl Progress<'_> {
+    /// Sets the phase and byte counts, and tells watchers.
+    pub fn phase(&self, phase: &str, done: u64, total: u64) {
+        let op = {
+            let mut op = lock(&self.cell.op);
+            op.progress = Some(pb::Progress {
+                phase: phase.into(),
+                bytes_done: done,
+                bytes_total: total,
+            });
+            op.clone()
+        };
+        self.daemon.events.emit(pb::event::Kind::Operation(op));
+    }
+
+    /// Fails with CANCELLED if the client cancelled.
+    ///
+    /// # Errors
+    /// CANCELLED.
+    pub fn check_cancel(&self) -> Result<()> {
+        if self.cell.cancelled() {
+            return Err(Error::cancelled());
+        }
+        Ok(())
+    }
+
+    /// The point of no return: after a last cancellation check the operation can no longer be
+    /// cancelled.
+    ///
+    /// # Errors
+    /// CANCELLED.
+    pub fn no_return(&self) -> Result<()> {
+        let mut op = lock(&self.cell.op);
+        self.check_cancel()?;
+        op.cancellable = false;
+        Ok(())
+    }
+
+    /// Records how long the operation paused its VM.
+    pub fn set_pause(&self, pause: Duration) {
+        lock(&self.cell.op).pause_us = pause.as_micros() as u64;
+    }
+}
+
+/// What a long operation is and what it is about.
+pub struct OpSpec {
+    /// Its kind.
+    pub kind: pb::OperationKind,
+    /// The VM it changes, if one.
+    pub vm: Option<VmId>,
+    /// The snapshot it is about, if one.
+    pub snapshot: Option<SnapshotId>,
+    /// Wait for conflicting operations instead of failing ABORTED.
+    pub wait: bool,
+}
+
+impl OpSpec {
+    fn holder(&self, op: OpId) -> Holder {
+        let kind = match self.kind {
+            pb::OperationKind::CreateSnapshot => "CreateSnapshot",
+            pb::OperationKind::RestoreSnapshot => "RestoreSnapshot",
+            pb::OperationKind::CloneSnapshot => "CloneSnapshot",
+            pb::OperationKind::DeleteSnapshot => "DeleteSnapshot",
+            pb::OperationKind::DeleteVm => "DeleteVm",
+            pb::OperationKind::Unspecified => "an operation",
+        };
+        let what = match (self.vm, self.snapshot) {
+            (Some(v), Some(s)) => format!("{kind} of VM {v} to snapshot {s}"),
+            (Some(v), None) => format!("{kind} of VM {v}"),
+            (None, Some(s)) => format!("{kind} of snapshot {s}"),
+            (None, None) => kind.to_string(),
+        };
+        Holder { op: Some(op), what }
+    }
+}
+
+type Plan<T> = Box<dyn FnMut(&Daemon) -> Result<(Footprint, T)> + Send>;
+
+impl Daemon {
+    /// Admits a call that is not a long operation (start, pause, resume, stop) now, or, with
+    /// `wait`, once what it needs is free (at most [`ADMISSION_WAIT`]).
+    ///
+    /// # Errors
+    /// `plan`'s error, or ABORTED.
+    pub(crate) fn admit_now<T>(
+        &self,
+        what: String,
+        wait: bool,
+        mut plan: impl FnMut(&Daemon) -> Result<(Footprint, T)>,
+    ) -> Result<(Admission, T)> {
+        let never = || false;
+        let patience = if wait {
+            Patience::Until(Instant::now() + ADMISSION_WAIT, &never)
+        } else {
+            Patience::None
+        };
+        self.scheduler
+            .admit(Holder { op: None, what }, patience, || plan(self))
+    }
+
+    /// Starts a long operation: admits it with the footprint `plan` computes (failing the call
+    /// with ABORTED on a conflict, unless `spec.wait`), records it with the request's answer in
+    /// one transaction, and runs `work` on a thread of its own. Returns the operation as it
+    /// starts.
+    ///
+    /// # Errors
+    /// `plan`'s error, ABORTED, or the catalog's error; nothing was started then.
+    pub(crate) fn launch<T: Send + 'static>(
+        self: &Arc<Self>,
+        spec: OpSpec,
+        ctx: &RequestCtx,
+        plan: impl FnMut(&Daemon) -> Result<(Footprint, T)> + Send + 'static,
+        work: impl FnOnce(&Daemon, &Progress<'_>, T) -> Result<pb::OperationResult> + Send + 'static,
+    ) -> Result<pb::Operation> {
+        let id = OpId::random();
+        let holder = spec.holder(id);
+        let mut plan: Plan<T> = Box::new(plan);
+        let admitted = if spec.wait {
+            None
+        } else {
+            Some(
+                self.scheduler
+                    .admit(holder.clone(), Patience::None, || plan(self))?,
+            )
+        };
+        let mut op = pb::Operation {
+            id: id.to_string(),
+            kind: spec.kind as i32,
+            vm_id: spec.vm.map(|v| v.to_string()).unwrap_or_default(),
+            snapshot_id: spec.snapshot.map(|s| s.to_string()).unwrap_or_default(),
+            created_unix_ms: now_ms(),
+            cancellable: true,
+            ..Default::default()
+        };
+        op.set_state(if admitted.is_some() {
+            pb::OperationState::Running
+        } else {
+            pb::OperationState::Pending
+        });
+        let body = prost::Message::encode_to_vec(&op);
+        self.catalog.write(|tx| {
+            tx.put_operation(id, &op.vm_id, op.created_unix_ms, false, &body)?;
+            ctx.answer(tx, &op)
+        })?;
+        let cell = OpCell::new(op.clone());
+        lock(&self.ops.cells).insert(id, Arc::clone(&cell));
+        self.events.emit(pb::event::Kind::Operation(op.clone()));
+        let daemon = Arc::clone(self);
+        let run = move || {
+            let progress = Progress {
+                daemon: &daemon,
+                cell: &cell,
+            };
+            let result = match admitted {
+                Some((admission, found)) => {
+                    let r = work(&daemon, &progress, found);
+                    drop(admission);
+                    r
+                }
+                None => daemon.run_when_admitted(&progress, holder, plan, work),
+            };
+            daemon.end(&cell, result);
+        };
+        std::thread::Builder::new()
+            .name(format!("op-{}", &id.to_string()[..8]))
+            .spawn(run)
+            .map_err(|e| Error::internal(format!("starting the operation: {e}")))?;
+        Ok(op)
+    }
+
+    fn run_when_admitted<T>(
+        &self,
+        progress: &Progress<'_>,
+        holder: Holder,
+        mut plan: Plan<T>,
+        work: impl FnOnce(&Daemon, &Progress<'_>, T) -> Result<pb::OperationResult>,
+    ) -> Result<pb::OperationResult> {
+        let cancelled = || progress.cell.cancelled();
+        let patience = Patience::Until(Instant::now() + ADMISSION_WAIT, &cancelled);
+        let (admission, found) = self.scheduler.admit(holder, patience, || plan(self))?;
+        let op = {
+            let mut op = lock(&progress.cell.op);
+            op.set_state(pb::OperationState::Running);
+            op.clone()
+        };
+        self.events.emit(pb::event::Kind::Operation(op));
+        let result = work(self, progress, found);
+        drop(admission);
+        result
+    }
+
+    /// Records an operation's end and tells watchers.
+    fn end(&self, cell: &OpCell, result: Result<pb::OperationResult>) {
+        let op = {
+            let mut op = lock(&cell.op);
+            op.ended_unix_ms = now_ms();
+            op.cancellable = false;
+            match result {
+                Ok(r) => {
+                    op.set_state(pb::OperationState::Succeeded);
+                    op.result = Some(r);
+                }
+                Err(e) => {
+                    op.set_state(if e.kind == ErrorKind::Cancelled {
+                        pb::OperationState::Cancelled
+                    } else {
+                        pb::OperationState::Failed
+                    });
+                    op.error = Some(crate::api::status::operation_error(&e));
+                }
+            }
+            op.clone()
+        };
+        let body = prost::Message::encode_to_vec(&op);
+        let id = cell_id(&op);
+        if let Err(e) = self
+            .catalog
+            .write(|tx| tx.put_operation(id, &op.vm_id, op.created_unix_ms, true, &body))
+        {
+            tracing::error!(error = %e, op = %op.id, "cannot record the operation's end");
+        }
+        self.events.emit(pb::event::Kind::Operation(op));
+        self.watch_states();
+    }
+}
+
+fn cell_id(op: &pb::Operation) -> OpId {
+    op.id.parse().expect("operation ids are made here")
+}

@@ -1,0 +1,55 @@
+//! Client request ids. Every mutating call carries one; its answer is stored in the catalog in
+//! the same transaction as what the call created (or, for calls that change no row, in one of
+//! its own), exactly once, so that a retry gets the first answer and nothing happens twice.
+
+use crate::catalog::{RequestRecord, Tx};
+use crate::error::{Error, Result};
+
+/// A request being answered.
+#[derive(Debug, Clone)]
+pub struct RequestCtx {
+    /// The client's id.
+    pub request_id: String,
+    /// The RPC.
+    pub method: &'static str,
+    /// The request without its id, encoded: a retry must match it.
+    pub fingerprint: Vec<u8>,
+}
+
+impl RequestCtx {
+    /// Stores `response` as the answer, inside the transaction that made it.
+    ///
+    /// # Errors
+    /// The catalog's error.
+    pub fn answer(
+        &self,
+        tx: &Tx<'_>,
+        response: &impl prost::Message,
+    ) -> std::result::Result<(), crate::catalog::CatalogError> {
+        let record = RequestRecord {
+            method: self.method.into(),
+            fingerprint: self.fingerprint.clone(),
+            response: response.encode_to_vec(),
+        };
+        tx.put_request(&self.request_id, &record, crate::now_ms())
+    }
+
+    /// The stored answer if this request id was answered before; ALREADY_EXISTS if it was used
+    /// for a different request.
+    ///
+    /// # Errors
+    /// ALREADY_EXISTS, or the catalog's error.
+    pub fn answered(&self, catalog: &crate::catalog::Catalog) -> Result<Option<Vec<u8>>> {
+        match catalog.read(|tx| tx.request(&self.request_id))? {
+            None => Ok(None),
+            Some(r) if r.method == self.method && r.fingerprint == self.fingerprint => {
+                Ok(Some(r.response))
+            }
+            Some(r) => Err(Error::exists(format!(
+                "request id {:?} was already used for a different {} request: use a new request id \
+                 for a new action",
+                self.request_id, r.method
+            ))),
+        }
+    }
+}
