@@ -10,7 +10,7 @@ use snap_core::Id;
 
 use crate::build::create_empty;
 use crate::error::DiskError;
-use crate::layer::{Identity, LayerFile};
+use crate::layer::{CommitFailure, Identity, LayerFile};
 use crate::merge::{MergeInto, blocks_to_copy, check_pair, copy_blocks};
 use crate::meta::{Geometry, LayerInfo, NewLayer, SECTOR};
 
@@ -324,9 +324,19 @@ impl Disk {
     /// holding the whole block (the rest copied from the layer below); a block already written
     /// since the last commit is written in place.
     ///
+    /// A write that fails for lack of room (the filesystem is full, a quota is exceeded, see
+    /// [`DiskError::io_kind`]) leaves the disk usable: each block of its range holds either all
+    /// of its old data or all of the new, never anything else (the blocks before the one that
+    /// failed may have been written), a later flush commits exactly what reads show, and the
+    /// same write succeeds once there is room.
+    /// File space for fresh slots is reserved (`fallocate`) before they are written, so a full
+    /// filesystem fails the write, not the next flush. Any other failure breaks the disk: it
+    /// refuses writes and flushes until it is reopened, which shows the last commit.
+    ///
     /// # Errors
     /// [`DiskError::Unaligned`], [`DiskError::OutOfRange`], [`DiskError::ReadOnly`] for a sealed
-    /// top, [`DiskError::Broken`] after an earlier failed write, or the I/O error.
+    /// top, [`DiskError::Broken`] after an earlier failure that broke the disk,
+    /// [`DiskError::LayerFull`], or the I/O error.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         self.check_io(offset, data.len())?;
         let mut guard = self.write();
@@ -335,11 +345,13 @@ impl Disk {
         let mut scratch = std::mem::take(&mut chain.scratch);
         let result = self.write_blocks(chain, offset, data, &mut scratch);
         chain.scratch = scratch;
-        if let Err(e) = &result {
-            // Part of the write may be in the top's map: never commit it.
-            chain.broken = Some(e.to_string());
-        }
-        result
+        result.map_err(|failed| {
+            if !failed.usable {
+                // The top may hold a torn block: never commit it.
+                chain.broken = Some(failed.error.to_string());
+            }
+            failed.error
+        })
     }
 
     fn write_blocks(
@@ -348,7 +360,7 @@ impl Disk {
         offset: u64,
         data: &[u8],
         scratch: &mut Vec<u8>,
-    ) -> Result<(), DiskError> {
+    ) -> Result<(), Box<WriteFailure>> {
         let bs = u64::from(self.geometry.block_size);
         let top = chain.layers.len() - 1;
         let mut done = 0usize;
@@ -360,20 +372,31 @@ impl Disk {
             let n = (block_len - in_block as usize).min(data.len() - done);
             let piece = &data[done..done + n];
             let slot = if chain.layers[top].is_dirty(block) {
-                chain.layers[top].patch_block(block, in_block, piece)?;
+                // In place: a failure may leave the block torn.
+                chain.layers[top]
+                    .patch_block(block, in_block, piece)
+                    .map_err(WriteFailure::broken)?;
                 None
             } else if n == block_len {
-                Some(chain.layers[top].put_block(block, piece)?)
+                Some(
+                    chain.layers[top]
+                        .put_block(block, piece)
+                        .map_err(WriteFailure::fresh_slot)?,
+                )
             } else {
                 scratch.resize(block_len, 0);
                 match chain.index.get(&block) {
                     None => scratch.fill(0),
-                    Some(loc) => {
-                        chain.layers[loc.layer as usize].read_slot(loc.slot, 0, scratch)?
-                    }
+                    Some(loc) => chain.layers[loc.layer as usize]
+                        .read_slot(loc.slot, 0, scratch)
+                        .map_err(WriteFailure::broken)?,
                 }
                 scratch[in_block as usize..in_block as usize + n].copy_from_slice(piece);
-                Some(chain.layers[top].put_block(block, scratch)?)
+                Some(
+                    chain.layers[top]
+                        .put_block(block, scratch)
+                        .map_err(WriteFailure::fresh_slot)?,
+                )
             };
             if let Some(slot) = slot {
                 chain.index.insert(
@@ -392,21 +415,27 @@ impl Disk {
     /// Makes every write that completed before this call durable (one commit of the top layer:
     /// data and map synced, then the superblock). Does nothing on a sealed or read-only chain.
     ///
+    /// A flush that finds no room for the new map chunks (see [`DiskError::io_kind`]) changes
+    /// nothing and leaves the disk usable: the last commit stays the durable state and the same
+    /// flush succeeds once there is room. Any other failure breaks the disk (it refuses writes
+    /// and flushes until reopened, which shows the last commit).
+    ///
     /// # Errors
-    /// [`DiskError::Broken`] after a failed write, or the I/O error; after a failed flush the
-    /// disk refuses further writes.
+    /// [`DiskError::Broken`] after an earlier failure that broke the disk, or the I/O error.
     pub fn flush(&self) -> Result<(), DiskError> {
-        let mut chain = self.write();
+        let mut guard = self.write();
+        let chain = &mut *guard;
         if self.read_only || chain.top().sealed() {
             return Ok(());
         }
-        self.writable_top(&chain)?;
+        self.writable_top(chain)?;
         let identity = chain.top().identity();
-        let result = chain.layers.last_mut().expect("non-empty").commit(identity);
-        if let Err(e) = &result {
-            chain.broken = Some(e.to_string());
-        }
-        result
+        let result = chain
+            .layers
+            .last_mut()
+            .expect("non-empty")
+            .try_commit(identity);
+        result.map_err(|failed| commit_failed(chain, *failed))
     }
 
     /// Seals the top layer (commits its writes, marks it read-only and records its digest) and
@@ -422,12 +451,11 @@ impl Disk {
         self.writable_top(&chain)?;
         let before = chain.top().identity();
         let top = chain.layers.last_mut().expect("non-empty");
-        if let Err(e) = top.commit(Identity {
+        if let Err(failed) = top.try_commit(Identity {
             sealed: true,
             ..before
         }) {
-            chain.broken = Some(e.to_string());
-            return Err(e);
+            return Err(commit_failed(&mut chain, *failed));
         }
         let sealed = top.info();
         let new = NewLayer {
@@ -626,6 +654,41 @@ impl Drop for Disk {
             tracing::warn!(error = %e, "disk closed without committing its last writes");
         }
     }
+}
+
+/// A failed write, and whether the disk stays usable after it: the top layer holds no torn
+/// block, and its map names exactly what its slots hold.
+struct WriteFailure {
+    error: DiskError,
+    usable: bool,
+}
+
+impl WriteFailure {
+    /// A failure that may have torn a block (or whose cause is unknown).
+    fn broken(error: DiskError) -> Box<Self> {
+        Box::new(Self {
+            error,
+            usable: false,
+        })
+    }
+
+    /// A failure to write a block into a fresh slot, which the layer forgets (its map still
+    /// names the old data). Lack of room keeps the disk usable; other errors break it.
+    fn fresh_slot(error: DiskError) -> Box<Self> {
+        Box::new(Self {
+            usable: error.is_out_of_space(),
+            error,
+        })
+    }
+}
+
+/// Whether a failed commit of the top leaves the disk usable (nothing changed, and it failed
+/// for lack of room); if not, marks the disk broken. Returns the error.
+fn commit_failed(chain: &mut Chain, failed: CommitFailure) -> DiskError {
+    if !(failed.unchanged && failed.error.is_out_of_space()) {
+        chain.broken = Some(failed.error.to_string());
+    }
+    failed.error
 }
 
 /// Checks that `layers` form a chain of one geometry.

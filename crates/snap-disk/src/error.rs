@@ -207,7 +207,8 @@ impl DiskError {
     ///
     /// - [`StorageFull`](io::ErrorKind::StorageFull) when the filesystem is full (`ENOSPC`) or
     ///   the layer has no slot left ([`DiskError::LayerFull`]);
-    ///   [`QuotaExceeded`](io::ErrorKind::QuotaExceeded) for an exceeded quota (`EDQUOT`).
+    ///   [`QuotaExceeded`](io::ErrorKind::QuotaExceeded) for an exceeded quota (`EDQUOT`). A
+    ///   write or flush that fails so leaves the disk usable: it succeeds once there is room.
     /// - [`InvalidData`](io::ErrorKind::InvalidData) for damaged files: a block whose data fails
     ///   its checksum, corrupt or truncated metadata, a wrong parent or geometry.
     /// - [`InvalidInput`](io::ErrorKind::InvalidInput) for requests that can never succeed
@@ -239,6 +240,15 @@ impl DiskError {
             Self::ReadOnly { .. } => K::ReadOnlyFilesystem,
             Self::Broken { .. } => K::Other,
         }
+    }
+
+    /// Whether this is a lack of room (a full filesystem, an exceeded quota, a full layer):
+    /// something freeing space cures, not damage.
+    pub(crate) fn is_out_of_space(&self) -> bool {
+        matches!(
+            self.io_kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
     }
 
     pub(crate) fn io(path: &std::path::Path, op: &'static str) -> impl FnOnce(io::Error) -> Self {

@@ -13,10 +13,17 @@ use crate::format::{
     encode_chunk, entries_per_chunk, max_slots,
 };
 use crate::meta::{Digest, Geometry, LayerInfo, NewLayer, ParentRef};
+use crate::space::{Allocated, allocate};
 
 /// Delta chunks a map chain may hold beyond twice the size of a full checkpoint before the next
 /// commit writes a checkpoint instead (keeps open time proportional to the map).
 const CHECKPOINT_SLACK: u64 = 16;
+
+/// File space is reserved ahead of the slots in use by an eighth of the file, at least this
+/// many bytes (and at least one slot)...
+const RESERVE_MIN: u64 = 2 << 20;
+/// ... and at most this many.
+const RESERVE_MAX: u64 = 32 << 20;
 
 /// Who a layer is: what a commit writes into the superblock besides the map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +57,20 @@ pub(crate) struct LayerFile {
     slots: u64,
     /// Known file length.
     file_len: u64,
+    /// Slots below this have file space: reserved with `fallocate` before anything is written
+    /// into them, so a full filesystem fails the write that needs the space (writable mode).
+    reserved: u64,
+    /// Whether the filesystem reserves space ahead (`fallocate`); if not, writes allocate it.
+    preallocate: bool,
+}
+
+/// A commit that failed, and whether the layer is still exactly as it was before the commit
+/// began (in memory and in every byte a commit names), so that the commit can be tried again.
+#[derive(Debug)]
+pub(crate) struct CommitFailure {
+    pub error: DiskError,
+    /// `false` once a sync or the superblock write failed: what reached the file is unknown.
+    pub unchanged: bool,
 }
 
 impl std::fmt::Debug for LayerFile {
@@ -98,6 +119,8 @@ impl LayerFile {
             pending_free: Vec::new(),
             slots: 0,
             file_len: DATA_OFFSET,
+            reserved: 0,
+            preallocate: true,
         })
     }
 
@@ -137,6 +160,8 @@ impl LayerFile {
             pending_free: Vec::new(),
             slots: sb.slots,
             file_len,
+            reserved: sb.slots,
+            preallocate: true,
         };
         layer.load_map()?;
         if let Some(stored) = sb.digest {
@@ -354,8 +379,55 @@ impl LayerFile {
                 limit,
             });
         }
+        let slot = self.slots;
+        self.reserve(slot, limit)?;
         self.slots += 1;
-        Ok(self.slots - 1)
+        Ok(slot)
+    }
+
+    /// Makes sure `slot` (the first slot past those in use) has file space. Space is reserved
+    /// ahead in one extent (an eighth of the file, 2 to 32 MiB, never past `limit` slots), so
+    /// most writes make no extra call; when the filesystem cannot give the whole extent, just
+    /// the one slot is asked for. Fails with the OS error (`ENOSPC`, `EDQUOT`) when even that is
+    /// not there; nothing has changed then.
+    fn reserve(&mut self, slot: u64, limit: u64) -> Result<(), DiskError> {
+        if !self.preallocate || slot < self.reserved {
+            return Ok(());
+        }
+        let bs = u64::from(self.sb.geometry.block_size);
+        let ahead = (self.reserved * bs / 8).clamp(RESERVE_MIN, RESERVE_MAX) / bs;
+        let start = self.reserved.min(slot);
+        let end = (slot + ahead).min(limit).max(slot + 1);
+        let result = match self.allocate_slots(start, end) {
+            Err(e)
+                if end > slot + 1
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                    ) =>
+            {
+                self.allocate_slots(start, slot + 1)
+            }
+            other => other,
+        };
+        result.map_err(DiskError::io(&self.path, "allocate space"))
+    }
+
+    /// Reserves file space for slots `start..end`.
+    fn allocate_slots(&mut self, start: u64, end: u64) -> std::io::Result<()> {
+        let (from, to) = (self.slot_offset(start), self.slot_offset(end));
+        match allocate(&self.file, from, to - from)? {
+            Allocated::Yes => {
+                self.reserved = end;
+                self.file_len = self.file_len.max(to);
+            }
+            Allocated::Unsupported => {
+                tracing::debug!(path = %self.path.display(),
+                    "the filesystem cannot reserve space ahead (fallocate); writes allocate it");
+                self.preallocate = false;
+            }
+        }
+        Ok(())
     }
 
     fn write_at(&mut self, bytes: &[u8], offset: u64, op: &'static str) -> Result<(), DiskError> {
@@ -422,14 +494,28 @@ impl LayerFile {
     /// Makes every change since the last commit durable, under `identity`, all or nothing:
     /// fresh data and map chunks are written and synced first, then the superblock of the next
     /// generation goes into the other superblock area and is synced. Only then are the slots the
-    /// commit superseded freed for reuse.
+    /// commit superseded freed for reuse. A sealing commit then gives back the file space
+    /// reserved past the last slot.
     pub fn commit(&mut self, identity: Identity) -> Result<(), DiskError> {
+        self.try_commit(identity).map_err(|f| f.error)
+    }
+
+    /// [`commit`](Self::commit), saying on failure whether the layer is unchanged: a failure
+    /// while writing map chunks (a full filesystem, say) leaves the layer as it was, and the
+    /// same commit can be tried again; a failed sync or superblock write does not.
+    pub fn try_commit(&mut self, identity: Identity) -> Result<(), Box<CommitFailure>> {
+        let unchanged = |error| {
+            Box::new(CommitFailure {
+                error,
+                unchanged: true,
+            })
+        };
         let stale: Vec<u64> = self.stale_crc.iter().copied().collect();
         let mut buf = Vec::new();
         for block in stale {
             buf.resize(self.sb.geometry.block_len(block), 0);
             let slot = self.map[&block].slot;
-            self.read_slot(slot, 0, &mut buf)?;
+            self.read_slot(slot, 0, &mut buf).map_err(unchanged)?;
             self.map.insert(
                 block,
                 MapEntry {
@@ -474,7 +560,7 @@ impl LayerFile {
         if let Err(e) = written {
             // The chunks are garbage: no superblock names them.
             self.free.as_mut().expect("writable").extend(fresh);
-            return Err(e);
+            return Err(unchanged(e));
         }
         let digest = identity.sealed.then(|| self.compute_digest(identity.id));
         let sb = Superblock {
@@ -489,27 +575,55 @@ impl LayerFile {
             map_entries: self.map.len() as u64,
         };
         if self.file_len < sb.needed_len() {
-            self.file
-                .set_len(sb.needed_len())
-                .map_err(DiskError::io(&self.path, "extend file"))?;
+            if let Err(e) = self.file.set_len(sb.needed_len()) {
+                self.free.as_mut().expect("writable").extend(fresh);
+                return Err(unchanged(DiskError::io(&self.path, "extend file")(e)));
+            }
             self.file_len = sb.needed_len();
         }
+        let changed = |error| {
+            Box::new(CommitFailure {
+                error,
+                unchanged: false,
+            })
+        };
         self.file
             .sync_data()
-            .map_err(DiskError::io(&self.path, "sync data"))?;
+            .map_err(|e| changed(DiskError::io(&self.path, "sync data")(e)))?;
         self.file
             .write_all_at(&sb.encode(), SB_OFFSETS[(generation % 2) as usize])
-            .map_err(DiskError::io(&self.path, "write superblock"))?;
+            .map_err(|e| changed(DiskError::io(&self.path, "write superblock")(e)))?;
         self.file
             .sync_data()
-            .map_err(DiskError::io(&self.path, "sync superblock"))?;
+            .map_err(|e| changed(DiskError::io(&self.path, "sync superblock")(e)))?;
         self.sb = sb;
         self.chain_slots = chain;
         self.dirty.clear();
         let free = self.free.as_mut().expect("writable");
         free.extend(self.pending_free.drain(..));
         free.extend(retired);
+        if identity.sealed {
+            self.give_back_reserve();
+        }
         Ok(())
+    }
+
+    /// Shrinks the file of a sealed layer to its slots, giving back the space reserved ahead
+    /// for writes (a sealed layer takes none). Only bytes no superblock names go, so a crash
+    /// at any point is harmless; a failure is logged and costs only the space.
+    fn give_back_reserve(&mut self) {
+        let needed = self.sb.needed_len();
+        if self.file_len <= needed {
+            return;
+        }
+        match self.file.set_len(needed) {
+            Ok(()) => {
+                self.file_len = needed;
+                self.reserved = self.slots;
+            }
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e,
+                "could not give back the space reserved past a sealed layer's slots"),
+        }
     }
 }
 
