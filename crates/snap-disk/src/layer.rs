@@ -4,6 +4,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use snap_core::{HEADER_LEN, Id, crc32c};
 
@@ -62,6 +63,51 @@ pub(crate) struct LayerFile {
     reserved: u64,
     /// Whether the filesystem reserves space ahead (`fallocate`); if not, writes allocate it.
     preallocate: bool,
+    /// For a layer that does not change while open (sealed, or open read-only): the slots whose
+    /// block has been read and checked against its CRC. `None` for a writable, unsealed layer,
+    /// whose blocks reads do not check.
+    verified: Option<SlotBits>,
+    /// Names this layer's content while it is open: no two `LayerFile`s share one, and a layer
+    /// whose checked blocks change (a merge writing into a sealed layer) takes a new one.
+    uid: u64,
+}
+
+fn next_uid() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One bit per slot, shared by concurrent readers.
+struct SlotBits(Box<[AtomicU64]>);
+
+impl SlotBits {
+    fn new(slots: u64) -> Self {
+        Self((0..slots.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn word(&self, slot: u64) -> Option<&AtomicU64> {
+        self.0.get(usize::try_from(slot / 64).ok()?)
+    }
+
+    // Relaxed ordering is enough: a bit says the bytes in the file at that slot were checked,
+    // and those bytes do not change while the layer is open; no memory is published with it.
+    // Two readers racing on one block both check it, which is harmless.
+    fn contains(&self, slot: u64) -> bool {
+        self.word(slot)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (slot % 64)) != 0)
+    }
+
+    fn insert(&self, slot: u64) {
+        if let Some(w) = self.word(slot) {
+            w.fetch_or(1 << (slot % 64), Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&self, slot: u64) {
+        if let Some(w) = self.word(slot) {
+            w.fetch_and(!(1 << (slot % 64)), Ordering::Relaxed);
+        }
+    }
 }
 
 /// A commit that failed, and whether the layer is still exactly as it was before the commit
@@ -121,6 +167,8 @@ impl LayerFile {
             file_len: DATA_OFFSET,
             reserved: 0,
             preallocate: true,
+            verified: None,
+            uid: next_uid(),
         })
     }
 
@@ -162,6 +210,8 @@ impl LayerFile {
             file_len,
             reserved: sb.slots,
             preallocate: true,
+            verified: (!writable || sb.digest.is_some()).then(|| SlotBits::new(sb.slots)),
+            uid: next_uid(),
         };
         layer.load_map()?;
         if let Some(stored) = sb.digest {
@@ -344,16 +394,68 @@ impl LayerFile {
         let e = self.map[&block];
         self.read_slot(e.slot, 0, buf)?;
         if !self.stale_crc.contains(&block) {
-            let found = crc32c(buf);
-            if found != e.crc {
-                return Err(DiskError::BlockChecksum {
-                    path: self.path.clone(),
-                    block,
-                    slot: e.slot,
-                    expected: e.crc,
-                    found,
-                });
+            self.check_crc(block, e, buf)?;
+        }
+        Ok(())
+    }
+
+    fn check_crc(&self, block: u64, e: MapEntry, data: &[u8]) -> Result<(), DiskError> {
+        let found = crc32c(data);
+        if found != e.crc {
+            return Err(DiskError::BlockChecksum {
+                path: self.path.clone(),
+                block,
+                slot: e.slot,
+                expected: e.crc,
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Names the layer's content: blocks read from a layer with the same uid are the same.
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    /// Whether reads check blocks against their CRC: the layer does not change while open
+    /// (sealed, or open read-only).
+    pub fn checks_reads(&self) -> bool {
+        self.verified.is_some()
+    }
+
+    /// Whether the block in `slot` must be checked against its CRC when it is read: the layer
+    /// does not change while open (sealed, or open read-only) and the block has not been
+    /// checked since it was opened.
+    pub fn needs_check(&self, slot: u64) -> bool {
+        self.verified.as_ref().is_some_and(|v| !v.contains(slot))
+    }
+
+    /// Checks `data`, the whole of `block` as just read from `slot`, against the CRC its map
+    /// entry records, and remembers the slot as checked.
+    pub fn check_block(&self, block: u64, slot: u64, data: &[u8]) -> Result<(), DiskError> {
+        let e = match self.map.get(&block) {
+            Some(e) if e.slot == slot => *e,
+            _ => {
+                return Err(DiskError::corrupt(
+                    &self.path,
+                    format!("block {block} is not in slot {slot} of this layer's map"),
+                ));
             }
+        };
+        self.check_crc(block, e, data)?;
+        if let Some(v) = &self.verified {
+            v.insert(slot);
+        }
+        Ok(())
+    }
+
+    /// Reads the whole of `block`, held in `slot`, into `buf` (its block length); checks it
+    /// against its CRC if [`needs_check`](Self::needs_check) says so.
+    pub fn read_block(&self, block: u64, slot: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.read_slot(slot, 0, buf)?;
+        if self.needs_check(slot) {
+            self.check_block(block, slot, buf)?;
         }
         Ok(())
     }
@@ -443,6 +545,10 @@ impl LayerFile {
     pub fn put_block(&mut self, block: u64, data: &[u8]) -> Result<u64, DiskError> {
         debug_assert_eq!(data.len(), self.sb.geometry.block_len(block));
         let slot = self.alloc_slot()?;
+        if let Some(v) = &self.verified {
+            v.remove(slot);
+            self.uid = next_uid();
+        }
         if let Err(e) = self.write_at(data, self.slot_offset(slot), "write block") {
             self.free.as_mut().expect("writable").insert(slot);
             return Err(e);
@@ -468,6 +574,10 @@ impl LayerFile {
     pub fn patch_block(&mut self, block: u64, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         debug_assert!(self.dirty.contains(&block));
         let e = self.map[&block];
+        if let Some(v) = &self.verified {
+            v.remove(e.slot);
+            self.uid = next_uid();
+        }
         self.write_at(data, self.slot_offset(e.slot) + offset, "write block")?;
         if offset == 0 && data.len() == self.sb.geometry.block_len(block) {
             self.map.insert(
@@ -602,6 +712,9 @@ impl LayerFile {
         let free = self.free.as_mut().expect("writable");
         free.extend(self.pending_free.drain(..));
         free.extend(retired);
+        // Reads check the blocks of a sealed layer; slots may hold other blocks than before.
+        self.verified = identity.sealed.then(|| SlotBits::new(self.slots));
+        self.uid = next_uid();
         if identity.sealed {
             self.give_back_reserve();
         }

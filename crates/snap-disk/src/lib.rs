@@ -125,8 +125,20 @@
 //! at most three per block plus 4096, map head inside the file), the file must be as long as its
 //! slots, a chunk's length is capped by its slot before it is read, generations must not rise
 //! along the chain, every entry must lie inside the disk and the file and no slot may be used
-//! twice. Block data is checked against its CRC by merges, exports, flatten and [`check_layer`]
-//! (plain reads do not re-hash the block, to stay as fast as the raw file).
+//! twice. Block data is checked against its CRC by merges, exports, flatten and [`check_layer`],
+//! and by reads:
+//!
+//! - A block of a layer the disk does not write into (every layer below the top, and the top
+//!   when it is sealed or the chain was opened read-only) is checked the first time a read
+//!   through the open [`Disk`] touches it: the whole block, even when the read wants a part.
+//!   A mismatch fails the read with [`DiskError::BlockChecksum`] naming the layer file and the
+//!   block, every time, until a write replaces the block (a partial write, which needs the rest
+//!   of the block, fails the same way without breaking the disk).
+//! - Those layers do not change while open, so a block that passed is not checked again: one
+//!   bit per slot, shared by concurrent readers. The last block a thread checked for a partial
+//!   read is kept, so reads of the rest of it are served from memory.
+//! - Blocks of the writable top are not checked on read: they are being written (their CRC is
+//!   computed at commit); [`check_layer`] checks them.
 //!
 //! # Example
 //!
