@@ -1,6 +1,7 @@
 //! An open chain of layers: reads through a merged block index, writes into the top layer,
 //! flush, seal, and merges of layers inside the chain.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use snap_core::Id;
 
 use crate::build::create_empty;
 use crate::error::DiskError;
-use crate::layer::{Identity, LayerFile};
+use crate::layer::{CommitFailure, Identity, LayerFile};
 use crate::merge::{MergeInto, blocks_to_copy, check_pair, copy_blocks};
 use crate::meta::{Geometry, LayerInfo, NewLayer, SECTOR};
 
@@ -248,8 +249,17 @@ impl Disk {
     /// Reads `buf.len()` bytes at `offset`: each block from the newest layer holding it, zeros
     /// where none does. Offset and length must be multiples of 512.
     ///
+    /// A block held by a layer the disk does not write into (every layer below the top, and the
+    /// top when it is sealed or the chain was opened read-only) is checked against the CRC-32C
+    /// its map entry records the first time it is read through this `Disk`: the whole block is
+    /// read and checked even when only part of it is asked for. Those layers never change, so
+    /// a block that passed is not checked again. Blocks of the writable top are not checked
+    /// (they are being written; [`check_layer`](crate::check_layer) checks them).
+    ///
     /// # Errors
-    /// [`DiskError::Unaligned`], [`DiskError::OutOfRange`], or the I/O error naming the layer.
+    /// [`DiskError::Unaligned`], [`DiskError::OutOfRange`], [`DiskError::BlockChecksum`] naming
+    /// the layer file and the block whose data does not match its checksum (it fails every read
+    /// that touches it, until a write replaces the block), or the I/O error naming the layer.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         self.check_io(offset, buf.len())?;
         let chain = self.read();
@@ -271,26 +281,72 @@ impl Disk {
                     buf[done..done + run].fill(0);
                 }
                 Some(loc) => {
-                    // Blocks in consecutive slots of one layer are read with one call.
+                    let layer = &chain.layers[loc.layer as usize];
+                    let block_len = self.geometry.block_len(block);
+                    if run < block_len && layer.checks_reads() {
+                        let part = &mut buf[done..done + run];
+                        if read_part_checked(layer, block, loc.slot, block_len, in_block, part)? {
+                            done += run;
+                            continue;
+                        }
+                    }
+                    // Blocks in consecutive slots of one layer are read with one call, up to
+                    // a block to be checked that the read covers only in part.
                     let (mut next, mut slot) = (block + 1, loc.slot + 1);
                     while done + run < buf.len() {
+                        let more = (bs as usize).min(buf.len() - done - run);
                         match chain.index.get(&next) {
-                            Some(l) if l.layer == loc.layer && l.slot == slot => {
-                                run += (bs as usize).min(buf.len() - done - run);
+                            Some(l)
+                                if l.layer == loc.layer
+                                    && l.slot == slot
+                                    && (more == self.geometry.block_len(next)
+                                        || !layer.needs_check(slot)) =>
+                            {
+                                run += more;
                                 next += 1;
                                 slot += 1;
                             }
                             _ => break,
                         }
                     }
-                    chain.layers[loc.layer as usize].read_slot(
-                        loc.slot,
-                        in_block,
-                        &mut buf[done..done + run],
-                    )?;
+                    let dst = &mut buf[done..done + run];
+                    layer.read_slot(loc.slot, in_block, dst)?;
+                    if layer.checks_reads() {
+                        self.check_run(layer, block..next, loc.slot, in_block as usize, dst)?;
+                    }
                 }
             }
             done += run;
+        }
+        Ok(())
+    }
+
+    /// Checks the blocks `blocks` (in consecutive slots from `slot`), just read into `dst`
+    /// from `in_block` bytes into the first, that have not been checked yet. `read_at` ends a
+    /// run before a block it would read only in part, unless that block needs no check.
+    fn check_run(
+        &self,
+        layer: &LayerFile,
+        blocks: Range<u64>,
+        slot: u64,
+        in_block: usize,
+        dst: &[u8],
+    ) -> Result<(), DiskError> {
+        let mut at = 0;
+        let mut skip = in_block;
+        for (b, s) in blocks.zip(slot..) {
+            let block_len = self.geometry.block_len(b);
+            let len = (block_len - skip).min(dst.len() - at);
+            if layer.needs_check(s) {
+                if len == block_len {
+                    layer.check_block(b, s, &dst[at..at + len])?;
+                } else {
+                    // Not reached (see above); read the whole block rather than trust a part.
+                    layer.read_block(b, s, &mut vec![0u8; block_len])?;
+                }
+            }
+            at += len;
+            skip = 0;
         }
         Ok(())
     }
@@ -324,9 +380,21 @@ impl Disk {
     /// holding the whole block (the rest copied from the layer below); a block already written
     /// since the last commit is written in place.
     ///
+    /// A write that fails for lack of room (the filesystem is full, a quota is exceeded, see
+    /// [`DiskError::io_kind`]) or because the rest of a partly written block cannot be copied
+    /// up from a damaged layer below ([`DiskError::BlockChecksum`]) leaves the disk usable:
+    /// each block of its range holds either all of its old data or all of the new, never
+    /// anything else (the blocks before the one that failed may have been written), a later
+    /// flush commits exactly what reads show, and the same write succeeds once there is room.
+    /// File space for fresh slots is reserved (`fallocate`) before they are written, so a full
+    /// filesystem fails the write, not the next flush. Any other failure breaks the disk: it
+    /// refuses writes and flushes until it is reopened, which shows the last commit.
+    ///
     /// # Errors
     /// [`DiskError::Unaligned`], [`DiskError::OutOfRange`], [`DiskError::ReadOnly`] for a sealed
-    /// top, [`DiskError::Broken`] after an earlier failed write, or the I/O error.
+    /// top, [`DiskError::Broken`] after an earlier failure that broke the disk, a
+    /// [`DiskError::BlockChecksum`] for a damaged block below, [`DiskError::LayerFull`], or the
+    /// I/O error.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         self.check_io(offset, data.len())?;
         let mut guard = self.write();
@@ -335,11 +403,13 @@ impl Disk {
         let mut scratch = std::mem::take(&mut chain.scratch);
         let result = self.write_blocks(chain, offset, data, &mut scratch);
         chain.scratch = scratch;
-        if let Err(e) = &result {
-            // Part of the write may be in the top's map: never commit it.
-            chain.broken = Some(e.to_string());
-        }
-        result
+        result.map_err(|failed| {
+            if !failed.usable {
+                // The top may hold a torn block: never commit it.
+                chain.broken = Some(failed.error.to_string());
+            }
+            failed.error
+        })
     }
 
     fn write_blocks(
@@ -348,7 +418,7 @@ impl Disk {
         offset: u64,
         data: &[u8],
         scratch: &mut Vec<u8>,
-    ) -> Result<(), DiskError> {
+    ) -> Result<(), Box<WriteFailure>> {
         let bs = u64::from(self.geometry.block_size);
         let top = chain.layers.len() - 1;
         let mut done = 0usize;
@@ -360,20 +430,37 @@ impl Disk {
             let n = (block_len - in_block as usize).min(data.len() - done);
             let piece = &data[done..done + n];
             let slot = if chain.layers[top].is_dirty(block) {
-                chain.layers[top].patch_block(block, in_block, piece)?;
+                // In place: a failure may leave the block torn.
+                chain.layers[top]
+                    .patch_block(block, in_block, piece)
+                    .map_err(WriteFailure::broken)?;
                 None
             } else if n == block_len {
-                Some(chain.layers[top].put_block(block, piece)?)
+                Some(
+                    chain.layers[top]
+                        .put_block(block, piece)
+                        .map_err(WriteFailure::fresh_slot)?,
+                )
             } else {
                 scratch.resize(block_len, 0);
                 match chain.index.get(&block) {
                     None => scratch.fill(0),
-                    Some(loc) => {
-                        chain.layers[loc.layer as usize].read_slot(loc.slot, 0, scratch)?
-                    }
+                    Some(loc) => chain.layers[loc.layer as usize]
+                        .read_block(block, loc.slot, scratch)
+                        .map_err(|error| {
+                            Box::new(WriteFailure {
+                                // Nothing was written for this block.
+                                usable: matches!(error, DiskError::BlockChecksum { .. }),
+                                error,
+                            })
+                        })?,
                 }
                 scratch[in_block as usize..in_block as usize + n].copy_from_slice(piece);
-                Some(chain.layers[top].put_block(block, scratch)?)
+                Some(
+                    chain.layers[top]
+                        .put_block(block, scratch)
+                        .map_err(WriteFailure::fresh_slot)?,
+                )
             };
             if let Some(slot) = slot {
                 chain.index.insert(
@@ -392,21 +479,27 @@ impl Disk {
     /// Makes every write that completed before this call durable (one commit of the top layer:
     /// data and map synced, then the superblock). Does nothing on a sealed or read-only chain.
     ///
+    /// A flush that finds no room for the new map chunks (see [`DiskError::io_kind`]) changes
+    /// nothing and leaves the disk usable: the last commit stays the durable state and the same
+    /// flush succeeds once there is room. Any other failure breaks the disk (it refuses writes
+    /// and flushes until reopened, which shows the last commit).
+    ///
     /// # Errors
-    /// [`DiskError::Broken`] after a failed write, or the I/O error; after a failed flush the
-    /// disk refuses further writes.
+    /// [`DiskError::Broken`] after an earlier failure that broke the disk, or the I/O error.
     pub fn flush(&self) -> Result<(), DiskError> {
-        let mut chain = self.write();
+        let mut guard = self.write();
+        let chain = &mut *guard;
         if self.read_only || chain.top().sealed() {
             return Ok(());
         }
-        self.writable_top(&chain)?;
+        self.writable_top(chain)?;
         let identity = chain.top().identity();
-        let result = chain.layers.last_mut().expect("non-empty").commit(identity);
-        if let Err(e) = &result {
-            chain.broken = Some(e.to_string());
-        }
-        result
+        let result = chain
+            .layers
+            .last_mut()
+            .expect("non-empty")
+            .try_commit(identity);
+        result.map_err(|failed| commit_failed(chain, *failed))
     }
 
     /// Seals the top layer (commits its writes, marks it read-only and records its digest) and
@@ -422,12 +515,11 @@ impl Disk {
         self.writable_top(&chain)?;
         let before = chain.top().identity();
         let top = chain.layers.last_mut().expect("non-empty");
-        if let Err(e) = top.commit(Identity {
+        if let Err(failed) = top.try_commit(Identity {
             sealed: true,
             ..before
         }) {
-            chain.broken = Some(e.to_string());
-            return Err(e);
+            return Err(commit_failed(&mut chain, *failed));
         }
         let sealed = top.info();
         let new = NewLayer {
@@ -628,6 +720,101 @@ impl Drop for Disk {
     }
 }
 
+/// Blocks up to this size that a read checks while it wants only part of them are kept per
+/// thread (the last one), so the reads of the rest of the block that tend to follow are served
+/// from memory; larger ones are read into a buffer of their own and not kept.
+const KEPT_BLOCK: usize = 256 << 10;
+
+/// The last block a thread read whole to check it, and where it came from.
+struct KeptBlock {
+    data: Vec<u8>,
+    /// The layer's uid and the slot, once `data` holds the checked block.
+    holds: Option<(u64, u64)>,
+}
+
+thread_local! {
+    static KEPT: RefCell<KeptBlock> = const {
+        RefCell::new(KeptBlock {
+            data: Vec::new(),
+            holds: None,
+        })
+    };
+}
+
+/// Serves a read of `part` of `block` (in `slot` of `layer`, which checks reads), starting
+/// `in_block` bytes into it, if the block must be checked first or this thread still holds it
+/// from such a check: the whole block is read and checked, and kept. Returns `false` (and does
+/// nothing) for a block already checked that the thread does not hold: the caller reads the
+/// part from the file.
+fn read_part_checked(
+    layer: &LayerFile,
+    block: u64,
+    slot: u64,
+    block_len: usize,
+    in_block: u64,
+    part: &mut [u8],
+) -> Result<bool, DiskError> {
+    let from = in_block as usize;
+    let key = (layer.uid(), slot);
+    if block_len > KEPT_BLOCK {
+        if !layer.needs_check(slot) {
+            return Ok(false);
+        }
+        let mut whole = vec![0u8; block_len];
+        layer.read_block(block, slot, &mut whole)?;
+        part.copy_from_slice(&whole[from..from + part.len()]);
+        return Ok(true);
+    }
+    KEPT.with_borrow_mut(|kept| {
+        if kept.holds != Some(key) {
+            if !layer.needs_check(slot) {
+                return Ok(false);
+            }
+            kept.holds = None;
+            kept.data.resize(block_len, 0);
+            layer.read_block(block, slot, &mut kept.data)?;
+            kept.holds = Some(key);
+        }
+        part.copy_from_slice(&kept.data[from..from + part.len()]);
+        Ok(true)
+    })
+}
+
+/// A failed write, and whether the disk stays usable after it: the top layer holds no torn
+/// block, and its map names exactly what its slots hold.
+struct WriteFailure {
+    error: DiskError,
+    usable: bool,
+}
+
+impl WriteFailure {
+    /// A failure that may have torn a block (or whose cause is unknown).
+    fn broken(error: DiskError) -> Box<Self> {
+        Box::new(Self {
+            error,
+            usable: false,
+        })
+    }
+
+    /// A failure to write a block into a fresh slot, which the layer forgets (its map still
+    /// names the old data). Lack of room keeps the disk usable; other errors break it.
+    fn fresh_slot(error: DiskError) -> Box<Self> {
+        Box::new(Self {
+            usable: error.is_out_of_space(),
+            error,
+        })
+    }
+}
+
+/// Whether a failed commit of the top leaves the disk usable (nothing changed, and it failed
+/// for lack of room); if not, marks the disk broken. Returns the error.
+fn commit_failed(chain: &mut Chain, failed: CommitFailure) -> DiskError {
+    if !(failed.unchanged && failed.error.is_out_of_space()) {
+        chain.broken = Some(failed.error.to_string());
+    }
+    failed.error
+}
+
 /// Checks that `layers` form a chain of one geometry.
 fn check_links(layers: &[LayerFile], geometry: Geometry) -> Result<(), DiskError> {
     let mut expected = None;
@@ -658,4 +845,33 @@ fn check_links(layers: &[LayerFile], geometry: Geometry) -> Result<(), DiskError
         expected = info.as_parent();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_block_is_checked_once_and_whole_even_when_read_in_part() {
+        const B: u64 = 65536;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::create(&dir.path().join("0"), Geometry::new(4 * B)).unwrap();
+        disk.write_at(0, &[1u8; 2 * B as usize]).unwrap();
+        disk.seal(&dir.path().join("1")).unwrap();
+        disk.write_at(2 * B, &[2u8; 512]).unwrap();
+        let needs_check = |block: u64| {
+            let chain = disk.read();
+            let loc = chain.index[&block];
+            chain.layers[loc.layer as usize].needs_check(loc.slot)
+        };
+        assert!(needs_check(0) && needs_check(1));
+        disk.read_at(512, &mut [0u8; 1024]).unwrap();
+        assert!(!needs_check(0) && needs_check(1));
+        disk.read_at(B, &mut [0u8; B as usize]).unwrap();
+        assert!(!needs_check(1));
+        // The writable top is not checked on read.
+        let chain = disk.read();
+        assert!(!chain.layers[1].checks_reads());
+        assert!(chain.layers[0].checks_reads());
+    }
 }

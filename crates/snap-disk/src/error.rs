@@ -202,6 +202,55 @@ fn show_parent(p: Option<&ParentRef>) -> String {
 }
 
 impl DiskError {
+    /// The [`io::ErrorKind`] that says what happened, for callers that speak `std::io` (a
+    /// virtio-blk backend, say):
+    ///
+    /// - [`StorageFull`](io::ErrorKind::StorageFull) when the filesystem is full (`ENOSPC`) or
+    ///   the layer has no slot left ([`DiskError::LayerFull`]);
+    ///   [`QuotaExceeded`](io::ErrorKind::QuotaExceeded) for an exceeded quota (`EDQUOT`). A
+    ///   write or flush that fails so leaves the disk usable: it succeeds once there is room.
+    /// - [`InvalidData`](io::ErrorKind::InvalidData) for damaged files: a block whose data fails
+    ///   its checksum, corrupt or truncated metadata, a wrong parent or geometry.
+    /// - [`InvalidInput`](io::ErrorKind::InvalidInput) for requests that can never succeed
+    ///   (unaligned or out of range I/O, bad options, unknown layers).
+    /// - [`ReadOnlyFilesystem`](io::ErrorKind::ReadOnlyFilesystem) for writes to a sealed or
+    ///   read-only chain.
+    /// - the OS error's own kind for other I/O errors, and
+    ///   [`Other`](io::ErrorKind::Other) for a disk that refuses writes after an earlier failure.
+    #[must_use]
+    pub fn io_kind(&self) -> io::ErrorKind {
+        use io::ErrorKind as K;
+        match self {
+            Self::Io { error, .. } => error.kind(),
+            Self::LayerFull { .. } => K::StorageFull,
+            Self::Format { .. }
+            | Self::Corrupt { .. }
+            | Self::Truncated { .. }
+            | Self::BlockChecksum { .. }
+            | Self::WrongParent { .. }
+            | Self::Geometry { .. } => K::InvalidData,
+            Self::Options { .. }
+            | Self::Unaligned { .. }
+            | Self::OutOfRange { .. }
+            | Self::NotSealed { .. }
+            | Self::Input { .. }
+            | Self::EmptyChain
+            | Self::NotInChain { .. }
+            | Self::BadIndex { .. } => K::InvalidInput,
+            Self::ReadOnly { .. } => K::ReadOnlyFilesystem,
+            Self::Broken { .. } => K::Other,
+        }
+    }
+
+    /// Whether this is a lack of room (a full filesystem, an exceeded quota, a full layer):
+    /// something freeing space cures, not damage.
+    pub(crate) fn is_out_of_space(&self) -> bool {
+        matches!(
+            self.io_kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
+    }
+
     pub(crate) fn io(path: &std::path::Path, op: &'static str) -> impl FnOnce(io::Error) -> Self {
         let path = path.to_path_buf();
         move |error| Self::Io { path, op, error }
@@ -212,5 +261,13 @@ impl DiskError {
             path: path.to_path_buf(),
             problem: problem.into(),
         }
+    }
+}
+
+/// An [`io::Error`] of kind [`DiskError::io_kind`] whose message is the `DiskError`'s;
+/// [`io::Error::get_ref`] gives the `DiskError` back.
+impl From<DiskError> for io::Error {
+    fn from(e: DiskError) -> Self {
+        Self::new(e.io_kind(), e)
     }
 }

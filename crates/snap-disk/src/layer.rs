@@ -4,6 +4,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use snap_core::{HEADER_LEN, Id, crc32c};
 
@@ -13,10 +14,17 @@ use crate::format::{
     encode_chunk, entries_per_chunk, max_slots,
 };
 use crate::meta::{Digest, Geometry, LayerInfo, NewLayer, ParentRef};
+use crate::space::{Allocated, allocate};
 
 /// Delta chunks a map chain may hold beyond twice the size of a full checkpoint before the next
 /// commit writes a checkpoint instead (keeps open time proportional to the map).
 const CHECKPOINT_SLACK: u64 = 16;
+
+/// File space is reserved ahead of the slots in use by an eighth of the file, at least this
+/// many bytes (and at least one slot)...
+const RESERVE_MIN: u64 = 2 << 20;
+/// ... and at most this many.
+const RESERVE_MAX: u64 = 32 << 20;
 
 /// Who a layer is: what a commit writes into the superblock besides the map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +58,65 @@ pub(crate) struct LayerFile {
     slots: u64,
     /// Known file length.
     file_len: u64,
+    /// Slots below this have file space: reserved with `fallocate` before anything is written
+    /// into them, so a full filesystem fails the write that needs the space (writable mode).
+    reserved: u64,
+    /// Whether the filesystem reserves space ahead (`fallocate`); if not, writes allocate it.
+    preallocate: bool,
+    /// For a layer that does not change while open (sealed, or open read-only): the slots whose
+    /// block has been read and checked against its CRC. `None` for a writable, unsealed layer,
+    /// whose blocks reads do not check.
+    verified: Option<SlotBits>,
+    /// Names this layer's content while it is open: no two `LayerFile`s share one, and a layer
+    /// whose checked blocks change (a merge writing into a sealed layer) takes a new one.
+    uid: u64,
+}
+
+fn next_uid() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One bit per slot, shared by concurrent readers.
+struct SlotBits(Box<[AtomicU64]>);
+
+impl SlotBits {
+    fn new(slots: u64) -> Self {
+        Self((0..slots.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn word(&self, slot: u64) -> Option<&AtomicU64> {
+        self.0.get(usize::try_from(slot / 64).ok()?)
+    }
+
+    // Relaxed ordering is enough: a bit says the bytes in the file at that slot were checked,
+    // and those bytes do not change while the layer is open; no memory is published with it.
+    // Two readers racing on one block both check it, which is harmless.
+    fn contains(&self, slot: u64) -> bool {
+        self.word(slot)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (slot % 64)) != 0)
+    }
+
+    fn insert(&self, slot: u64) {
+        if let Some(w) = self.word(slot) {
+            w.fetch_or(1 << (slot % 64), Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&self, slot: u64) {
+        if let Some(w) = self.word(slot) {
+            w.fetch_and(!(1 << (slot % 64)), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A commit that failed, and whether the layer is still exactly as it was before the commit
+/// began (in memory and in every byte a commit names), so that the commit can be tried again.
+#[derive(Debug)]
+pub(crate) struct CommitFailure {
+    pub error: DiskError,
+    /// `false` once a sync or the superblock write failed: what reached the file is unknown.
+    pub unchanged: bool,
 }
 
 impl std::fmt::Debug for LayerFile {
@@ -98,6 +165,10 @@ impl LayerFile {
             pending_free: Vec::new(),
             slots: 0,
             file_len: DATA_OFFSET,
+            reserved: 0,
+            preallocate: true,
+            verified: None,
+            uid: next_uid(),
         })
     }
 
@@ -137,6 +208,10 @@ impl LayerFile {
             pending_free: Vec::new(),
             slots: sb.slots,
             file_len,
+            reserved: sb.slots,
+            preallocate: true,
+            verified: (!writable || sb.digest.is_some()).then(|| SlotBits::new(sb.slots)),
+            uid: next_uid(),
         };
         layer.load_map()?;
         if let Some(stored) = sb.digest {
@@ -319,16 +394,68 @@ impl LayerFile {
         let e = self.map[&block];
         self.read_slot(e.slot, 0, buf)?;
         if !self.stale_crc.contains(&block) {
-            let found = crc32c(buf);
-            if found != e.crc {
-                return Err(DiskError::BlockChecksum {
-                    path: self.path.clone(),
-                    block,
-                    slot: e.slot,
-                    expected: e.crc,
-                    found,
-                });
+            self.check_crc(block, e, buf)?;
+        }
+        Ok(())
+    }
+
+    fn check_crc(&self, block: u64, e: MapEntry, data: &[u8]) -> Result<(), DiskError> {
+        let found = crc32c(data);
+        if found != e.crc {
+            return Err(DiskError::BlockChecksum {
+                path: self.path.clone(),
+                block,
+                slot: e.slot,
+                expected: e.crc,
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Names the layer's content: blocks read from a layer with the same uid are the same.
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    /// Whether reads check blocks against their CRC: the layer does not change while open
+    /// (sealed, or open read-only).
+    pub fn checks_reads(&self) -> bool {
+        self.verified.is_some()
+    }
+
+    /// Whether the block in `slot` must be checked against its CRC when it is read: the layer
+    /// does not change while open (sealed, or open read-only) and the block has not been
+    /// checked since it was opened.
+    pub fn needs_check(&self, slot: u64) -> bool {
+        self.verified.as_ref().is_some_and(|v| !v.contains(slot))
+    }
+
+    /// Checks `data`, the whole of `block` as just read from `slot`, against the CRC its map
+    /// entry records, and remembers the slot as checked.
+    pub fn check_block(&self, block: u64, slot: u64, data: &[u8]) -> Result<(), DiskError> {
+        let e = match self.map.get(&block) {
+            Some(e) if e.slot == slot => *e,
+            _ => {
+                return Err(DiskError::corrupt(
+                    &self.path,
+                    format!("block {block} is not in slot {slot} of this layer's map"),
+                ));
             }
+        };
+        self.check_crc(block, e, data)?;
+        if let Some(v) = &self.verified {
+            v.insert(slot);
+        }
+        Ok(())
+    }
+
+    /// Reads the whole of `block`, held in `slot`, into `buf` (its block length); checks it
+    /// against its CRC if [`needs_check`](Self::needs_check) says so.
+    pub fn read_block(&self, block: u64, slot: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.read_slot(slot, 0, buf)?;
+        if self.needs_check(slot) {
+            self.check_block(block, slot, buf)?;
         }
         Ok(())
     }
@@ -354,8 +481,55 @@ impl LayerFile {
                 limit,
             });
         }
+        let slot = self.slots;
+        self.reserve(slot, limit)?;
         self.slots += 1;
-        Ok(self.slots - 1)
+        Ok(slot)
+    }
+
+    /// Makes sure `slot` (the first slot past those in use) has file space. Space is reserved
+    /// ahead in one extent (an eighth of the file, 2 to 32 MiB, never past `limit` slots), so
+    /// most writes make no extra call; when the filesystem cannot give the whole extent, just
+    /// the one slot is asked for. Fails with the OS error (`ENOSPC`, `EDQUOT`) when even that is
+    /// not there; nothing has changed then.
+    fn reserve(&mut self, slot: u64, limit: u64) -> Result<(), DiskError> {
+        if !self.preallocate || slot < self.reserved {
+            return Ok(());
+        }
+        let bs = u64::from(self.sb.geometry.block_size);
+        let ahead = (self.reserved * bs / 8).clamp(RESERVE_MIN, RESERVE_MAX) / bs;
+        let start = self.reserved.min(slot);
+        let end = (slot + ahead).min(limit).max(slot + 1);
+        let result = match self.allocate_slots(start, end) {
+            Err(e)
+                if end > slot + 1
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                    ) =>
+            {
+                self.allocate_slots(start, slot + 1)
+            }
+            other => other,
+        };
+        result.map_err(DiskError::io(&self.path, "allocate space"))
+    }
+
+    /// Reserves file space for slots `start..end`.
+    fn allocate_slots(&mut self, start: u64, end: u64) -> std::io::Result<()> {
+        let (from, to) = (self.slot_offset(start), self.slot_offset(end));
+        match allocate(&self.file, from, to - from)? {
+            Allocated::Yes => {
+                self.reserved = end;
+                self.file_len = self.file_len.max(to);
+            }
+            Allocated::Unsupported => {
+                tracing::debug!(path = %self.path.display(),
+                    "the filesystem cannot reserve space ahead (fallocate); writes allocate it");
+                self.preallocate = false;
+            }
+        }
+        Ok(())
     }
 
     fn write_at(&mut self, bytes: &[u8], offset: u64, op: &'static str) -> Result<(), DiskError> {
@@ -371,6 +545,10 @@ impl LayerFile {
     pub fn put_block(&mut self, block: u64, data: &[u8]) -> Result<u64, DiskError> {
         debug_assert_eq!(data.len(), self.sb.geometry.block_len(block));
         let slot = self.alloc_slot()?;
+        if let Some(v) = &self.verified {
+            v.remove(slot);
+            self.uid = next_uid();
+        }
         if let Err(e) = self.write_at(data, self.slot_offset(slot), "write block") {
             self.free.as_mut().expect("writable").insert(slot);
             return Err(e);
@@ -396,6 +574,10 @@ impl LayerFile {
     pub fn patch_block(&mut self, block: u64, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         debug_assert!(self.dirty.contains(&block));
         let e = self.map[&block];
+        if let Some(v) = &self.verified {
+            v.remove(e.slot);
+            self.uid = next_uid();
+        }
         self.write_at(data, self.slot_offset(e.slot) + offset, "write block")?;
         if offset == 0 && data.len() == self.sb.geometry.block_len(block) {
             self.map.insert(
@@ -422,14 +604,28 @@ impl LayerFile {
     /// Makes every change since the last commit durable, under `identity`, all or nothing:
     /// fresh data and map chunks are written and synced first, then the superblock of the next
     /// generation goes into the other superblock area and is synced. Only then are the slots the
-    /// commit superseded freed for reuse.
+    /// commit superseded freed for reuse. A sealing commit then gives back the file space
+    /// reserved past the last slot.
     pub fn commit(&mut self, identity: Identity) -> Result<(), DiskError> {
+        self.try_commit(identity).map_err(|f| f.error)
+    }
+
+    /// [`commit`](Self::commit), saying on failure whether the layer is unchanged: a failure
+    /// while writing map chunks (a full filesystem, say) leaves the layer as it was, and the
+    /// same commit can be tried again; a failed sync or superblock write does not.
+    pub fn try_commit(&mut self, identity: Identity) -> Result<(), Box<CommitFailure>> {
+        let unchanged = |error| {
+            Box::new(CommitFailure {
+                error,
+                unchanged: true,
+            })
+        };
         let stale: Vec<u64> = self.stale_crc.iter().copied().collect();
         let mut buf = Vec::new();
         for block in stale {
             buf.resize(self.sb.geometry.block_len(block), 0);
             let slot = self.map[&block].slot;
-            self.read_slot(slot, 0, &mut buf)?;
+            self.read_slot(slot, 0, &mut buf).map_err(unchanged)?;
             self.map.insert(
                 block,
                 MapEntry {
@@ -474,7 +670,7 @@ impl LayerFile {
         if let Err(e) = written {
             // The chunks are garbage: no superblock names them.
             self.free.as_mut().expect("writable").extend(fresh);
-            return Err(e);
+            return Err(unchanged(e));
         }
         let digest = identity.sealed.then(|| self.compute_digest(identity.id));
         let sb = Superblock {
@@ -489,27 +685,58 @@ impl LayerFile {
             map_entries: self.map.len() as u64,
         };
         if self.file_len < sb.needed_len() {
-            self.file
-                .set_len(sb.needed_len())
-                .map_err(DiskError::io(&self.path, "extend file"))?;
+            if let Err(e) = self.file.set_len(sb.needed_len()) {
+                self.free.as_mut().expect("writable").extend(fresh);
+                return Err(unchanged(DiskError::io(&self.path, "extend file")(e)));
+            }
             self.file_len = sb.needed_len();
         }
+        let changed = |error| {
+            Box::new(CommitFailure {
+                error,
+                unchanged: false,
+            })
+        };
         self.file
             .sync_data()
-            .map_err(DiskError::io(&self.path, "sync data"))?;
+            .map_err(|e| changed(DiskError::io(&self.path, "sync data")(e)))?;
         self.file
             .write_all_at(&sb.encode(), SB_OFFSETS[(generation % 2) as usize])
-            .map_err(DiskError::io(&self.path, "write superblock"))?;
+            .map_err(|e| changed(DiskError::io(&self.path, "write superblock")(e)))?;
         self.file
             .sync_data()
-            .map_err(DiskError::io(&self.path, "sync superblock"))?;
+            .map_err(|e| changed(DiskError::io(&self.path, "sync superblock")(e)))?;
         self.sb = sb;
         self.chain_slots = chain;
         self.dirty.clear();
         let free = self.free.as_mut().expect("writable");
         free.extend(self.pending_free.drain(..));
         free.extend(retired);
+        // Reads check the blocks of a sealed layer; slots may hold other blocks than before.
+        self.verified = identity.sealed.then(|| SlotBits::new(self.slots));
+        self.uid = next_uid();
+        if identity.sealed {
+            self.give_back_reserve();
+        }
         Ok(())
+    }
+
+    /// Shrinks the file of a sealed layer to its slots, giving back the space reserved ahead
+    /// for writes (a sealed layer takes none). Only bytes no superblock names go, so a crash
+    /// at any point is harmless; a failure is logged and costs only the space.
+    fn give_back_reserve(&mut self) {
+        let needed = self.sb.needed_len();
+        if self.file_len <= needed {
+            return;
+        }
+        match self.file.set_len(needed) {
+            Ok(()) => {
+                self.file_len = needed;
+                self.reserved = self.slots;
+            }
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e,
+                "could not give back the space reserved past a sealed layer's slots"),
+        }
     }
 }
 

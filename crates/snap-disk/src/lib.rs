@@ -63,13 +63,42 @@
 //! area wins), which names only data written and synced before it; a crash after leaves the new
 //! one, whose data and map were synced in (2). A write holds the disk's lock for all its blocks
 //! and a commit takes the same lock, so a commit holds all of a write or none of it: every write
-//! completed before a flush returned survives, and no write ever appears torn. Slots written but
-//! never committed are garbage that opening the layer finds free (the free list is rebuilt from
-//! the map, never stored).
+//! completed before a flush returned survives, and no write ever appears torn (a write that
+//! failed for lack of room may be committed in part, block by block: see below). Slots written
+//! but never committed are garbage that opening the layer finds free (the free list is rebuilt
+//! from the map, never stored).
 //!
 //! Creating a layer (a new top, [`import_raw`], [`Disk::flatten`]) writes a temporary file,
 //! syncs it, renames it over the destination and syncs the directory. [`Disk::seal`] is one
 //! commit that sets the sealed flag and the digest, then creates the new top.
+//!
+//! # A full filesystem
+//!
+//! A slot past the ones in use (for data or a map chunk) gets its file space from `fallocate`
+//! before anything is written into it, reserved ahead in one extent (an eighth of the file, 2
+//! to 32 MiB, just the one slot when the filesystem cannot give more), so a full filesystem or
+//! an exceeded quota fails the write that needs the space, not a later `fdatasync` (after which
+//! the kernel may have dropped the written pages). A sealing commit gives the space reserved
+//! past its last slot back. Where the filesystem has no `fallocate`, writes allocate as they
+//! go. The reserved space is named by no superblock, so the order above and what a crash
+//! leaves do not change.
+//!
+//! A failure for lack of room ([`DiskError::io_kind`] says
+//! [`StorageFull`](std::io::ErrorKind::StorageFull) or
+//! [`QuotaExceeded`](std::io::ErrorKind::QuotaExceeded)) leaves the disk usable:
+//!
+//! - [`Disk::write_at`]: the block whose fresh slot got no space keeps its old data, and so do
+//!   the blocks after it; the blocks before it hold the new data. Each block of the range reads
+//!   all old or all new, never anything else, the in-memory map names exactly what the slots
+//!   hold, a later flush commits what reads show, and the same write succeeds once there is
+//!   room.
+//! - [`Disk::flush`] (and the commit of [`Disk::seal`]): no room for the new map chunks means
+//!   no superblock was written; the last commit stays the durable state, and the same flush
+//!   succeeds once there is room.
+//!
+//! Any other failure of a write or a flush (an I/O error, a failed `fdatasync`, whose pages
+//! the kernel may have dropped) breaks the disk: it refuses writes and flushes with
+//! [`DiskError::Broken`] until it is reopened, which shows the last commit.
 //!
 //! # Digest and parents
 //!
@@ -96,8 +125,20 @@
 //! at most three per block plus 4096, map head inside the file), the file must be as long as its
 //! slots, a chunk's length is capped by its slot before it is read, generations must not rise
 //! along the chain, every entry must lie inside the disk and the file and no slot may be used
-//! twice. Block data is checked against its CRC by merges, exports, flatten and [`check_layer`]
-//! (plain reads do not re-hash the block, to stay as fast as the raw file).
+//! twice. Block data is checked against its CRC by merges, exports, flatten and [`check_layer`],
+//! and by reads:
+//!
+//! - A block of a layer the disk does not write into (every layer below the top, and the top
+//!   when it is sealed or the chain was opened read-only) is checked the first time a read
+//!   through the open [`Disk`] touches it: the whole block, even when the read wants a part.
+//!   A mismatch fails the read with [`DiskError::BlockChecksum`] naming the layer file and the
+//!   block, every time, until a write replaces the block (a partial write, which needs the rest
+//!   of the block, fails the same way without breaking the disk).
+//! - Those layers do not change while open, so a block that passed is not checked again: one
+//!   bit per slot, shared by concurrent readers. The last block a thread checked for a partial
+//!   read is kept, so reads of the rest of it are served from memory.
+//! - Blocks of the writable top are not checked on read: they are being written (their CRC is
+//!   computed at commit); [`check_layer`] checks them.
 //!
 //! # Example
 //!
@@ -119,7 +160,7 @@
 //! assert_eq!((buf[0], buf[512]), (1, 2));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod build;
 mod check;
@@ -133,6 +174,9 @@ mod layer;
 mod merge;
 mod meta;
 mod qcow2;
+// One system call (`fallocate`) that std does not wrap.
+#[allow(unsafe_code)]
+mod space;
 
 pub use check::{CheckReport, check_layer};
 pub use disk::{Disk, MergeOutcome};

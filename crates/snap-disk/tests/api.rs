@@ -1,10 +1,11 @@
 //! The integrators' API: changed ranges between layers, undoing a seal, threads sharing a disk,
-//! layers created for a revert.
+//! layers created for a revert, errors as `std::io` kinds.
 
+use std::io::ErrorKind;
 use std::sync::Arc;
 
 use snap_core::Id;
-use snap_disk::{Disk, Geometry, NewLayer, create_layer, layer_info};
+use snap_disk::{Disk, DiskError, Geometry, NewLayer, create_layer, layer_info};
 
 const B: u64 = 65536;
 
@@ -116,4 +117,29 @@ fn a_revert_puts_a_fresh_top_on_sealed_layers() {
     let old = Disk::open(&[p("0"), p("1")]).unwrap();
     old.read_at(0, &mut buf).unwrap();
     assert_eq!(buf[0], 2);
+}
+
+#[test]
+fn disk_errors_map_to_io_error_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Disk::create(&dir.path().join("0"), Geometry::new(4 * B)).unwrap();
+    let e = disk.read_at(1, &mut [0u8; 512]).unwrap_err();
+    assert_eq!(e.io_kind(), ErrorKind::InvalidInput);
+    let e = disk.write_at(4 * B, &[0u8; 512]).unwrap_err();
+    let message = e.to_string();
+    let io = std::io::Error::from(e);
+    assert_eq!(io.kind(), ErrorKind::InvalidInput);
+    assert_eq!(io.to_string(), message);
+    assert!(io.get_ref().is_some_and(|inner| inner.is::<DiskError>()));
+    disk.seal(&dir.path().join("1")).unwrap();
+    let ro = Disk::open_read_only(&disk.paths()).unwrap();
+    let e = ro.write_at(0, &[0u8; 512]).unwrap_err();
+    assert_eq!(e.io_kind(), ErrorKind::ReadOnlyFilesystem);
+    drop(ro);
+    drop(disk);
+    std::fs::write(dir.path().join("junk"), vec![0u8; 16384]).unwrap();
+    let e = Disk::open(&[dir.path().join("junk")]).unwrap_err();
+    assert_eq!(e.io_kind(), ErrorKind::InvalidData, "{e}");
+    let e = Disk::open(&[dir.path().join("missing")]).unwrap_err();
+    assert_eq!(e.io_kind(), ErrorKind::NotFound, "{e}");
 }

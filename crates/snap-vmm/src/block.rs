@@ -237,15 +237,15 @@ impl BlockBackend for snap_disk::Disk {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        snap_disk::Disk::read_at(self, offset, buf).map_err(io::Error::other)
+        snap_disk::Disk::read_at(self, offset, buf).map_err(io::Error::from)
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        snap_disk::Disk::write_at(self, offset, buf).map_err(io::Error::other)
+        snap_disk::Disk::write_at(self, offset, buf).map_err(io::Error::from)
     }
 
     fn flush(&self) -> io::Result<()> {
-        snap_disk::Disk::flush(self).map_err(io::Error::other)
+        snap_disk::Disk::flush(self).map_err(io::Error::from)
     }
 
     fn seal(&self, new_top: &Path) -> io::Result<Sealed> {
