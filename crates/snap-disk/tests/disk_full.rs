@@ -5,81 +5,16 @@
 //! Each test mounts a small tmpfs of its own (the tests run as root); where mounting is not
 //! allowed they print `SKIP <test>: <reason>` and pass.
 
-use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Write};
-use std::path::PathBuf;
-use std::process::Command;
+use std::io::ErrorKind;
 
 use snap_disk::{Disk, DiskError, Geometry};
+use snap_testkit::fs::{Filler, Tmpfs};
 
 const B: u64 = 65536;
 
-/// A tmpfs of a few MiB mounted on a temporary directory, unmounted on drop (also when the test
-/// panics).
-struct SmallFs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(test: &str, bytes: u64) -> Option<Self> {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Self { dir }),
-            Ok(o) => {
-                println!(
-                    "SKIP {test}: cannot mount a tmpfs: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                println!("SKIP {test}: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Fills the filesystem with a file, then frees `leave` bytes of it again.
-    fn fill(&self, leave: u64) -> PathBuf {
-        let path = self.path("filler");
-        let mut f = File::create(&path).unwrap();
-        let chunk = vec![0x55u8; 64 << 10];
-        let mut len = 0u64;
-        loop {
-            match f.write(&chunk) {
-                Ok(0) => break,
-                Ok(n) => len += n as u64,
-                Err(e) if e.kind() == ErrorKind::StorageFull => break,
-                Err(e) => panic!("filling {}: {e}", path.display()),
-            }
-        }
-        f.set_len(len.saturating_sub(leave)).unwrap();
-        path
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Something still holds a file open (a panic mid-test): detach it anyway.
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
-    }
+/// A tmpfs of `bytes` for `test`, or None (the test is skipped).
+fn small_fs(test: &str, bytes: u64) -> Option<Tmpfs> {
+    Tmpfs::for_test(test, bytes)
 }
 
 struct Rng(u64);
@@ -120,15 +55,15 @@ fn assert_full(e: &DiskError) {
 }
 
 /// A sealed base holding some blocks under a writable top, both on `fs`.
-fn base_and_top(fs: &SmallFs, disk_bytes: u64) -> (Disk, Vec<u8>) {
-    let disk = Disk::create(&fs.path("0"), Geometry::new(disk_bytes)).unwrap();
+fn base_and_top(fs: &Tmpfs, disk_bytes: u64) -> (Disk, Vec<u8>) {
+    let disk = Disk::create(&fs.path().join("0"), Geometry::new(disk_bytes)).unwrap();
     let mut model = vec![0u8; disk_bytes as usize];
     for block in (0..disk_bytes / B).step_by(5) {
         let data = pattern(block, B as usize);
         disk.write_at(block * B, &data).unwrap();
         model[(block * B) as usize..((block + 1) * B) as usize].copy_from_slice(&data);
     }
-    disk.seal(&fs.path("1")).unwrap();
+    disk.seal(&fs.path().join("1")).unwrap();
     (disk, model)
 }
 
@@ -195,11 +130,11 @@ fn write_until_full(disk: &Disk, model: &mut [u8], rng: &mut Rng) -> (u64, Vec<u
 #[test]
 fn writes_into_a_full_filesystem_fail_cleanly_and_succeed_once_space_is_freed() {
     let test = "writes_into_a_full_filesystem_fail_cleanly_and_succeed_once_space_is_freed";
-    let Some(fs) = SmallFs::mount(test, 8 << 20) else {
+    let Some(fs) = small_fs(test, 8 << 20) else {
         return;
     };
     let (disk, mut model) = base_and_top(&fs, 64 * B);
-    let filler = fs.fill(20 * B + 4096);
+    let filler = Filler::fill(fs.path(), 20 * B + 4096);
     let mut rng = Rng(0x5eed);
     // Several rounds: each fills the filesystem, fails, and frees a little more space.
     let mut failures = 0;
@@ -209,7 +144,7 @@ fn writes_into_a_full_filesystem_fail_cleanly_and_succeed_once_space_is_freed() 
         // What a virtio-blk backend hands on: the kind and the message naming the top file.
         let io = std::io::Error::from(e);
         assert_eq!(io.kind(), ErrorKind::StorageFull);
-        let top = fs.path("1").display().to_string();
+        let top = fs.path().join("1").display().to_string();
         assert!(io.to_string().contains(&top), "{io}");
         failures += 1;
         accept_partial(&disk, &mut model, offset, &data);
@@ -225,11 +160,9 @@ fn writes_into_a_full_filesystem_fail_cleanly_and_succeed_once_space_is_freed() 
                 Err(e) => assert_full(&e),
             }
             assert_reads(&disk, &model, "after a flush on a full filesystem");
-            let f = OpenOptions::new().write(true).open(&filler).unwrap();
-            let len = f.metadata().unwrap().len();
-            f.set_len(len.saturating_sub(4 * B)).unwrap();
+            filler.give_back(4 * B);
         } else {
-            std::fs::remove_file(&filler).unwrap();
+            filler.give_back(u64::MAX);
             disk.write_at(offset, &data).unwrap();
             model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
             disk.flush().unwrap();
@@ -249,7 +182,7 @@ fn writes_into_a_full_filesystem_fail_cleanly_and_succeed_once_space_is_freed() 
 #[test]
 fn a_flush_that_finds_no_room_for_its_map_changes_nothing_and_succeeds_later() {
     let test = "a_flush_that_finds_no_room_for_its_map_changes_nothing_and_succeeds_later";
-    let Some(fs) = SmallFs::mount(test, 8 << 20) else {
+    let Some(fs) = small_fs(test, 8 << 20) else {
         return;
     };
     let (disk, mut model) = base_and_top(&fs, 64 * B);
@@ -266,7 +199,7 @@ fn a_flush_that_finds_no_room_for_its_map_changes_nothing_and_succeeds_later() {
     }
     assert!(block > 2, "the top reserves space ahead of its writes");
     let committed_before = disk.layers().last().unwrap().generation;
-    let filler = fs.fill(0);
+    let filler = Filler::fill(fs.path(), 0);
     let e = disk.flush().unwrap_err();
     assert_full(&e);
     assert!(e.to_string().contains(&top.display().to_string()), "{e}");
@@ -283,7 +216,7 @@ fn a_flush_that_finds_no_room_for_its_map_changes_nothing_and_succeeds_later() {
     drop(reopened);
     assert!(committed[B as usize..2 * B as usize] != model[B as usize..2 * B as usize]);
 
-    std::fs::remove_file(&filler).unwrap();
+    filler.remove();
     disk.flush().unwrap();
     assert!(disk.layers().last().unwrap().generation > committed_before);
     let paths = disk.paths();
@@ -295,11 +228,11 @@ fn a_flush_that_finds_no_room_for_its_map_changes_nothing_and_succeeds_later() {
 #[test]
 fn reopening_after_a_failed_write_shows_the_last_commit() {
     let test = "reopening_after_a_failed_write_shows_the_last_commit";
-    let Some(fs) = SmallFs::mount(test, 8 << 20) else {
+    let Some(fs) = small_fs(test, 8 << 20) else {
         return;
     };
     let (disk, mut model) = base_and_top(&fs, 64 * B);
-    let filler = fs.fill(12 * B);
+    let filler = Filler::fill(fs.path(), 12 * B);
     // A commit holding some writes, then fresh blocks until the filesystem is full.
     for block in [1, 2, 3] {
         let data = pattern(block, 4096);
@@ -321,7 +254,7 @@ fn reopening_after_a_failed_write_shows_the_last_commit() {
     assert_full(&disk.flush().unwrap_err());
     let paths = disk.paths();
     drop(disk);
-    std::fs::remove_file(&filler).unwrap();
+    filler.remove();
     let disk = Disk::open(&paths).unwrap();
     assert_reads(&disk, &committed, "reopened after a failed write");
     // The reopened disk writes and commits normally.

@@ -90,39 +90,57 @@ pub fn free_bytes(path: &Path) -> u64 {
 }
 
 /// A file that takes the space of a filesystem, so that writes beside it fail with ENOSPC;
-/// dropping it (or [`Filler::remove`]) gives the space back.
+/// it gives space back as asked, and all of it when dropped.
 pub struct Filler {
     path: PathBuf,
 }
 
 impl Filler {
-    /// Fills the filesystem holding `dir` until at most `leave` bytes are free.
+    /// Fills the filesystem holding `dir` to the last byte, then gives `leave` bytes back.
     ///
     /// # Panics
-    /// On an I/O error other than the filesystem filling up.
+    /// On an I/O error other than the filesystem filling up, or if the filler is smaller than
+    /// `leave`.
     pub fn fill(dir: &Path, leave: u64) -> Self {
         use std::io::Write;
         let path = dir.join(format!("filler-{}", snap_core::Id::random()));
         let mut f = std::fs::File::create(&path).expect("creating the filler");
         let chunk = vec![0x5a_u8; 64 << 10];
+        let mut len = 0u64;
         loop {
-            let free = free_bytes(dir);
-            if free <= leave {
-                break;
-            }
-            let n = ((free - leave) as usize).min(chunk.len());
-            match f.write_all(&chunk[..n]) {
-                Ok(()) => {}
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => len += n as u64,
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
                 Err(e) => panic!("filling {}: {e}", dir.display()),
             }
-            f.flush().expect("flushing the filler");
         }
+        assert!(len >= leave, "the filler holds only {len} bytes");
+        f.set_len(len - leave).expect("giving space back");
         f.sync_all().expect("syncing the filler");
         Self { path }
     }
 
-    /// Gives the space back.
+    /// The filler's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Gives `bytes` more back.
+    ///
+    /// # Panics
+    /// If the file cannot be shortened.
+    pub fn give_back(&self, bytes: u64) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .expect("opening the filler");
+        let len = f.metadata().expect("the filler's size").len();
+        f.set_len(len.saturating_sub(bytes))
+            .expect("shortening the filler");
+    }
+
+    /// Gives all of its space back.
     pub fn remove(self) {}
 }
 

@@ -249,7 +249,7 @@ impl BlockBackend for snap_disk::Disk {
     }
 
     fn seal(&self, new_top: &Path) -> io::Result<Sealed> {
-        let sealed = snap_disk::Disk::seal(self, new_top).map_err(io::Error::other)?;
+        let sealed = snap_disk::Disk::seal(self, new_top).map_err(io::Error::from)?;
         let top = self
             .layers()
             .last()
@@ -262,7 +262,7 @@ impl BlockBackend for snap_disk::Disk {
     }
 
     fn undo_seal(&self) -> io::Result<std::path::PathBuf> {
-        snap_disk::Disk::undo_seal(self).map_err(io::Error::other)
+        snap_disk::Disk::undo_seal(self).map_err(io::Error::from)
     }
 }
 

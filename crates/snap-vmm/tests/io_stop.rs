@@ -8,12 +8,12 @@
 
 mod common;
 
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
-use snap_testkit::fs::Tmpfs;
+use snap_testkit::fs::{Filler, Tmpfs};
 use snap_vmm::guest::WORKING_SET_BASE;
 use snap_vmm::{
     BlockBackend, IoStop, RawFile, RunState, TestGuest, Vm, VmConfig, VmError, VmExit, VmOptions,
@@ -31,27 +31,6 @@ const DISK_BYTES: u64 = 1 << 20;
 /// Mounts the test's tmpfs, or prints `SKIP <test>: <reason>` and returns None.
 fn small_tmpfs(test: &str) -> Option<Tmpfs> {
     Tmpfs::for_test(test, TMPFS_BYTES)
-}
-
-/// Fills the filesystem at `dir` with a file, then gives `FREE_PAGES` pages back; returns the
-/// file.
-fn fill_leaving_free_pages(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0xa5u8; 64 << 10];
-    loop {
-        match file.write(&chunk) {
-            Ok(n) if n == chunk.len() => {}
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::StorageFull => break,
-            Err(e) => panic!("writing the filler: {e}"),
-        }
-    }
-    let len = file.metadata().unwrap().len();
-    assert!(len > FREE_PAGES * 4096, "the filler holds only {len} bytes");
-    file.set_len(len - FREE_PAGES * 4096).unwrap();
-    file.sync_all().unwrap();
-    path
 }
 
 /// A guest with two vCPUs that writes 4 sectors per tick into the first 256 KiB of its disk:
@@ -144,7 +123,7 @@ fn a_full_disk_pauses_the_vm_until_space_is_freed() {
     let Some(fs) = small_tmpfs(test) else {
         return;
     };
-    let filler = fill_leaving_free_pages(fs.path());
+    let filler = Filler::fill(fs.path(), FREE_PAGES * 4096);
     let (config, guest) = disk_guest();
     let model = guest.model(config.vcpus);
     let disk = fs.path().join("disk.img");
@@ -164,7 +143,7 @@ fn a_full_disk_pauses_the_vm_until_space_is_freed() {
     vm.save().unwrap();
     assert_eq!(vm.io_stop(), Some(stop));
 
-    std::fs::remove_file(&filler).unwrap();
+    filler.remove();
     vm.resume().unwrap();
     assert_eq!(vm.io_stop(), None);
     assert_eq!(vm.wait_for_exit(TIMEOUT).unwrap(), VmExit::Finished(0));
@@ -195,7 +174,7 @@ fn a_snapshot_of_a_vm_paused_on_a_full_disk_runs_the_pending_request() {
     let Some(fs) = small_tmpfs(test) else {
         return;
     };
-    let filler = fill_leaving_free_pages(fs.path());
+    let filler = Filler::fill(fs.path(), FREE_PAGES * 4096);
     let (config, guest) = disk_guest();
     let model = guest.model(config.vcpus);
     let disk = fs.path().join("disk.img");
@@ -220,7 +199,7 @@ fn a_snapshot_of_a_vm_paused_on_a_full_disk_runs_the_pending_request() {
     assert_disk_is_model(&std::fs::read(&copy).unwrap(), &model.disk, "restored");
 
     // The original, once space is freed, ends in the same place.
-    std::fs::remove_file(&filler).unwrap();
+    filler.remove();
     run_to_end(&vm);
     assert_eq!(vm.serial_output().text(), model.output);
     assert_same_memory(&restored.memory().to_vec(), &vm.memory().to_vec());
