@@ -278,3 +278,130 @@ pub async fn snapshot_count(c: &mut Client) -> usize {
         .snapshots
         .len()
 }
+
+/// Starts a delete of snapshot `id` (with `wait`: queued behind conflicting operations).
+pub async fn start_delete(
+    c: &mut Client,
+    id: &str,
+    wait: bool,
+) -> Result<pb::Operation, tonic::Status> {
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        request_id: rid("delete"),
+        snapshot_id: id.into(),
+        wait,
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Starts a restore of `snapshot` into a new VM `name`.
+pub async fn start_restore_new(
+    c: &mut Client,
+    snapshot: &str,
+    name: &str,
+    mode: pb::MemoryRestoreMode,
+) -> Result<pb::Operation, tonic::Status> {
+    c.restore_snapshot(pb::RestoreSnapshotRequest {
+        request_id: rid("restore"),
+        snapshot_id: snapshot.into(),
+        target: Some(pb::restore_snapshot_request::Target::NewVm(pb::NewVm {
+            name: name.into(),
+            ..Default::default()
+        })),
+        memory_mode: mode as i32,
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Starts a clone of `snapshot` into `count` VMs named `<prefix>-<i>`.
+pub async fn start_clone(
+    c: &mut Client,
+    snapshot: &str,
+    prefix: &str,
+    count: u32,
+) -> Result<pb::Operation, tonic::Status> {
+    c.clone_snapshot(pb::CloneSnapshotRequest {
+        request_id: rid("clone"),
+        snapshot_id: snapshot.into(),
+        count,
+        name_prefix: prefix.into(),
+        memory_mode: pb::MemoryRestoreMode::Lazy as i32,
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// How a call that starts an operation ended: its result, or the code and message it failed
+/// with (at once, or when the operation ended).
+pub async fn outcome(
+    c: &mut Client,
+    started: Result<pb::Operation, tonic::Status>,
+) -> Result<pb::OperationResult, (Code, String)> {
+    let op = started.map_err(|s| (s.code(), s.message().to_string()))?;
+    let op = wait_op(c, op).await;
+    match (op.result, op.error) {
+        (Some(r), None) => Ok(r),
+        (_, Some(e)) => Err((Code::from_i32(e.code), e.message)),
+        (None, None) => panic!("an ended operation without result or error: {}", op.id),
+    }
+}
+
+/// Asserts that a call that lost a race lost it as a race: ABORTED (something else held what it
+/// needed) or NOT_FOUND (it was deleted first), never an error that blames damage.
+pub fn assert_lost_race(e: &(Code, String), what: &str) {
+    assert!(
+        matches!(e.0, Code::Aborted | Code::NotFound),
+        "{what}: a race answered {:?}: {}",
+        e.0,
+        e.1
+    );
+}
+
+/// Waits for `lines` lines of VM `vm` and asserts they continue the model exactly (somewhere:
+/// a restored VM continues from its snapshot), then stops the VM.
+pub async fn continues_exactly(c: &mut Client, vm: &str, model: &str, lines: usize) {
+    wait_lines(c, vm, lines).await;
+    let out = console(c, vm).await;
+    assert!(
+        model.contains(&out),
+        "VM {vm} diverged from its model: {out}"
+    );
+    stop(c, vm).await;
+}
+
+/// Stops VM `vm`.
+pub async fn stop(c: &mut Client, vm: &str) {
+    c.stop_vm(pb::VmActionRequest {
+        request_id: rid("stop"),
+        vm_id: vm.into(),
+        wait: true,
+    })
+    .await
+    .unwrap();
+}
+
+/// The VM as the daemon shows it.
+pub async fn get_vm(c: &mut Client, vm: &str) -> pb::Vm {
+    c.get_vm(pb::GetVmRequest { vm_id: vm.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A guest that runs for the whole of a test (its snapshots land mid-run).
+pub fn long_guest() -> pb::GuestProgram {
+    pb::GuestProgram {
+        ticks: 4000,
+        ..guest()
+    }
+}
+
+/// Takes a snapshot of VM `vm` (which runs on) and waits for it.
+pub async fn take_snapshot(c: &mut Client, vm: &str, name: &str) -> pb::Snapshot {
+    let op = start_snapshot(c, vm, name).await.unwrap();
+    succeeded(c, op).await.snapshot.unwrap()
+}

@@ -138,6 +138,7 @@ impl Daemon {
     /// Carries out `plan`; returns the snapshots deleted and the bytes freed on disk.
     fn carry_out(&self, op: &Progress<'_>, plan: &DeletePlan) -> Result<(Vec<SnapshotId>, u64)> {
         op.phase("deleting", 0, 0);
+        self.failpoints.pass("delete.before-commit")?;
         for vm in &plan.vms {
             if let Some(entry) = self.vms.find(*vm) {
                 entry.set(None, false);

@@ -4,7 +4,9 @@
 //!
 //! Points: `snapshot.seal-disk` (after the disks are sealed), `snapshot.write-memory` (before
 //! the memory layer is written), `snapshot.write-state` (after it), `snapshot.before-publish`
-//! (just before the catalog transaction), and `snapshot.publish` (inside it, before its commit).
+//! (just before the catalog transaction), and `snapshot.publish` (inside it, before its commit);
+//! `restore.before-publish` (a restore or clone, its VMs built, before the transaction that
+//! records them) and `delete.before-commit` (a delete, admitted, before its transaction).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

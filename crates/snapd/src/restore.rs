@@ -227,6 +227,7 @@ impl Daemon {
             made.push((rec, vm, disks));
         }
         op.no_return()?;
+        self.failpoints.pass("restore.before-publish")?;
         self.catalog.write(|tx| {
             for (rec, _, disks) in &made {
                 disks.insert_layers(tx)?;
