@@ -3,6 +3,7 @@
 //! host-side model predicts exactly, so "continues exactly" is checked byte for byte.
 
 mod common;
+mod crash;
 mod failures;
 mod races;
 mod scenario;

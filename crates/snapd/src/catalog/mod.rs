@@ -155,6 +155,36 @@ impl Catalog {
         })
     }
 
+    /// The generation of the catalog at `path`, read without changing anything (a read-only
+    /// connection neither checkpoints nor removes the WAL, so a catalog found wanting is left
+    /// exactly as it was): 0 for one that holds nothing, None for one without a generation
+    /// (written by an older snapd).
+    ///
+    /// # Errors
+    /// SQLite's error, e.g. "file is not a database".
+    pub fn peek_generation(path: &Path) -> Result<Option<u64>> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let has_meta: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'meta'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_meta {
+            // Nothing was ever committed to it.
+            return Ok(Some(0));
+        }
+        let text: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'generation'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        text.map(|t| {
+            t.parse()
+                .map_err(|_| CatalogError::Damaged(format!("generation {t:?}")))
+        })
+        .transpose()
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut c)

@@ -111,32 +111,42 @@ impl Store {
             }
             tracing::error!("{problem}; starting anyway (--keep-unknown-files)");
         }
+        // The check reads the catalog without writing: one found wanting stays as it is (its
+        // WAL is neither checkpointed nor removed), for the operator to repair.
+        let found = if fresh {
+            Some(0)
+        } else {
+            Catalog::peek_generation(&catalog_path)
+                .map_err(|e| format!("{}: {e}: restore it from a backup", catalog_path.display()))?
+        };
+        if let (Some(generation), Some(recorded)) = (found, recorded) {
+            if recorded > generation {
+                let problem = format!(
+                    "{} is at generation {generation}, but the data directory recorded generation \
+                     {recorded} ({}): the catalog has lost {} committed transactions (was \
+                     catalog.db-wal removed or damaged?)",
+                    catalog_path.display(),
+                    store.generation_path().display(),
+                    recorded - generation
+                );
+                if !keep {
+                    return Err(format!(
+                        "{problem}. snapd will not start on it: the lost transactions may name \
+                         snapshots whose files are here. Put catalog.db-wal back if you have it; or \
+                         start once with --keep-unknown-files to go on with the catalog as it is, \
+                         keeping the files it does not name in {}",
+                        store.root.join("lost+found").display()
+                    ));
+                }
+                tracing::error!("{problem}; starting anyway (--keep-unknown-files)");
+            }
+        }
         let mark = GenerationFile::open(&store.generation_path())?;
         let catalog = Catalog::open(&catalog_path, Some(Box::new(mark)))
             .map_err(|e| format!("{}: {e}: restore it from a backup", catalog_path.display()))?;
         let generation = catalog
             .generation()
             .map_err(|e| format!("{}: {e}", catalog_path.display()))?;
-        if let Some(recorded) = recorded.filter(|&g| g > generation) {
-            let problem = format!(
-                "{} is at generation {generation}, but the data directory recorded generation \
-                 {recorded} ({}): the catalog has lost {} committed transactions (was \
-                 catalog.db-wal removed or damaged?)",
-                catalog_path.display(),
-                store.generation_path().display(),
-                recorded - generation
-            );
-            if !keep {
-                return Err(format!(
-                    "{problem}. snapd will not start on it: the lost transactions may name snapshots \
-                     whose files are here. Put catalog.db-wal back if you have it; or start once \
-                     with --keep-unknown-files to go on with the catalog as it is, keeping the files \
-                     it does not name in {}",
-                    store.root.join("lost+found").display()
-                ));
-            }
-            tracing::error!("{problem}; starting anyway (--keep-unknown-files)");
-        }
         GenerationFile::open(&store.generation_path())?.committed(generation);
         Ok((store, catalog))
     }
