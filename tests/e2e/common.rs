@@ -405,3 +405,9 @@ pub async fn take_snapshot(c: &mut Client, vm: &str, name: &str) -> pb::Snapshot
     let op = start_snapshot(c, vm, name).await.unwrap();
     succeeded(c, op).await.snapshot.unwrap()
 }
+
+/// Deletes snapshot `id` and waits for it.
+pub async fn delete_snapshot(c: &mut Client, id: &str) -> pb::OperationResult {
+    let op = start_delete(c, id, false).await.unwrap();
+    succeeded(c, op).await
+}

@@ -4,6 +4,7 @@
 
 mod common;
 mod crash;
+mod disk_full;
 mod failures;
 mod races;
 mod scenario;

@@ -55,6 +55,7 @@ impl Daemon {
             vm: None,
             snapshot: Some(s),
             wait: spec.wait,
+            frees_space: false,
         };
         let plan = move |d: &Daemon| {
             let snap = d.snapshot_record(s)?;

@@ -359,6 +359,28 @@ impl Daemon {
         s.ok_or_else(|| Error::not_found("snapshot", id))
     }
 
+    /// Runs the catalog write `write`; if the filesystem is full, gives the space reserve back
+    /// and runs it again. For operations that free space: they must be able to run on a full disk.
+    ///
+    /// # Errors
+    /// The write's error.
+    pub(crate) fn with_reserve<T>(
+        &self,
+        write: impl Fn() -> std::result::Result<T, crate::catalog::CatalogError>,
+    ) -> Result<T> {
+        match write().map_err(Error::from) {
+            Err(e)
+                if e.kind == crate::error::ErrorKind::Exhausted && self.store.release_reserve() =>
+            {
+                tracing::warn!(
+                    "the data directory's filesystem is full: released the space reserve to free space"
+                );
+                Ok(write()?)
+            }
+            r => r,
+        }
+    }
+
     /// Bytes of all files under the data directory's layer and state directories.
     pub fn stored_bytes(&self) -> u64 {
         self.store.stored_bytes()

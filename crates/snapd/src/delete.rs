@@ -17,10 +17,10 @@ use std::sync::Arc;
 use snap_api::v1 as pb;
 use snap_mem::layer::Layer;
 
-use crate::catalog::{CatalogError, LayerKind, LayerRecord, VmStatus};
+use crate::catalog::{LayerKind, LayerRecord, VmStatus};
 use crate::daemon::Daemon;
 use crate::delete_plan::{DeletePlan, Merge, only_leaf_child, plan_delete, survivor};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::ids::{LayerId, SnapshotId, VmId};
 use crate::ops::requests::RequestCtx;
 use crate::ops::scheduler::delete_footprint;
@@ -45,6 +45,7 @@ impl Daemon {
             vm: Some(snapshot_vm),
             snapshot: Some(id),
             wait,
+            frees_space: true,
         };
         let plan = move |d: &Daemon| {
             d.snapshot_record(id)?;
@@ -78,6 +79,7 @@ impl Daemon {
             vm: Some(id),
             snapshot: None,
             wait,
+            frees_space: true,
         };
         let plan = move |d: &Daemon| {
             d.vm_record(id)?;
@@ -204,23 +206,6 @@ impl Daemon {
         }
         self.sweep();
         Ok((deleted.into_iter().collect(), freed))
-    }
-
-    /// Runs `write`; if the filesystem is full, gives the space reserve back and runs it again
-    /// (a delete must be able to free space on a full disk).
-    fn with_reserve<T>(
-        &self,
-        write: impl Fn() -> std::result::Result<T, CatalogError>,
-    ) -> Result<T> {
-        match write().map_err(Error::from) {
-            Err(e) if e.kind == ErrorKind::Exhausted && self.store.release_reserve() => {
-                tracing::warn!(
-                    "the data directory's filesystem is full: released the space reserve for a delete"
-                );
-                Ok(write()?)
-            }
-            r => r,
-        }
     }
 
     /// Merges memory layer `m.layer` into its only child `m.into` (if that still holds); returns

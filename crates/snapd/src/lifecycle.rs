@@ -22,7 +22,7 @@ use crate::restore::run_on;
 use crate::vms::Instance;
 
 /// Free bytes the data directory needs before a VM paused on a full disk is resumed.
-const RESUME_FREE_BYTES: u64 = 4 << 20;
+const RESUME_FREE_BYTES: u64 = 1 << 20;
 
 /// A short VM call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,11 @@ impl Daemon {
         }
         self.watch_states();
         let answer = self.get_vm(id)?;
-        self.catalog.write(|tx| ctx.answer(tx, &answer))?;
+        // The action is done: an answer that cannot be stored (a full disk) is not a failure of
+        // it, and a retry of these calls repeats nothing harmful.
+        if let Err(e) = self.catalog.write(|tx| ctx.answer(tx, &answer)) {
+            tracing::warn!(vm = %id, error = %e, "cannot store the answer to a request id");
+        }
         Ok(answer)
     }
 

@@ -85,6 +85,7 @@ impl Daemon {
                     vm: Some(vm),
                     snapshot: Some(s),
                     wait: spec.wait,
+                    frees_space: false,
                 };
                 let plan = move |d: &Daemon| {
                     let snap = d.snapshot_record(s)?;
@@ -109,6 +110,7 @@ impl Daemon {
                     vm: None,
                     snapshot: Some(s),
                     wait: spec.wait,
+                    frees_space: false,
                 };
                 let plan = move |d: &Daemon| {
                     let snap = d.snapshot_record(s)?;

@@ -60,6 +60,7 @@ impl Daemon {
             vm: Some(spec.vm),
             snapshot: None,
             wait: spec.wait,
+            frees_space: false,
         };
         let (id, name) = (spec.vm, spec.name.clone());
         let plan = move |d: &Daemon| {

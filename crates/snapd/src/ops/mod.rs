@@ -181,6 +181,9 @@ pub struct OpSpec {
     pub snapshot: Option<SnapshotId>,
     /// Wait for conflicting operations instead of failing ABORTED.
     pub wait: bool,
+    /// It frees space, so it must start on a full filesystem (the space reserve is given back
+    /// if recording it finds the disk full).
+    pub frees_space: bool,
 }
 
 impl OpSpec {
@@ -267,10 +270,17 @@ impl Daemon {
             pb::OperationState::Pending
         });
         let body = prost::Message::encode_to_vec(&op);
-        self.catalog.write(|tx| {
-            tx.put_operation(id, &op.vm_id, op.created_unix_ms, false, &body)?;
-            ctx.answer(tx, &op)
-        })?;
+        let record = || {
+            self.catalog.write(|tx| {
+                tx.put_operation(id, &op.vm_id, op.created_unix_ms, false, &body)?;
+                ctx.answer(tx, &op)
+            })
+        };
+        if spec.frees_space {
+            self.with_reserve(record)?;
+        } else {
+            record()?;
+        }
         let cell = OpCell::new(op.clone());
         lock(&self.ops.cells).insert(id, Arc::clone(&cell));
         self.events.emit(pb::event::Kind::Operation(op.clone()));

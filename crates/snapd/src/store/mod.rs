@@ -364,23 +364,39 @@ impl Store {
         had
     }
 
-    /// Makes the space reserve if it is missing and the filesystem has room for it twice over.
+    /// Grows the space reserve back towards its size: space that comes back (deletes) refills
+    /// it first, so that the next time the filesystem fills up, deletes still work. With less
+    /// room than the reserve and 1 MiB, it takes half of what is free (at least 256 KiB).
     pub fn refill_reserve(&self) {
         let want = self.options.reserve_bytes;
+        if want == 0 {
+            return;
+        }
         let path = self.reserve_path();
-        if want == 0 || std::fs::metadata(&path).is_ok_and(|m| m.len() >= want) {
+        let have = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let Some(free) = self.free_bytes() else {
+            return;
+        };
+        let room = free + have;
+        let target = if room >= want + (1 << 20) {
+            want
+        } else {
+            (room / 2) & !0xffff
+        };
+        if target <= have || target < 256 << 10 {
             return;
         }
-        if self.free_bytes().is_none_or(|f| f < 2 * want) {
-            return;
-        }
-        let made = File::create(&path).and_then(|f| {
-            allocate(&f, want)?;
-            f.sync_all()
-        });
+        let made = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .and_then(|f| {
+                allocate(&f, target)?;
+                f.sync_all()
+            });
         if let Err(e) = made {
-            tracing::warn!(error = %e, path = %path.display(), "cannot make the space reserve");
-            remove_path(&path);
+            tracing::warn!(error = %e, path = %path.display(), "cannot grow the space reserve");
         }
     }
 
