@@ -4,8 +4,10 @@
 
 mod common;
 mod crash;
+mod damage;
 mod disk_full;
 mod failures;
+mod files;
 mod races;
 mod scenario;
 mod service;

@@ -219,17 +219,20 @@ impl Snapd {
 
     /// Asserts that every file under `layers/` and `states/` is one the catalog names (working
     /// sets of existing snapshots included), and every layer the catalog names has its file.
+    /// Files of atomic writes in progress (`.<name>.<pid>.<n>.tmp`) are not counted.
     ///
     /// # Panics
     /// On the first difference, naming it.
     pub fn assert_files_match_catalog(&self, what: &str) {
+        let done = |files: Vec<String>| -> Vec<String> {
+            files.into_iter().filter(|f| !f.starts_with('.')).collect()
+        };
         assert_eq!(
-            self.layer_files(),
+            done(self.layer_files()),
             self.catalog_layer_files(),
             "{what}: layer files differ from the catalog's"
         );
-        let states: Vec<String> = self
-            .state_files()
+        let states: Vec<String> = done(self.state_files())
             .into_iter()
             .filter(|f| !f.ends_with(".wset"))
             .collect();
@@ -239,13 +242,25 @@ impl Snapd {
             "{what}: state files differ from the catalog's snapshots"
         );
         let snapshots = self.query("SELECT id FROM snapshots");
-        for f in self.state_files().iter().filter(|f| f.ends_with(".wset")) {
+        for f in done(self.state_files()).iter().filter(|f| f.ends_with(".wset")) {
             let stem = f.trim_end_matches(".wset");
             assert!(
                 snapshots.iter().any(|s| s == stem),
                 "{what}: working set {f} of a snapshot that does not exist"
             );
         }
+    }
+
+    /// The file of layer `id` as the catalog names it.
+    ///
+    /// # Panics
+    /// If the catalog does not name the layer.
+    pub fn layer_path(&self, id: &str) -> PathBuf {
+        let file = self
+            .query(&format!("SELECT file FROM layers WHERE id = '{id}'"))
+            .pop()
+            .unwrap_or_else(|| panic!("the catalog has no layer {id}"));
+        self.data.join(file)
     }
 
     fn query(&self, sql: &str) -> Vec<String> {

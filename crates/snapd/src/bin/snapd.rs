@@ -133,7 +133,7 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
 
     // Housekeeping: VMs whose guest finished, failed or paused on its own are reported every
     // 100 ms; VMs a full disk paused are resumed once space is back (every second); files
-    // nothing names are removed and old operations forgotten every minute.
+    // nothing names are removed and old operations forgotten every 10 s.
     let keeper = Arc::clone(&daemon);
     tokio::spawn(async move {
         for tick in 1u64.. {
@@ -143,7 +143,7 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
                 if tick % 10 == 0 {
                     d.resume_after_disk_full();
                 }
-                d.housekeeping(tick % 600 == 0);
+                d.housekeeping(tick % 100 == 0);
             })
             .await;
         }
