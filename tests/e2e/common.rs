@@ -411,3 +411,26 @@ pub async fn delete_snapshot(c: &mut Client, id: &str) -> pb::OperationResult {
     let op = start_delete(c, id, false).await.unwrap();
     succeeded(c, op).await
 }
+
+/// Starts a revert of VM `vm` to snapshot `snapshot`, returning the call's error if it fails.
+pub async fn try_revert(
+    c: &mut Client,
+    snapshot: &str,
+    vm: &str,
+) -> Result<pb::Operation, tonic::Status> {
+    c.restore_snapshot(pb::RestoreSnapshotRequest {
+        request_id: rid("revert"),
+        snapshot_id: snapshot.into(),
+        target: Some(pb::restore_snapshot_request::Target::VmId(vm.into())),
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Nanoseconds of the clock (a seed).
+pub fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

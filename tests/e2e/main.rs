@@ -3,6 +3,7 @@
 //! host-side model predicts exactly, so "continues exactly" is checked byte for byte.
 
 mod common;
+mod concurrency;
 mod crash;
 mod damage;
 mod disk_full;

@@ -552,3 +552,56 @@ async fn disks_from_raw_images() {
         "no file left"
     );
 }
+
+/// A stopped VM whose current snapshot was deleted starts from the nearest surviving ancestor
+/// (or from the beginning if none is left), and its next snapshot builds on what it runs from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_snapshot_was_deleted_starts_and_snapshots_again() {
+    if !kvm_available("a_vm_whose_snapshot_was_deleted_starts_and_snapshots_again") {
+        return;
+    }
+    let expected = model(&long_guest());
+    let (_daemon, mut c) = start("").await;
+    let v = create_vm_running(&mut c, "v", true, long_guest()).await;
+    wait_lines(&mut c, &v.id, 2).await;
+    let a = take_snapshot(&mut c, &v.id, "a").await;
+    wait_lines(&mut c, &v.id, 4).await;
+    let b = take_snapshot(&mut c, &v.id, "b").await;
+    let start_vm = |c: &mut Client| {
+        let mut c = c.clone();
+        let id = v.id.clone();
+        async move {
+            c.start_vm(pb::VmActionRequest {
+                request_id: rid("start"),
+                vm_id: id,
+                wait: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+
+    // b goes: the VM is based on a now, and starts from it.
+    delete_snapshot(&mut c, &b.id).await;
+    stop(&mut c, &v.id).await;
+    let started = start_vm(&mut c).await;
+    assert_eq!(started.current_snapshot_id, a.id);
+    let c1 = take_snapshot(&mut c, &v.id, "c1").await;
+    assert_eq!(c1.parent_id, a.id);
+    let r = restore_new(&mut c, &c1.id, "from-c1", pb::MemoryRestoreMode::Eager).await;
+    continues_exactly(&mut c, &r.id, &expected, 3).await;
+
+    // Every snapshot goes: the VM starts from the beginning, and its next snapshot is a root.
+    for s in [&a, &c1] {
+        delete_snapshot(&mut c, &s.id).await;
+    }
+    stop(&mut c, &v.id).await;
+    let started = start_vm(&mut c).await;
+    assert!(started.current_snapshot_id.is_empty(), "{started:?}");
+    wait_lines(&mut c, &v.id, 2).await;
+    let d = take_snapshot(&mut c, &v.id, "d").await;
+    assert!(d.parent_id.is_empty(), "{d:?}");
+    let r = restore_new(&mut c, &d.id, "from-d", pb::MemoryRestoreMode::Lazy).await;
+    continues_exactly(&mut c, &r.id, &expected, 3).await;
+}

@@ -242,7 +242,10 @@ impl Snapd {
             "{what}: state files differ from the catalog's snapshots"
         );
         let snapshots = self.query("SELECT id FROM snapshots");
-        for f in done(self.state_files()).iter().filter(|f| f.ends_with(".wset")) {
+        for f in done(self.state_files())
+            .iter()
+            .filter(|f| f.ends_with(".wset"))
+        {
             let stem = f.trim_end_matches(".wset");
             assert!(
                 snapshots.iter().any(|s| s == stem),

@@ -127,10 +127,13 @@ impl Daemon {
                 (boot(config, &rec.guest, &disks.disks)?, disks)
             }
         };
+        // The VM's memory is now its snapshot's (or new): its next snapshot builds on that.
+        let mem_chain = from.map(|s| s.mem_chain.clone()).unwrap_or_default();
         let freed = self.catalog.write(|tx| {
             disks.insert_layers(tx)?;
             if let Some(mut rec) = tx.vm(id)? {
                 rec.disks.clone_from(&disks.records);
+                rec.mem_chain.clone_from(&mem_chain);
                 tx.update_vm(&rec)?;
             }
             tx.collect()
