@@ -14,7 +14,7 @@ use snap_vmm::guest::{DISK_AREA_PAGES, WORKING_SET_BASE};
 use snap_vmm::state::StateError;
 use snap_vmm::{
     BlockBackend, DirtyTracking, MemoryRestore, RawFile, TestGuest, Vm, VmConfig, VmError,
-    VmOptions, snapshot,
+    VmOptions,
 };
 
 const PAGE: u64 = 4096;
@@ -112,8 +112,8 @@ fn continuation_with_disk(vcpus: u32, test: &str) {
     let (path, disk) = new_disk(tmp.path(), "disk.img", 1 << 20);
     let vm = boot_with_disk(config, &guest, &disk);
     let cut = pause_after(&vm, 8);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     let at_snapshot = tmp.path().join("at-snapshot.img");
     std::fs::copy(&path, &at_snapshot).unwrap();
     run_to_end(&vm);
@@ -125,8 +125,7 @@ fn continuation_with_disk(vcpus: u32, test: &str) {
         guest.model(vcpus).output
     );
 
-    let restored =
-        snapshot::restore_with(dir.path(), &with_disk(&open_disk(&at_snapshot))).unwrap();
+    let restored = saved.restore(&with_disk(&open_disk(&at_snapshot))).unwrap();
     run_to_end(&restored);
     assert_eq!(
         String::from_utf8_lossy(&restored.serial_output().bytes()),
@@ -162,8 +161,8 @@ fn revert_with_disk() {
     let (path, disk) = new_disk(tmp.path(), "disk.img", 1 << 20);
     let vm = boot_with_disk(config, &guest, &disk);
     let cut = pause_after(&vm, 5);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     let at_snapshot = tmp.path().join("at-snapshot.img");
     std::fs::copy(&path, &at_snapshot).unwrap();
     run_to_end(&vm);
@@ -174,7 +173,7 @@ fn revert_with_disk() {
     for round in 0..2 {
         let work = tmp.path().join(format!("revert-{round}.img"));
         std::fs::copy(&at_snapshot, &work).unwrap();
-        snapshot::revert_with_disks(&vm, dir.path(), &[open_disk(&work)]).unwrap();
+        saved.revert_with_disks(&vm, &[open_disk(&work)]).unwrap();
         let mark = vm.serial_output().len();
         run_to_end(&vm);
         assert_eq!(
@@ -227,21 +226,19 @@ fn disks_that_do_not_fit_are_refused() {
     // A snapshot with a disk restores only with a disk of the same size.
     let vm = boot_with_disk(config, &guest, &disk);
     pause_after(&vm, 3);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
-    let e = snapshot::restore(dir.path()).err().unwrap();
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
+    let e = saved.restore(&VmOptions::default()).err().unwrap();
     assert!(
         matches!(e, VmError::State(StateError::Disks(_))),
         "no disk given: {e}"
     );
     let (_, bigger) = new_disk(tmp.path(), "bigger.img", 2 << 20);
-    let e = snapshot::restore_with(dir.path(), &with_disk(&bigger))
-        .err()
-        .unwrap();
+    let e = saved.restore(&with_disk(&bigger)).err().unwrap();
     assert!(e.to_string().contains("2097152 bytes"), "{e}");
     // A revert without the disks is refused and leaves the VM as it was.
     let before = vm.serial_output().len();
-    let e = snapshot::revert(&vm, dir.path()).err().unwrap();
+    let e = saved.revert(&vm).err().unwrap();
     assert!(matches!(e, VmError::State(StateError::Disks(_))), "{e}");
     run_to_end(&vm);
     assert_eq!(
@@ -301,13 +298,12 @@ fn diff_and_lazy_restores_with_disk_continue_exactly() {
     };
     let vm = guest.create_vm(config, &options).unwrap();
     vm.resume().unwrap();
-    let root = SnapDir::new();
+    let snaps = Snapshots::new();
     pause_after(&vm, 4);
-    save_full(&vm, root.path());
+    let root = snaps.full(&vm);
     vm.resume().unwrap();
     let cut = pause_after(&vm, 11);
-    let diff = root.sibling("diff");
-    snapshot::save(&vm, &diff, Some(root.path()), &Default::default()).unwrap();
+    let diff = snaps.diff(&vm, &root);
     let at_diff = tmp.path().join("at-diff.img");
     std::fs::copy(&path, &at_diff).unwrap();
     run_to_end(&vm);
@@ -322,7 +318,7 @@ fn diff_and_lazy_restores_with_disk_continue_exactly() {
             memory_restore: mode,
             ..with_disk(&open_disk(&work))
         };
-        let restored = snapshot::restore_with(&diff, &options).unwrap();
+        let restored = diff.restore(&options).unwrap();
         run_to_end(&restored);
         assert_eq!(
             restored.serial_output().text(),
@@ -356,8 +352,8 @@ fn layered_disk_continuation_and_revert() {
     let backend: Arc<dyn BlockBackend> = disk.clone();
     let vm = boot_with_disk(config, &guest, &backend);
     let cut = pause_after(&vm, 6);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     let sealed = disk.seal(&tmp.path().join("top-0.dlayer")).unwrap();
     run_to_end(&vm);
     assert_eq!(vm.serial_output().text(), model.output);
@@ -383,22 +379,19 @@ fn layered_disk_continuation_and_revert() {
     };
 
     let restored_disk = fresh_top("restored.dlayer");
-    let restored = snapshot::restore_with(
-        dir.path(),
-        &with_disk(&(restored_disk.clone() as Arc<dyn BlockBackend>)),
-    )
-    .unwrap();
+    let restored = saved
+        .restore(&with_disk(
+            &(restored_disk.clone() as Arc<dyn BlockBackend>),
+        ))
+        .unwrap();
     run_to_end(&restored);
     assert_eq!(restored.serial_output().text(), model.output[cut..]);
     assert_disk_is_model(&read_all(&restored_disk), &model.disk, "restored");
 
     let reverted_disk = fresh_top("reverted.dlayer");
-    snapshot::revert_with_disks(
-        &vm,
-        dir.path(),
-        &[reverted_disk.clone() as Arc<dyn BlockBackend>],
-    )
-    .unwrap();
+    saved
+        .revert_with_disks(&vm, &[reverted_disk.clone() as Arc<dyn BlockBackend>])
+        .unwrap();
     let mark = vm.serial_output().len();
     run_to_end(&vm);
     assert_eq!(
