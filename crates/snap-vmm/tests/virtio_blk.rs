@@ -1,7 +1,9 @@
 //! virtio-blk on real KVM: the test guest writes and reads its disk every tick through its
 //! virtio-mmio driver. A full run matches the host-side model (output and disk contents), and a
 //! VM restored or reverted from a snapshot, handed the disk as it was at the snapshot, continues
-//! exactly: same output, same final disk, same memory.
+//! exactly: same output, same final disk, same memory. A snapshot of a VM on a layered disk seals the disk
+//! as one transaction with the snapshot: undone when the snapshot is dropped, kept once the VM
+//! wrote into the fresh top.
 
 mod common;
 
@@ -400,4 +402,85 @@ fn layered_disk_continuation_and_revert() {
     );
     assert_disk_is_model(&read_all(&reverted_disk), &model.disk, "reverted");
     assert_same_memory(&vm.memory().to_vec(), &restored.memory().to_vec());
+}
+
+/// A snapshot of a VM on a layered snap-disk disk is one transaction with the disk's seal:
+/// begin_snapshot seals the disk under a fresh top; dropped before its commit, the snapshot
+/// undoes the seal (the old top takes writes again, the memory base does not move); committed,
+/// the seal stands; abandoned once the resumed VM wrote into the fresh top, the seal is kept
+/// (`Unsealed::Kept`) with that top. The guest, which ran across all of them, ends with the
+/// model's output and disk.
+#[test]
+fn a_pending_snapshot_seals_the_disk_until_it_is_abandoned() {
+    use snap_disk::{Disk, Geometry};
+    use snap_vmm::VmExit;
+    use snap_vmm::snapshot::Unsealed;
+    if !kvm_available("a_pending_snapshot_seals_the_disk_until_it_is_abandoned") {
+        return;
+    }
+    let (config, guest) = disk_guest(1);
+    // Long enough that the guest is still running when the last snapshot is abandoned.
+    let guest = TestGuest {
+        ticks: 200,
+        ..guest
+    };
+    let model = guest.model(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.dlayer");
+    let geometry = Geometry {
+        disk_bytes: 1 << 20,
+        block_size: 64 << 10,
+    };
+    let disk = Arc::new(Disk::create(&base, geometry).unwrap());
+    let backend: Arc<dyn BlockBackend> = disk.clone();
+    let vm = boot_with_disk(config, &guest, &backend);
+    pause_after(&vm, 3);
+    let top = |n: u32| tmp.path().join(format!("top-{n}.dlayer"));
+
+    // Begun: the disk is sealed under a fresh top. Dropped: the seal is undone.
+    let base_id = disk.layers()[0].id;
+    let pending = vm.begin_snapshot(None, &[top(1)]).unwrap();
+    let sealed = pending.sealed().to_vec();
+    assert_eq!(sealed.len(), 1);
+    assert_eq!(
+        (sealed[0].index, sealed[0].sealed, &sealed[0].top_path),
+        (0, base_id, &top(1))
+    );
+    assert_eq!(disk.paths(), [base.clone(), top(1)]);
+    assert!(disk.layers()[0].sealed());
+    assert_eq!(disk.layers()[1].id, sealed[0].top);
+    drop(pending);
+    assert_eq!(disk.paths(), std::slice::from_ref(&base));
+    assert!(!disk.layers()[0].sealed() && disk.is_writable());
+    assert_eq!(vm.memory_base(), None, "a dropped snapshot moved the base");
+
+    // Committed: the seal stands.
+    let pending = vm.begin_snapshot(None, &[top(2)]).unwrap();
+    let layer = pending
+        .write_memory(&tmp.path().join("memory.mlayer"), &Default::default())
+        .unwrap();
+    pending.commit(&layer);
+    assert_eq!(disk.paths(), [base.clone(), top(2)]);
+    assert_eq!(vm.memory_base(), Some(layer.id));
+
+    // Abandoned after the VM wrote into the fresh top: the seal is kept, with that top.
+    let mut pending = vm.begin_snapshot(Some(&layer), &[top(3)]).unwrap();
+    pending.copy_pages().unwrap();
+    vm.resume().unwrap();
+    let lines = vm.serial_output().lines();
+    assert!(vm.serial_output().wait_for_lines(lines + 2, TIMEOUT));
+    match pending.abort().as_slice() {
+        [Unsealed::Kept(s)] => assert_eq!((s.index, &s.top_path), (0, &top(3))),
+        other => panic!("the seal of a top the VM wrote into was not kept: {other:?}"),
+    }
+    assert_eq!(disk.paths(), [base.clone(), top(2), top(3)]);
+    let layers = disk.layers();
+    assert!(layers[1].sealed() && layers[2].blocks > 0 && disk.is_writable());
+    assert_eq!(vm.memory_base(), Some(layer.id));
+
+    assert_eq!(vm.wait_for_exit(TIMEOUT).unwrap(), VmExit::Finished(0));
+    assert_eq!(vm.serial_output().text(), model.output);
+    let mut image = vec![0u8; 1 << 20];
+    disk.read_at(0, &mut image).unwrap();
+    assert_disk_is_model(&image, &model.disk, "across the seals");
 }
