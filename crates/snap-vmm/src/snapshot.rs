@@ -119,8 +119,8 @@ fn capture(vm: &Vm, parent: Option<&LayerInfo>) -> Result<Captured, VmError> {
     // Pages a lazy restore has not installed yet read as zero through the memfd.
     vm.wait_memory_resident()?;
     let state = vm.save()?;
-    // The disk half of the snapshot: everything the guest was told is written is on the disks.
-    // (A layered disk backend seals its top layer here.)
+    // The disk half of the snapshot: everything the guest was told is written is on the disks
+    // (and Vm::begin_snapshot then seals the layered ones).
     vm.flush_disks()?;
     let dirty = match vm.harvest_dirty() {
         Ok(d) => Some(d),
