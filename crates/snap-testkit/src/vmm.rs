@@ -1,6 +1,15 @@
-//! VMs running the test guest, for the VMM's tests.
+//! VMs running the test guest, for the VMM's tests, and snapshots of them written to plain files
+//! ([`Snapshots`], [`Saved`]) through the VMM's snapshot API alone.
 
-use snap_vmm::{TestGuest, Vm, VmConfig, VmExit};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use snap_mem::layer::LayerInfo;
+use snap_vmm::{
+    BlockBackend, LayerChain, LayerOptions, MemoryRestore, PreparedVm, TestGuest, Vm, VmConfig,
+    VmError, VmExit, VmOptions, VmState, snapshot,
+};
 
 use crate::TIMEOUT;
 
@@ -71,4 +80,187 @@ pub fn assert_complete_output(out: &str, guest: &TestGuest) {
             .unwrap()
             .starts_with(&format!("done {} hash ", guest.ticks))
     );
+}
+
+/// Snapshots written into a temporary directory of their own, removed with this value. Each is a
+/// memory layer (`<n>.mlayer`: full, or a diff over its parent's layer) and a state file
+/// (`<n>.state`), taken with [`Vm::begin_snapshot`], [`PendingSnapshot::write_memory`],
+/// [`PendingSnapshot::write_state`] and [`PendingSnapshot::commit`]; the returned [`Saved`]
+/// records its chain of layers.
+///
+/// [`PendingSnapshot::write_memory`]: snapshot::PendingSnapshot::write_memory
+/// [`PendingSnapshot::write_state`]: snapshot::PendingSnapshot::write_state
+/// [`PendingSnapshot::commit`]: snapshot::PendingSnapshot::commit
+#[derive(Debug)]
+pub struct Snapshots {
+    dir: tempfile::TempDir,
+    taken: Cell<u32>,
+}
+
+impl Default for Snapshots {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Snapshots {
+    /// An empty temporary directory for snapshots.
+    ///
+    /// # Panics
+    /// If the directory cannot be created.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("a temporary directory for snapshots"),
+            taken: Cell::new(0),
+        }
+    }
+
+    /// The directory the snapshots are written into.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Takes a snapshot of a paused VM: a full memory layer without `parent`, or a diff over
+    /// `parent`'s layer (which must be the VM's memory base: the last snapshot taken of it or
+    /// restored into it). The VM's disks are flushed, not sealed.
+    ///
+    /// # Errors
+    /// As [`Vm::begin_snapshot`] and the writes. A snapshot that fails leaves no file behind and
+    /// its pages pending in the VM.
+    pub fn take(
+        &self,
+        vm: &Vm,
+        parent: Option<&Saved>,
+        options: &LayerOptions,
+    ) -> Result<Saved, VmError> {
+        let n = self.taken.get();
+        self.taken.set(n + 1);
+        let memory = self.dir().join(format!("{n}.mlayer"));
+        let state = self.dir().join(format!("{n}.state"));
+        let pending = vm.begin_snapshot(parent.map(|p| &p.layer), &[])?;
+        let written = pending.write_memory(&memory, options).and_then(|layer| {
+            pending.write_state(&state)?;
+            Ok(layer)
+        });
+        let layer = match written {
+            Ok(layer) => layer,
+            Err(e) => {
+                // Dropping `pending` leaves the pages pending.
+                let _ = std::fs::remove_file(&memory);
+                let _ = std::fs::remove_file(&state);
+                return Err(e);
+            }
+        };
+        pending.commit(&layer);
+        let mut layers = parent.map_or_else(Vec::new, |p| p.layers.clone());
+        layers.push(memory);
+        Ok(Saved {
+            state,
+            layers,
+            layer,
+            working_set: self.dir().join(format!("{n}.working-set")),
+        })
+    }
+
+    /// Takes a full snapshot of a paused VM (default layer options).
+    ///
+    /// # Panics
+    /// If the snapshot fails.
+    pub fn full(&self, vm: &Vm) -> Saved {
+        self.take(vm, None, &LayerOptions::default())
+            .expect("a full snapshot")
+    }
+
+    /// Takes a diff snapshot of a paused VM over `parent` (default layer options).
+    ///
+    /// # Panics
+    /// If the snapshot fails.
+    pub fn diff(&self, vm: &Vm, parent: &Saved) -> Saved {
+        self.take(vm, Some(parent), &LayerOptions::default())
+            .expect("a diff snapshot")
+    }
+}
+
+/// A snapshot [`Snapshots::take`] wrote: its state file and its chain of memory layers.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory layer files of its chain, oldest (the full layer) first: the last is its own.
+    pub layers: Vec<PathBuf>,
+    /// Its own memory layer, as written.
+    pub layer: LayerInfo,
+    /// Where a [`MemoryRestore::Prefetch`] restore records its working set, and later ones read it.
+    pub working_set: PathBuf,
+}
+
+impl Saved {
+    /// Its own memory layer file (the newest of its chain).
+    #[must_use]
+    pub fn memory(&self) -> &Path {
+        self.layers.last().expect("a chain has a layer")
+    }
+
+    /// Reads and checks its state and opens its chain of layers (each layer's header, index and
+    /// parent link checked).
+    ///
+    /// # Errors
+    /// The [`VmError::State`] or [`VmError::Layer`] naming the file and what is wrong.
+    pub fn open(&self) -> Result<(VmState, LayerChain), VmError> {
+        let state = VmState::read_file(&self.state)?;
+        let chain = LayerChain::open(&self.layers)?;
+        Ok((state, chain))
+    }
+
+    /// Restores it into a new, paused VM built with `options` (memory installed as
+    /// `options.memory_restore` says).
+    ///
+    /// # Errors
+    /// As [`Saved::open`], [`Vm::prepare`] and [`snapshot::restore_from`].
+    pub fn restore(&self, options: &VmOptions) -> Result<Vm, VmError> {
+        let (state, chain) = self.open()?;
+        state.check()?;
+        let prepared = Vm::prepare(state.config, options)?;
+        snapshot::restore_from(
+            &state,
+            chain,
+            &self.working_set,
+            prepared,
+            options.memory_restore,
+        )
+    }
+
+    /// Restores it into a VM prepared ahead ([`Vm::prepare`]), memory installed as `mode` says.
+    ///
+    /// # Errors
+    /// As [`Saved::open`] and [`snapshot::restore_from`].
+    pub fn restore_into(&self, prepared: PreparedVm, mode: MemoryRestore) -> Result<Vm, VmError> {
+        let (state, chain) = self.open()?;
+        snapshot::restore_from(&state, chain, &self.working_set, prepared, mode)
+    }
+
+    /// Reverts a paused VM to it; the VM stays paused.
+    ///
+    /// # Errors
+    /// As [`Saved::open`] and [`Vm::restore_in_place`].
+    pub fn revert(&self, vm: &Vm) -> Result<(), VmError> {
+        let (state, chain) = self.open()?;
+        vm.restore_in_place(&state, &chain)
+    }
+
+    /// As [`Saved::revert`], for a VM with disks: `disks` are the disks as of the snapshot, and
+    /// the VM's devices serve them from then on.
+    ///
+    /// # Errors
+    /// As [`Saved::open`] and [`Vm::restore_in_place_with_disks`].
+    pub fn revert_with_disks(
+        &self,
+        vm: &Vm,
+        disks: &[Arc<dyn BlockBackend>],
+    ) -> Result<(), VmError> {
+        let (state, chain) = self.open()?;
+        vm.restore_in_place_with_disks(&state, &chain, disks)
+    }
 }

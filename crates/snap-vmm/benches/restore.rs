@@ -17,9 +17,8 @@
 
 use std::time::{Duration, Instant};
 
-use snap_vmm::{
-    DirtyTracking, LayerOptions, MemoryRestore, TestGuest, Vm, VmConfig, VmOptions, snapshot,
-};
+use snap_testkit::vmm::{Saved, Snapshots};
+use snap_vmm::{DirtyTracking, LayerOptions, MemoryRestore, TestGuest, Vm, VmConfig, VmOptions};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -40,7 +39,7 @@ struct Sample {
 }
 
 fn restore_once(
-    dir: &std::path::Path,
+    saved: &Saved,
     config: VmConfig,
     mode: MemoryRestore,
     prepared: bool,
@@ -55,8 +54,8 @@ fn restore_once(
     let ready = prepared.then(|| Vm::prepare(config, &options).unwrap());
     let t = Instant::now();
     let vm = match ready {
-        Some(p) => snapshot::restore_into(dir, p, mode).unwrap(),
-        None => snapshot::restore_with(dir, &options).unwrap(),
+        Some(p) => saved.restore_into(p, mode).unwrap(),
+        None => saved.restore(&options).unwrap(),
     };
     let call = t.elapsed();
     vm.resume().unwrap();
@@ -109,15 +108,14 @@ fn main() {
             ticks: 100_000,
             ..TestGuest::default()
         };
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("snap");
-        {
+        let snaps = Snapshots::new();
+        let saved = {
             let vm = Vm::create(config, &guest.boot_image(&config).unwrap()).unwrap();
             vm.resume().unwrap();
             assert!(vm.serial_output().wait_for_lines(40, TIMEOUT));
             vm.pause();
-            snapshot::save(&vm, &dir, None, &layer_options).unwrap();
-        }
+            snaps.take(&vm, None, &layer_options).unwrap()
+        };
         // Record the working set once (a prefetch restore of a snapshot without one records it).
         {
             let options = VmOptions {
@@ -125,7 +123,7 @@ fn main() {
                 dirty_tracking: dirty,
                 ..VmOptions::default()
             };
-            let vm = snapshot::restore_with(&dir, &options).unwrap();
+            let vm = saved.restore(&options).unwrap();
             vm.resume().unwrap();
             assert!(vm.serial_output().wait_for_lines(10, TIMEOUT));
             vm.wait_memory_resident().unwrap();
@@ -144,7 +142,7 @@ fn main() {
             // Rotate which mode goes first; drop the first round (warm-up).
             let m = (i + i / n) % n;
             let (mode, prepared, _) = modes[m];
-            let s = restore_once(&dir, config, mode, prepared, dirty);
+            let s = restore_once(&saved, config, mode, prepared, dirty);
             if i >= n {
                 samples[m].push(s);
             }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
-use snap_vmm::{LayerOptions, TestGuest, Vm, VmConfig, snapshot, vcpu};
+use snap_vmm::{LayerChain, LayerOptions, TestGuest, Vm, VmConfig, VmState, vcpu};
 
 mod common;
 
@@ -287,7 +287,10 @@ fn bench_save_restore(iters: usize, vcpus: u32, memory: u64, full: bool) {
         fill_memory(&vm);
     }
     let dir = tempfile::tempdir().unwrap();
-    let snap = dir.path().join("snap");
+    let (memory_file, state_file) = (
+        dir.path().join("snap.mlayer"),
+        dir.path().join("snap.state"),
+    );
     let plain = dir.path().join("plain");
     // The baseline moves the raw bytes the snapshot covers: all of memory when full, else the
     // pages the guest touched (untouched pages are holes in memory and are not in the layer).
@@ -300,18 +303,26 @@ fn bench_save_restore(iters: usize, vcpus: u32, memory: u64, full: bool) {
         let t = Instant::now();
         let state = vm.save().unwrap();
         state_save.push(t.elapsed());
-        let _ = std::fs::remove_dir_all(&snap);
+        let _ = std::fs::remove_file(&memory_file);
+        let _ = std::fs::remove_file(&state_file);
         let t = Instant::now();
-        snapshot::save(&vm, &snap, None, &LayerOptions::default()).unwrap();
+        let pending = vm.begin_snapshot(None, &[]).unwrap();
+        let layer = pending
+            .write_memory(&memory_file, &LayerOptions::default())
+            .unwrap();
+        pending.write_state(&state_file).unwrap();
+        pending.commit(&layer);
         full_save.push(t.elapsed());
         base_write.push(write_fsync(&plain, &payload));
 
-        let (_, chain) = snapshot::open(&snap).unwrap();
+        let chain = LayerChain::open(&[&memory_file]).unwrap();
         let t = Instant::now();
         vm.restore_in_place(&state, &chain).unwrap();
         revert.push(t.elapsed());
         let t = Instant::now();
-        let restored = snapshot::restore(&snap).unwrap();
+        let saved = VmState::read_file(&state_file).unwrap();
+        let chain = LayerChain::open(&[&memory_file]).unwrap();
+        let restored = Vm::restore(&saved, &chain).unwrap();
         full_restore.push(t.elapsed());
         drop(restored);
         base_read.push(read_fresh(&plain, payload.len()));

@@ -90,11 +90,11 @@ pub enum VmError {
     /// A memory layer could not be read or written (boxed: layer errors are large).
     #[error(transparent)]
     Layer(Box<snap_mem::layer::LayerError>),
-    /// A snapshot directory cannot be used as asked.
-    #[error("snapshot {dir}: {problem}")]
+    /// A snapshot cannot be taken or restored as asked.
+    #[error("snapshot {path}: {problem}")]
     Snapshot {
-        /// The snapshot directory.
-        dir: std::path::PathBuf,
+        /// The file concerned (empty when the problem is not about one file).
+        path: std::path::PathBuf,
         /// What is wrong.
         problem: String,
     },

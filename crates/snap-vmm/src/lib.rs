@@ -5,12 +5,14 @@
 //! the in-kernel interrupt controllers, a 16550 UART and its disks ([`virtio`]-blk devices over
 //! virtio-mmio, each serving a [`BlockBackend`]). [`Vm::pause`] parks every vCPU;
 //! [`Vm::save`] returns a plain [`VmState`]; [`Vm::restore`] builds a new VM from a state and a
-//! memory layer chain, and [`Vm::restore_in_place`] reverts an existing one. [`snapshot`] keeps
-//! snapshots on disk as directories: state, a full or diff memory layer, and a parent link.
+//! memory layer chain, and [`Vm::restore_in_place`] reverts an existing one. A snapshot
+//! ([`snapshot`], [`Vm::begin_snapshot`]) is a state file and a memory layer, full or a diff over
+//! its parent's, written wherever the caller keeps them.
 //!
 //! ```no_run
+//! use std::path::Path;
 //! use std::time::Duration;
-//! use snap_vmm::{TestGuest, Vm, VmConfig, VmExit, snapshot};
+//! use snap_vmm::{LayerChain, TestGuest, Vm, VmConfig, VmExit, VmState};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = VmConfig { memory_bytes: 64 << 20, vcpus: 2 };
@@ -19,13 +21,16 @@
 //! vm.resume()?;
 //! vm.serial_output().wait_for_lines(10, Duration::from_secs(60));
 //! vm.pause();
-//! let dir = std::path::Path::new("/tmp/snap-a");
-//! snapshot::save(&vm, dir, None, &Default::default())?; // vm.state + a full memory layer
+//! let (layer, state) = (Path::new("/tmp/snap-a.mlayer"), Path::new("/tmp/snap-a.state"));
+//! let pending = vm.begin_snapshot(None, &[])?; // a full memory layer; disks left alone
+//! let info = pending.write_memory(layer, &Default::default())?;
+//! pending.write_state(state)?;
+//! pending.commit(&info); // the snapshot is taken: its pages are no longer pending
 //! vm.resume()?;
 //! assert_eq!(vm.wait_for_exit(Duration::from_secs(60))?, VmExit::Finished(0));
 //!
 //! // A new VM that continues from the snapshot exactly as the original did.
-//! let clone = snapshot::restore(dir)?;
+//! let clone = Vm::restore(&VmState::read_file(state)?, &LayerChain::open(&[layer])?)?;
 //! clone.resume()?;
 //! clone.wait_for_exit(Duration::from_secs(60))?;
 //! # Ok(())

@@ -1,140 +1,57 @@
-//! Snapshots on disk: a directory per snapshot holding the VM state, the snapshot's memory layer
-//! (full, or a diff over its parent's layer) and the path of its parent snapshot.
+//! Snapshots: one protocol, [`Vm::begin_snapshot`].
 //!
-//! A snapshot directory appears complete or not at all: everything is written into a temporary
-//! directory beside it, synced, and renamed into place. The dirty pages a diff layer holds stay
-//! pending in the VM until then, so a failed save loses none of them.
+//! A snapshot of a VM is made of two files: a **state file** (the vCPU and device state,
+//! [`VmState`] in snap-core's checksummed format) and a **memory layer** (snap-mem's format):
+//! full, holding every page with data, or a diff over the layer of the snapshot before it (its
+//! parent) holding the pages dirtied since. Memory is restored from the **chain** of layers, the
+//! full one first, each naming its parent by id and digest. Where the files live, what they are
+//! called and how a chain is recorded are the caller's business (snapd keeps them in its store
+//! and its catalog); this module only takes snapshots and restores them.
 //!
-//! Disks are not stored in the snapshot directory: [`save`] flushes every disk while the VM is
+//! Taking one is a transaction, a [`PendingSnapshot`]: [`Vm::begin_snapshot`] captures the
+//! paused VM's state and the pages of its next layer (they stay pending in the VM) and seals its
+//! disks; [`PendingSnapshot::copy_pages`] optionally copies the pages out so that the VM can
+//! resume before anything is written; [`PendingSnapshot::write_memory`] and
+//! [`PendingSnapshot::write_state`] write the files (each atomically); the caller publishes
+//! them; [`PendingSnapshot::commit`] then marks the pages taken and bases the VM's memory on the
+//! new layer. Abandoned instead ([`PendingSnapshot::abort`], or dropped), it undoes the seals and
+//! leaves the pages pending, so the next snapshot holds them: a failed snapshot loses nothing.
+//!
+//! Disks are not stored in a snapshot: [`Vm::begin_snapshot`] flushes every disk while the VM is
 //! paused (requests run synchronously at the guest's notify, so none is in flight), which makes
 //! the disks hold exactly the snapshot's contents at that instant. Keeping that point in time is
-//! the disk backend's business: with delta layers, this is where the writable top layer is
-//! sealed and a fresh one opened; with a raw file the caller copies it before resuming. A
-//! restore is handed the disks as of the snapshot ([`VmOptions::disks`], [`revert_with_disks`]).
+//! the disk backend's business: with delta layers, begin_snapshot seals each disk's writable top
+//! layer and opens a fresh one; with a raw file the caller copies it before resuming. A restore
+//! is handed the disks as of the snapshot ([`VmOptions::disks`],
+//! [`Vm::restore_in_place_with_disks`]).
+//!
+//! A restore reads the state file ([`VmState::read_file`]) and opens the chain
+//! ([`LayerChain::open`]), then builds a new VM ([`Vm::restore`], or [`restore_from`] into a VM
+//! prepared ahead, installing memory eagerly, lazily or prefetched) or reverts a paused one
+//! ([`Vm::restore_in_place`]).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use snap_core::Id;
 use snap_mem::dirty::PageBitmap;
 use snap_mem::layer::{
-    Layer, LayerChain, LayerInfo, LayerOptions, NewLayer, PageSource, ParentRef, write_layer,
+    LayerChain, LayerInfo, LayerOptions, NewLayer, PageSource, ParentRef, write_layer,
 };
 use snap_mem::lazy::{CompleteHook, WindowSource};
 use snap_mem::working_set::{WorkingSet, WorkingSetError};
 
 use crate::error::VmError;
 use crate::state::VmState;
-use crate::vm::{MemoryRestore, PreparedVm, RunState, Vm, VmOptions};
-
-/// Name of the state file inside a snapshot directory.
-pub const STATE_FILE: &str = "vm.state";
-/// Name of the memory layer inside a snapshot directory.
-pub const MEMORY_FILE: &str = "memory.mlayer";
-/// Name of the file naming the parent snapshot directory (absent for a full snapshot).
-pub const PARENT_FILE: &str = "parent";
-/// Longest chain of snapshots followed when opening one (a loop of parent links is refused).
-pub const MAX_CHAIN: usize = 4096;
-
-/// What [`save`] wrote.
-#[derive(Debug, Clone)]
-pub struct SnapshotInfo {
-    /// The snapshot directory.
-    pub dir: PathBuf,
-    /// The memory layer it holds.
-    pub layer: LayerInfo,
-    /// Pages the layer was asked to hold (dirty pages for a diff, resident pages for a full one).
-    pub pages: u64,
-}
-
-fn snapshot_err(dir: &Path, problem: impl Into<String>) -> VmError {
-    VmError::Snapshot {
-        dir: dir.to_path_buf(),
-        problem: problem.into(),
-    }
-}
-
-fn io_err(dir: &Path, what: &str, e: &std::io::Error) -> VmError {
-    snapshot_err(dir, format!("{what}: {e}"))
-}
-
-/// Saves a paused VM as a new snapshot in `dir`, which must not exist yet.
-///
-/// With `parent: None` the memory layer is full (every page that holds data). With a parent
-/// snapshot directory it is a diff layer over the parent's layer holding the pages dirtied since
-/// the VM's memory last equalled the parent (the VM's [`Vm::memory_base`] must be the parent's
-/// layer: the last snapshot taken of it or restored into it).
-///
-/// # Errors
-/// [`VmError::NotPaused`]; [`VmError::Snapshot`] if `dir` exists or the parent is not the VM's
-/// base; [`VmError::DirtyTrackingOff`] for a diff of a VM without tracking; the layer, state or
-/// I/O error. On error nothing is left behind and the dirty pages stay pending.
-pub fn save(
-    vm: &Vm,
-    dir: &Path,
-    parent: Option<&Path>,
-    options: &LayerOptions,
-) -> Result<SnapshotInfo, VmError> {
-    if dir.exists() {
-        return Err(snapshot_err(dir, "already exists"));
-    }
-    let (parent_info, parent_dir) = match parent {
-        None => (None, None),
-        Some(pdir) => {
-            let layer = Layer::open(pdir.join(MEMORY_FILE))?;
-            let pdir = pdir
-                .canonicalize()
-                .map_err(|e| io_err(pdir, "resolving the parent", &e))?;
-            (Some(*layer.info()), Some(pdir))
-        }
-    };
-    let captured = capture(vm, parent_info.as_ref()).map_err(|e| match e {
-        e @ VmError::NotBasedOn { .. } => snapshot_err(dir, e.to_string()),
-        e => e,
-    })?;
-
-    let tmp = temp_dir_for(dir)?;
-    let written = (|| {
-        let info = captured.write_memory(vm, &tmp.join(MEMORY_FILE), options)?;
-        captured.state.write_file(&tmp.join(STATE_FILE))?;
-        if let Some(pdir) = &parent_dir {
-            let text = pdir
-                .to_str()
-                .ok_or_else(|| snapshot_err(dir, "the parent's path is not UTF-8"))?;
-            std::fs::write(tmp.join(PARENT_FILE), format!("{text}\n"))
-                .and_then(|()| File::open(tmp.join(PARENT_FILE))?.sync_all())
-                .map_err(|e| io_err(dir, "writing the parent link", &e))?;
-        }
-        sync_dir(&tmp).map_err(|e| io_err(dir, "syncing", &e))?;
-        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, "publishing", &e))?;
-        if let Some(up) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(up).map_err(|e| io_err(dir, "syncing its directory", &e))?;
-        }
-        Ok(info)
-    })();
-    match written {
-        Ok(layer) => {
-            let pages = captured.pages();
-            captured.commit(vm, &layer);
-            Ok(SnapshotInfo {
-                dir: dir.to_path_buf(),
-                layer,
-                pages,
-            })
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
-}
+#[cfg(doc)]
+use crate::vm::VmOptions;
+use crate::vm::{MemoryRestore, PreparedVm, RunState, Vm};
 
 const PAGE_BYTES: usize = 4096;
 
 /// Guest pages copied out of a paused VM: the source of a layer written after it resumed.
 /// Pages outside the copy read as zero (the layer writer only stores the captured ones).
 #[derive(Debug)]
-pub struct CopiedPages {
+struct CopiedPages {
     page_count: u64,
     /// Sorted page numbers.
     pages: Vec<u64>,
@@ -144,8 +61,7 @@ pub struct CopiedPages {
 
 impl CopiedPages {
     /// Bytes held.
-    #[must_use]
-    pub fn bytes(&self) -> usize {
+    fn bytes(&self) -> usize {
         self.data.len()
     }
 }
@@ -185,9 +101,9 @@ impl PageSource for CopiedPages {
 /// [`Captured::commit`]: dropping a capture (because writing it failed) loses nothing, and the
 /// next snapshot holds them again.
 #[derive(Debug)]
-pub struct Captured {
+struct Captured {
     /// The vCPU and device state.
-    pub state: VmState,
+    state: VmState,
     pages: PageBitmap,
     parent: Option<ParentRef>,
 }
@@ -199,12 +115,12 @@ pub struct Captured {
 /// # Errors
 /// [`VmError::NotPaused`]; [`VmError::DirtyTrackingOff`] for a diff of a VM without tracking;
 /// [`VmError::NotBasedOn`] if the VM's memory is not based on `parent`; the KVM error.
-pub fn capture(vm: &Vm, parent: Option<&LayerInfo>) -> Result<Captured, VmError> {
+fn capture(vm: &Vm, parent: Option<&LayerInfo>) -> Result<Captured, VmError> {
     // Pages a lazy restore has not installed yet read as zero through the memfd.
     vm.wait_memory_resident()?;
     let state = vm.save()?;
-    // The disk half of the snapshot: everything the guest was told is written is on the disks.
-    // (A layered disk backend seals its top layer here.)
+    // The disk half of the snapshot: everything the guest was told is written is on the disks
+    // (and Vm::begin_snapshot then seals the layered ones).
     vm.flush_disks()?;
     let dirty = match vm.harvest_dirty() {
         Ok(d) => Some(d),
@@ -233,8 +149,7 @@ pub fn capture(vm: &Vm, parent: Option<&LayerInfo>) -> Result<Captured, VmError>
 
 impl Captured {
     /// Pages the memory layer holds (dirty pages for a diff, resident pages for a full one).
-    #[must_use]
-    pub fn pages(&self) -> u64 {
+    fn pages(&self) -> u64 {
         self.pages.count()
     }
 
@@ -242,7 +157,7 @@ impl Captured {
     ///
     /// # Errors
     /// The layer writer's error; nothing is left at `path`.
-    pub fn write_memory(
+    fn write_memory(
         &self,
         vm: &Vm,
         path: &Path,
@@ -268,7 +183,7 @@ impl Captured {
     ///
     /// # Errors
     /// The read error.
-    pub fn copy_pages(&self, vm: &Vm) -> Result<CopiedPages, VmError> {
+    fn copy_pages(&self, vm: &Vm) -> Result<CopiedPages, VmError> {
         let pages: Vec<u64> = self.pages.iter().collect();
         let mut data = vec![0u8; pages.len() * PAGE_BYTES];
         let mut i = 0;
@@ -280,7 +195,7 @@ impl Captured {
             vm.memory()
                 .read_pages(pages[i], &mut data[i * PAGE_BYTES..j * PAGE_BYTES])
                 .map_err(|e| VmError::Snapshot {
-                    dir: PathBuf::new(),
+                    path: PathBuf::new(),
                     problem: format!(
                         "copying guest pages {}..{}: {e}",
                         pages[i],
@@ -301,7 +216,7 @@ impl Captured {
     ///
     /// # Errors
     /// The layer writer's error; nothing is left at `path`.
-    pub fn write_memory_from(
+    fn write_memory_from(
         &self,
         source: &CopiedPages,
         path: &Path,
@@ -323,7 +238,7 @@ impl Captured {
 
     /// Marks the snapshot taken: the captured pages stop being pending and the VM's memory is
     /// now based on `layer`. Call once the snapshot is durable and published.
-    pub fn commit(self, vm: &Vm, layer: &LayerInfo) {
+    fn commit(self, vm: &Vm, layer: &LayerInfo) {
         vm.commit_dirty();
         vm.set_memory_base(Some(layer.id));
     }
@@ -379,8 +294,12 @@ impl Vm {
     /// full layer with `None`), and seals each disk with its fresh top at `disk_tops[i]` (one
     /// path per disk; none to leave the disks alone, e.g. raw files the caller copies).
     ///
+    /// Waits first for a lazy restore to finish installing memory.
+    ///
     /// # Errors
-    /// As [`capture`]; [`VmError::Snapshot`] if `disk_tops` does not have one path per disk;
+    /// [`VmError::NotPaused`]; [`VmError::DirtyTrackingOff`] for a diff of a VM without tracking;
+    /// [`VmError::NotBasedOn`] if the VM's memory is not based on `parent`; the KVM error or a
+    /// disk's flush error; [`VmError::Snapshot`] if `disk_tops` does not have one path per disk;
     /// [`VmError::Disk`] naming the disk that could not be sealed (the disks sealed before it are
     /// unsealed again, and the pages stay pending).
     pub fn begin_snapshot(
@@ -391,7 +310,7 @@ impl Vm {
         let disks = self.disks();
         if !disk_tops.is_empty() && disk_tops.len() != disks.len() {
             return Err(VmError::Snapshot {
-                dir: PathBuf::new(),
+                path: PathBuf::new(),
                 problem: format!(
                     "{} new disk tops for {} disks: give one per disk, or none",
                     disk_tops.len(),
@@ -534,103 +453,10 @@ impl Drop for PendingSnapshot<'_> {
     }
 }
 
-fn temp_dir_for(dir: &Path) -> Result<PathBuf, VmError> {
-    let name = dir
-        .file_name()
-        .ok_or_else(|| snapshot_err(dir, "has no directory name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", Id::random()));
-    let tmp = dir.with_file_name(tmp_name);
-    std::fs::create_dir(&tmp).map_err(|e| io_err(dir, "creating the snapshot directory", &e))?;
-    Ok(tmp)
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// The snapshot directories of the chain ending at `dir`, oldest (the full snapshot) first.
-///
-/// # Errors
-/// [`VmError::Snapshot`] for an unreadable parent link or a chain longer than [`MAX_CHAIN`].
-pub fn chain_dirs(dir: &Path) -> Result<Vec<PathBuf>, VmError> {
-    let mut dirs = vec![dir.to_path_buf()];
-    loop {
-        let last = dirs.last().expect("never empty").clone();
-        let link = last.join(PARENT_FILE);
-        let text = match std::fs::read_to_string(&link) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-            Err(e) => return Err(io_err(&last, "reading the parent link", &e)),
-        };
-        if dirs.len() >= MAX_CHAIN {
-            return Err(snapshot_err(
-                dir,
-                format!("chain longer than {MAX_CHAIN} snapshots (a loop?)"),
-            ));
-        }
-        dirs.push(PathBuf::from(text.trim_end_matches('\n')));
-    }
-    dirs.reverse();
-    Ok(dirs)
-}
-
-/// Opens a snapshot: reads and checks its state, and opens its chain of memory layers, checking
-/// each layer's header and index and that each names its parent by id and digest.
-///
-/// # Errors
-/// The [`VmError::State`] or [`VmError::Layer`] naming the file and what is wrong.
-pub fn open(dir: &Path) -> Result<(VmState, LayerChain), VmError> {
-    let state = VmState::read_file(&dir.join(STATE_FILE))?;
-    let layers: Vec<PathBuf> = chain_dirs(dir)?
-        .iter()
-        .map(|d| d.join(MEMORY_FILE))
-        .collect();
-    let chain = LayerChain::open(&layers)?;
-    Ok((state, chain))
-}
-
-/// Builds a new, paused VM from the snapshot in `dir`.
-///
-/// # Errors
-/// As [`open`] and [`Vm::restore`].
-pub fn restore(dir: &Path) -> Result<Vm, VmError> {
-    restore_with(dir, &VmOptions::default())
-}
-
-/// As [`restore`], with `options`.
-///
-/// # Errors
-/// As [`open`] and [`Vm::restore_with`].
-pub fn restore_with(dir: &Path, options: &VmOptions) -> Result<Vm, VmError> {
-    let (state, chain) = open(dir)?;
-    state.check()?;
-    let prepared = Vm::prepare(state.config, options)?;
-    let working_set = dir.join(WORKING_SET_FILE);
-    restore_from(
-        &state,
-        chain,
-        &working_set,
-        prepared,
-        options.memory_restore,
-    )
-}
-
-/// As [`restore_with`], into a VM prepared ahead ([`Vm::prepare`], with the snapshot's shape):
-/// the restore then only loads state, and its cost does not grow with memory size. `mode` says
-/// how memory is installed; the restore unit is the prepared VM's.
-///
-/// # Errors
-/// As [`restore_with`]; [`VmError::State`] if `prepared` has another shape than the snapshot.
-pub fn restore_into(dir: &Path, prepared: PreparedVm, mode: MemoryRestore) -> Result<Vm, VmError> {
-    let (state, chain) = open(dir)?;
-    restore_from(&state, chain, &dir.join(WORKING_SET_FILE), prepared, mode)
-}
-
 /// Restores `state` and the memory of `chain` into `prepared`, installing memory as `mode` says.
-/// A prefetch restore uses the working set recorded at `working_set` if there is a usable one,
-/// and records one there otherwise (see [`read_working_set`]).
+/// `working_set` is the file the caller keeps for the snapshot's recorded working set (see
+/// [`snap_mem::working_set`]): a prefetch restore uses the one recorded there if it is usable
+/// (see [`read_working_set`]), and records one there otherwise; other modes ignore it.
 ///
 /// # Errors
 /// As [`Vm::restore_prepared`] and [`Vm::restore_lazy_prepared`].
@@ -669,10 +495,6 @@ pub fn restore_from(
     }
 }
 
-/// Name of the file holding a snapshot's recorded working set (written by the first
-/// [`MemoryRestore::Prefetch`] restore of it; see [`snap_mem::working_set`]).
-pub const WORKING_SET_FILE: &str = "working-set";
-
 /// The recorded working set of a snapshot whose newest layer has digest `tag`, if there is a
 /// usable one: a missing file, a damaged one, or one recorded with another unit or for other
 /// memory is ignored (it is only a hint, and the next prefetch restore records it again).
@@ -694,27 +516,4 @@ pub fn read_working_set(
             None
         }
     }
-}
-
-/// Reverts `vm` (paused) to the snapshot in `dir`; it stays paused.
-///
-/// # Errors
-/// As [`open`] and [`Vm::restore_in_place`].
-pub fn revert(vm: &Vm, dir: &Path) -> Result<(), VmError> {
-    let (state, chain) = open(dir)?;
-    vm.restore_in_place(&state, &chain)
-}
-
-/// As [`revert`], for a snapshot of a VM with disks: `disks` are the disks as of the snapshot,
-/// and the VM's devices serve them from then on.
-///
-/// # Errors
-/// As [`open`] and [`Vm::restore_in_place_with_disks`].
-pub fn revert_with_disks(
-    vm: &Vm,
-    dir: &Path,
-    disks: &[std::sync::Arc<dyn crate::block::BlockBackend>],
-) -> Result<(), VmError> {
-    let (state, chain) = open(dir)?;
-    vm.restore_in_place_with_disks(&state, &chain, disks)
 }

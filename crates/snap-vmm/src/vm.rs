@@ -361,7 +361,7 @@ impl Vm {
     ) -> Result<Self, VmError> {
         if options.memory_restore != MemoryRestore::Eager {
             return Err(VmError::Snapshot {
-                dir: memory.newest().path().to_path_buf(),
+                path: memory.newest().path().to_path_buf(),
                 problem: "a lazy restore takes the chain by value: use Vm::restore_lazy".into(),
             });
         }

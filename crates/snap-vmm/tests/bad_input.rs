@@ -8,11 +8,11 @@ use std::path::Path;
 use common::*;
 use snap_core::FormatErrorKind;
 use snap_mem::layer::LayerError;
+use snap_testkit::fs::files_in;
 use snap_vmm::error::ConfigError;
 use snap_vmm::memory::{MemoryError, host_memory_bytes};
-use snap_vmm::snapshot::{self, MEMORY_FILE, PARENT_FILE, STATE_FILE};
 use snap_vmm::state::StateError;
-use snap_vmm::{RunState, TestGuest, Vm, VmConfig, VmError};
+use snap_vmm::{RunState, TestGuest, Vm, VmConfig, VmError, VmOptions};
 
 fn create(memory_bytes: u64, vcpus: u32) -> Result<Vm, VmError> {
     let config = VmConfig {
@@ -105,13 +105,23 @@ fn sixteen_gib_of_guest_memory_runs() {
     );
 }
 
-/// A VM paused mid-run with a snapshot of it in `dir`, plus the output length at the snapshot.
-fn snapshotted(dir: &Path) -> (Vm, TestGuest) {
+/// A VM paused mid-run, its guest, and a full snapshot of it taken into `snaps`.
+fn snapshotted(snaps: &Snapshots) -> (Vm, TestGuest, Saved) {
     let (config, guest) = small(1);
     let vm = boot(config, &guest);
     pause_after(&vm, 5);
-    save_full(&vm, dir);
-    (vm, guest)
+    let saved = snaps.full(&vm);
+    (vm, guest, saved)
+}
+
+/// A restore into a new VM (default options).
+fn restore(saved: &Saved) -> Result<Vm, VmError> {
+    saved.restore(&VmOptions::default())
+}
+
+/// Whether an error's text names the file at `path`.
+fn names(e: &VmError, path: &Path) -> bool {
+    e.to_string().contains(&path.display().to_string())
 }
 
 fn rewrite(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
@@ -129,9 +139,9 @@ fn format_kind(e: &VmError) -> FormatErrorKind {
 
 /// Reverting to a broken snapshot fails, and the VM then continues exactly as if nothing had
 /// been tried: its output and memory match an untouched run.
-fn assert_revert_refused_and_vm_intact(vm: &Vm, guest: &TestGuest, dir: &Path) -> VmError {
+fn assert_revert_refused_and_vm_intact(vm: &Vm, guest: &TestGuest, saved: &Saved) -> VmError {
     let memory_before = vm.memory().to_vec();
-    let err = snapshot::revert(vm, dir).unwrap_err();
+    let err = saved.revert(vm).unwrap_err();
     assert_eq!(vm.run_state(), RunState::Paused);
     assert_same_memory(&vm.memory().to_vec(), &memory_before);
     run_to_end(vm);
@@ -147,11 +157,10 @@ fn truncated_state_file_is_refused() {
     if !kvm_available("truncated_state_file_is_refused") {
         return;
     }
-    let dir = SnapDir::new();
-    let (vm, guest) = snapshotted(dir.path());
-    let path = dir.path().join(STATE_FILE);
-    rewrite(&path, |b| b.truncate(b.len() / 2));
-    let e = snapshot::restore(dir.path()).err().unwrap();
+    let snaps = Snapshots::new();
+    let (vm, guest, saved) = snapshotted(&snaps);
+    rewrite(&saved.state, |b| b.truncate(b.len() / 2));
+    let e = restore(&saved).err().unwrap();
     assert!(
         matches!(
             format_kind(&e),
@@ -162,11 +171,8 @@ fn truncated_state_file_is_refused() {
         ),
         "{e}"
     );
-    assert!(
-        e.to_string().contains(STATE_FILE),
-        "error names the file: {e}"
-    );
-    let e = assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+    assert!(names(&e, &saved.state), "error names the file: {e}");
+    let e = assert_revert_refused_and_vm_intact(&vm, &guest, &saved);
     assert!(matches!(format_kind(&e), FormatErrorKind::Truncated { .. }));
 }
 
@@ -175,20 +181,19 @@ fn corrupted_state_file_is_refused() {
     if !kvm_available("corrupted_state_file_is_refused") {
         return;
     }
-    let dir = SnapDir::new();
-    let (vm, guest) = snapshotted(dir.path());
-    let path = dir.path().join(STATE_FILE);
-    rewrite(&path, |b| {
+    let snaps = Snapshots::new();
+    let (vm, guest, saved) = snapshotted(&snaps);
+    rewrite(&saved.state, |b| {
         let i = b.len() - 100;
         b[i] ^= 0x40;
     });
-    let e = snapshot::restore(dir.path()).err().unwrap();
+    let e = restore(&saved).err().unwrap();
     assert!(
         matches!(format_kind(&e), FormatErrorKind::PayloadChecksum { .. }),
         "{e}"
     );
     assert!(e.to_string().contains("checksum"), "{e}");
-    let e = assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+    let e = assert_revert_refused_and_vm_intact(&vm, &guest, &saved);
     assert!(matches!(
         format_kind(&e),
         FormatErrorKind::PayloadChecksum { .. }
@@ -200,15 +205,14 @@ fn wrong_version_state_file_is_refused() {
     if !kvm_available("wrong_version_state_file_is_refused") {
         return;
     }
-    let dir = SnapDir::new();
-    let (vm, guest) = snapshotted(dir.path());
-    let path = dir.path().join(STATE_FILE);
-    rewrite(&path, |b| {
+    let snaps = Snapshots::new();
+    let (vm, guest, saved) = snapshotted(&snaps);
+    rewrite(&saved.state, |b| {
         b[8..12].copy_from_slice(&99u32.to_le_bytes());
         let crc = snap_core::crc32c(&b[..28]);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
     });
-    let e = snapshot::restore(dir.path()).err().unwrap();
+    let e = restore(&saved).err().unwrap();
     assert!(
         matches!(
             format_kind(&e),
@@ -217,7 +221,7 @@ fn wrong_version_state_file_is_refused() {
         "{e}"
     );
     assert!(e.to_string().contains("version 99"), "{e}");
-    assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+    assert_revert_refused_and_vm_intact(&vm, &guest, &saved);
 }
 
 #[test]
@@ -225,74 +229,70 @@ fn corrupted_or_truncated_memory_layer_is_refused() {
     if !kvm_available("corrupted_or_truncated_memory_layer_is_refused") {
         return;
     }
-    let dir = SnapDir::new();
-    let (vm, guest) = snapshotted(dir.path());
-    let path = dir.path().join(MEMORY_FILE);
-    let original = std::fs::read(&path).unwrap();
+    let snaps = Snapshots::new();
+    let (vm, guest, saved) = snapshotted(&snaps);
+    let path = saved.memory();
+    let original = std::fs::read(path).unwrap();
     // A flipped bit inside the first frame's compressed bytes (frames start at 4096).
-    rewrite(&path, |b| b[4096 + 10] ^= 1);
-    let e = snapshot::restore(dir.path()).err().unwrap();
+    rewrite(path, |b| b[4096 + 10] ^= 1);
+    let e = restore(&saved).err().unwrap();
     assert!(
         matches!(&e, VmError::Layer(l) if matches!(**l, LayerError::Frame { frame: 0, .. })),
         "{e}"
     );
-    let text = e.to_string();
-    assert!(
-        text.contains(MEMORY_FILE) && text.contains("frame 0"),
-        "{e}"
-    );
-    let e = assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+    assert!(names(&e, path) && e.to_string().contains("frame 0"), "{e}");
+    let e = assert_revert_refused_and_vm_intact(&vm, &guest, &saved);
     assert!(
         matches!(&e, VmError::Layer(l) if matches!(**l, LayerError::Frame { frame: 0, .. })),
         "{e}"
     );
 
-    std::fs::write(&path, &original[..original.len() - 100]).unwrap();
-    let e = snapshot::restore(dir.path()).err().unwrap();
+    std::fs::write(path, &original[..original.len() - 100]).unwrap();
+    let e = restore(&saved).err().unwrap();
     assert!(matches!(&e, VmError::Layer(_)), "{e}");
-    assert!(e.to_string().contains(MEMORY_FILE), "{e}");
+    assert!(names(&e, path), "{e}");
 }
 
-/// A diff snapshot whose parent link points at a snapshot its layer was not written over is
-/// refused, naming the layer, the parent it expects and the one it found.
+/// A diff snapshot whose chain puts it over a layer it was not written over is refused, naming
+/// the layer, the parent it expects and the one it found.
 #[test]
 fn diff_over_the_wrong_parent_is_refused() {
     if !kvm_available("diff_over_the_wrong_parent_is_refused") {
         return;
     }
-    let dir = SnapDir::new();
+    let snaps = Snapshots::new();
     let (config, guest) = small(1);
     let vm = boot(config, &guest);
     pause_after(&vm, 3);
-    save_full(&vm, dir.path());
+    let root = snaps.full(&vm);
     vm.resume().unwrap();
     pause_after(&vm, 6);
-    let diff = dir.sibling("diff");
-    snapshot::save(&vm, &diff, Some(dir.path()), &Default::default()).unwrap();
-    // Another full snapshot, then point the diff at it.
-    let other = dir.sibling("other");
-    save_full(&vm, &other);
-    std::fs::write(diff.join(PARENT_FILE), format!("{}\n", other.display())).unwrap();
-    let e = snapshot::restore(&diff).err().unwrap();
+    let diff = snaps.diff(&vm, &root);
+    // Another full snapshot, then a chain that puts the diff over it.
+    let other = snaps.full(&vm);
+    let wrong = Saved {
+        layers: vec![other.memory().to_path_buf(), diff.memory().to_path_buf()],
+        ..diff.clone()
+    };
+    let e = restore(&wrong).err().unwrap();
     assert!(
         matches!(&e, VmError::Layer(l) if matches!(**l, LayerError::WrongParent { .. })),
         "{e}"
     );
-    assert!(e.to_string().contains("diff"), "{e}");
-    // And a diff against a snapshot the VM's memory is not based on is refused at save time.
+    assert!(names(&e, diff.memory()), "{e}");
+    // And a diff against a snapshot the VM's memory is not based on is refused when it begins,
+    // leaving no file behind.
     vm.resume().unwrap();
     pause_after(&vm, 8);
-    let e = snapshot::save(
-        &vm,
-        &dir.sibling("bad"),
-        Some(dir.path()),
-        &Default::default(),
-    )
-    .unwrap_err();
-    assert!(matches!(&e, VmError::Snapshot { .. }), "{e}");
-    assert!(
-        !dir.sibling("bad").exists(),
-        "a refused snapshot left a directory"
+    let files = files_in(snaps.dir());
+    let e = snaps
+        .take(&vm, Some(&root), &Default::default())
+        .unwrap_err();
+    assert!(matches!(&e, VmError::NotBasedOn { .. }), "{e}");
+    assert_eq!(
+        files_in(snaps.dir()),
+        files,
+        "a refused snapshot left a file"
     );
 }
 
@@ -301,12 +301,12 @@ fn state_for_another_vm_shape_is_refused() {
     if !kvm_available("state_for_another_vm_shape_is_refused") {
         return;
     }
-    let dir = SnapDir::new();
-    let (_vm, _) = snapshotted(dir.path());
+    let snaps = Snapshots::new();
+    let (_vm, _, saved) = snapshotted(&snaps);
     let (config, guest) = small(2);
     let other = boot(config, &guest);
     other.pause();
-    let e = snapshot::revert(&other, dir.path()).unwrap_err();
+    let e = saved.revert(&other).unwrap_err();
     assert!(
         matches!(e, VmError::State(StateError::ConfigMismatch { .. })),
         "{e}"
@@ -326,20 +326,19 @@ fn state_that_kvm_refuses_part_way_is_rolled_back() {
     let (config, guest) = small(2);
     let vm = boot(config, &guest);
     pause_after(&vm, 5);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
-    let state_path = dir.path().join(STATE_FILE);
-    let mut state = snap_vmm::VmState::read_file(&state_path).unwrap();
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
+    let mut state = snap_vmm::VmState::read_file(&saved.state).unwrap();
     // Paging without protected mode: KVM_SET_SREGS refuses it.
     state.vcpus[1].sregs.cr0 = 1 << 31;
-    state.write_file(&state_path).unwrap();
+    state.write_file(&saved.state).unwrap();
 
-    let e = snapshot::restore(dir.path()).err().unwrap();
+    let e = restore(&saved).err().unwrap();
     assert!(e.to_string().contains("vCPU 1: KVM_SET_SREGS"), "{e}");
 
     // Let the VM move on a little, so that the snapshot and the current state differ.
     vm.resume().unwrap();
     pause_after(&vm, 12);
-    let e = assert_revert_refused_and_vm_intact(&vm, &guest, dir.path());
+    let e = assert_revert_refused_and_vm_intact(&vm, &guest, &saved);
     assert!(e.to_string().contains("vCPU 1: KVM_SET_SREGS"), "{e}");
 }

@@ -17,7 +17,6 @@ use snap_testkit::fs::{Filler, Tmpfs};
 use snap_vmm::guest::WORKING_SET_BASE;
 use snap_vmm::{
     BlockBackend, IoStop, RawFile, RunState, TestGuest, Vm, VmConfig, VmError, VmExit, VmOptions,
-    snapshot,
 };
 
 /// Size of the tmpfs the disk lives on.
@@ -180,19 +179,17 @@ fn a_snapshot_of_a_vm_paused_on_a_full_disk_runs_the_pending_request() {
     let disk = fs.path().join("disk.img");
     let (vm, _) = run_until_full(config, &guest, &disk);
     let cut = vm.serial_output().len();
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     let roomy = tempfile::tempdir().unwrap();
     let copy = roomy.path().join("at-snapshot.img");
     std::fs::copy(&disk, &copy).unwrap();
     // The snapshot did not clear the stop.
     assert!(vm.io_stop().is_some());
 
-    let restored = snapshot::restore_with(
-        dir.path(),
-        &with_disk(Arc::new(RawFile::open(&copy).unwrap())),
-    )
-    .unwrap();
+    let restored = saved
+        .restore(&with_disk(Arc::new(RawFile::open(&copy).unwrap())))
+        .unwrap();
     assert_eq!(restored.io_stop(), None);
     run_to_end(&restored);
     assert_eq!(restored.serial_output().text(), model.output[cut..]);

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
-use snap_vmm::{DirtyTracking, LayerOptions, Vm, VmOptions, snapshot};
+use snap_testkit::fs::files_in;
+use snap_vmm::{DirtyTracking, LayerChain, LayerOptions, Vm, VmOptions};
 
 fn chains(dirty: DirtyTracking, vcpus: u32, test: &str) {
     if !kvm_available(test) {
@@ -21,8 +20,8 @@ fn chains(dirty: DirtyTracking, vcpus: u32, test: &str) {
     let model = guest.model(vcpus).output;
     let vm = Vm::create_with(config, &guest.boot_image(&config).unwrap(), &options).unwrap();
     vm.resume().unwrap();
-    let root = SnapDir::new();
-    let mut dirs: Vec<PathBuf> = Vec::new();
+    let snaps = Snapshots::new();
+    let mut saved: Vec<Saved> = Vec::new();
     let mut cuts = Vec::new();
     // Small frames, so that diffs hold partial regions over full ones.
     let layer_options = LayerOptions {
@@ -31,11 +30,9 @@ fn chains(dirty: DirtyTracking, vcpus: u32, test: &str) {
     };
     for (i, lines) in [2, 5, 8, 11, 14].into_iter().enumerate() {
         cuts.push(pause_after(&vm, lines));
-        let dir = root.sibling(&format!("s{i}"));
-        let info =
-            snapshot::save(&vm, &dir, dirs.last().map(PathBuf::as_path), &layer_options).unwrap();
-        assert_eq!(info.layer.parent.is_some(), i > 0);
-        dirs.push(dir);
+        let s = snaps.take(&vm, saved.last(), &layer_options).unwrap();
+        assert_eq!(s.layer.parent.is_some(), i > 0);
+        saved.push(s);
         vm.resume().unwrap();
     }
     run_to_end(&vm);
@@ -44,7 +41,7 @@ fn chains(dirty: DirtyTracking, vcpus: u32, test: &str) {
 
     for depth in [1, 2, 5] {
         let what = format!("{dirty:?}, {vcpus} vCPUs, chain of {depth}");
-        let restored = snapshot::restore_with(&dirs[depth - 1], &options).unwrap();
+        let restored = saved[depth - 1].restore(&options).unwrap();
         run_to_end(&restored);
         assert_eq!(
             restored.serial_output().text(),
@@ -55,7 +52,7 @@ fn chains(dirty: DirtyTracking, vcpus: u32, test: &str) {
     }
     for depth in [5, 1, 2] {
         let what = format!("{dirty:?}, {vcpus} vCPUs, revert to chain of {depth}");
-        snapshot::revert(&vm, &dirs[depth - 1]).unwrap();
+        saved[depth - 1].revert(&vm).unwrap();
         let mark = vm.serial_output().len();
         run_to_end(&vm);
         assert_eq!(
@@ -67,14 +64,15 @@ fn chains(dirty: DirtyTracking, vcpus: u32, test: &str) {
     }
 
     // A branch: revert to s1, run a little, take a diff over s1, and restore that branch.
-    snapshot::revert(&vm, &dirs[1]).unwrap();
+    saved[1].revert(&vm).unwrap();
     let mark = vm.serial_output().len();
     vm.resume().unwrap();
     let cut = pause_after(&vm, vm.serial_output().lines() + 4) - mark + cuts[1];
-    let branch = root.sibling("branch");
-    snapshot::save(&vm, &branch, Some(&dirs[1]), &layer_options).unwrap();
-    assert_eq!(snapshot::chain_dirs(&branch).unwrap().len(), 3);
-    let restored = snapshot::restore_with(&branch, &options).unwrap();
+    let branch = snaps.take(&vm, Some(&saved[1]), &layer_options).unwrap();
+    let chain = LayerChain::open(&branch.layers).unwrap();
+    assert_eq!(chain.layers().len(), 3);
+    assert_eq!(branch.layer.parent, Some(saved[1].layer.as_parent()));
+    let restored = branch.restore(&options).unwrap();
     run_to_end(&restored);
     assert_eq!(restored.serial_output().text(), model[cut..], "branch");
     assert_same_memory(&restored.memory().to_vec(), &final_memory);
@@ -108,8 +106,8 @@ fn chains_with_two_vcpus_both_backends() {
     );
 }
 
-/// A diff snapshot that fails after its pages were harvested loses none of them: the next diff
-/// over the same parent still holds them, and restores exactly.
+/// A diff snapshot that fails after its pages were harvested loses none of them and leaves no
+/// file behind: the next diff over the same parent still holds them, and restores exactly.
 #[test]
 fn a_failed_diff_snapshot_loses_no_pages() {
     if !kvm_available("a_failed_diff_snapshot_loses_no_pages") {
@@ -124,43 +122,46 @@ fn a_failed_diff_snapshot_loses_no_pages() {
         let model = guest.model(2).output;
         let vm = Vm::create_with(config, &guest.boot_image(&config).unwrap(), &options).unwrap();
         vm.resume().unwrap();
-        let root = SnapDir::new();
+        let snaps = Snapshots::new();
         pause_after(&vm, 4);
-        save_full(&vm, root.path());
+        let root = snaps.full(&vm);
+        let files = files_in(snaps.dir());
         vm.resume().unwrap();
         pause_after(&vm, 10);
-        // Two saves that fail after the harvest: the target's parent directory does not exist,
-        // and the layer writer refuses its options once the temporary directory exists.
-        let impossible = root.sibling("missing").join("diff");
-        let e = snapshot::save(
-            &vm,
-            &impossible,
-            Some(root.path()),
-            &LayerOptions::default(),
+        // Three snapshots that fail after the harvest: the layer's directory does not exist; the
+        // layer writer refuses its options; everything is written but the snapshot is dropped
+        // before its commit (as when publishing it fails).
+        let pending = vm.begin_snapshot(Some(&root.layer), &[]).unwrap();
+        let missing = snaps.dir().join("missing").join("diff.mlayer");
+        assert!(
+            pending
+                .write_memory(&missing, &LayerOptions::default())
+                .is_err()
         );
-        assert!(e.is_err());
+        drop(pending);
         let bad = LayerOptions {
             frame_size: 12345,
             ..LayerOptions::default()
         };
-        let failed = root.sibling("failed");
-        assert!(snapshot::save(&vm, &failed, Some(root.path()), &bad).is_err());
-        assert!(!failed.exists(), "a failed snapshot left its directory");
-        let leftovers: Vec<_> = std::fs::read_dir(root.path().parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect();
-        assert!(
-            leftovers.is_empty(),
-            "temporary files left behind: {leftovers:?}"
+        assert!(snaps.take(&vm, Some(&root), &bad).is_err());
+        assert_eq!(
+            files_in(snaps.dir()),
+            files,
+            "a failed snapshot left files behind"
         );
+        let pending = vm.begin_snapshot(Some(&root.layer), &[]).unwrap();
+        let written = snaps.dir().join("uncommitted.mlayer");
+        pending
+            .write_memory(&written, &LayerOptions::default())
+            .unwrap();
+        drop(pending);
+        std::fs::remove_file(&written).unwrap();
+        assert_eq!(vm.memory_base(), Some(root.layer.id));
         vm.resume().unwrap();
         let cut = pause_after(&vm, 16);
-        let diff = root.sibling("diff");
-        snapshot::save(&vm, &diff, Some(root.path()), &LayerOptions::default()).unwrap();
+        let diff = snaps.diff(&vm, &root);
         run_to_end(&vm);
-        let restored = snapshot::restore_with(&diff, &options).unwrap();
+        let restored = diff.restore(&options).unwrap();
         run_to_end(&restored);
         assert_eq!(restored.serial_output().text(), model[cut..], "{dirty:?}");
         assert_same_memory(&restored.memory().to_vec(), &vm.memory().to_vec());

@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use snap_mem::layer::{Layer, PageEntry};
 use snap_vmm::boot::PROGRAM_ADDR;
-use snap_vmm::snapshot::{self, MEMORY_FILE};
 use snap_vmm::{MemoryRestore, RunState, Vm, VmConfig, VmExit, VmOptions};
 
 fn lazy() -> VmOptions {
@@ -26,16 +25,15 @@ fn lazy_restore_continues_exactly_from_a_chain() {
     let (config, guest) = small(2);
     let model = guest.model(2).output;
     let vm = boot(config, &guest);
-    let root = SnapDir::new();
+    let snaps = Snapshots::new();
     pause_after(&vm, 4);
-    save_full(&vm, root.path());
+    let root = snaps.full(&vm);
     vm.resume().unwrap();
     let cut = pause_after(&vm, 9);
-    let diff = root.sibling("diff");
-    snapshot::save(&vm, &diff, Some(root.path()), &Default::default()).unwrap();
+    let diff = snaps.diff(&vm, &root);
     run_to_end(&vm);
 
-    let restored = snapshot::restore_with(&diff, &lazy()).unwrap();
+    let restored = diff.restore(&lazy()).unwrap();
     run_to_end(&restored);
     assert_eq!(restored.serial_output().text(), model[cut..]);
     restored.wait_memory_resident().unwrap();
@@ -45,7 +43,7 @@ fn lazy_restore_continues_exactly_from_a_chain() {
     // layer holds stay unallocated unless touched: most of this guest's memory.
     let stats = restored.lazy_stats().unwrap();
     let windows = config.memory_bytes / (256 << 10);
-    let (_, chain) = snapshot::open(&diff).unwrap();
+    let (_, chain) = diff.open().unwrap();
     let with_data = snap_mem::lazy::WindowSource::windows_with_data(&chain)
         .unwrap()
         .len() as u64;
@@ -56,8 +54,7 @@ fn lazy_restore_continues_exactly_from_a_chain() {
     );
 
     // A lazily restored VM can be snapshotted again (after its memory is all in).
-    let again = root.sibling("again");
-    snapshot::save(&restored, &again, Some(&diff), &Default::default()).unwrap();
+    snaps.diff(&restored, &diff);
 }
 
 #[test]
@@ -68,13 +65,11 @@ fn three_lazy_clones_run_at_once() {
     let (config, guest) = small(1);
     let model = guest.model(1).output;
     let vm = boot(config, &guest);
-    let root = SnapDir::new();
+    let snaps = Snapshots::new();
     let cut = pause_after(&vm, 6);
-    save_full(&vm, root.path());
+    let saved = snaps.full(&vm);
     drop(vm);
-    let clones: Vec<_> = (0..3)
-        .map(|_| snapshot::restore_with(root.path(), &lazy()).unwrap())
-        .collect();
+    let clones: Vec<_> = (0..3).map(|_| saved.restore(&lazy()).unwrap()).collect();
     for c in &clones {
         c.resume().unwrap();
     }
@@ -91,27 +86,27 @@ fn a_damaged_frame_stops_a_lazily_restored_vm() {
     }
     let (config, guest) = small(1);
     let vm = boot(config, &guest);
-    let root = SnapDir::new();
+    let snaps = Snapshots::new();
     pause_after(&vm, 5);
-    save_full(&vm, root.path());
+    let saved = snaps.full(&vm);
     drop(vm);
     // Damage the frame holding the guest's code: its first instruction after the restore needs it.
-    let path = root.path().join(MEMORY_FILE);
-    let layer = Layer::open(&path).unwrap();
+    let path = saved.memory();
+    let layer = Layer::open(path).unwrap();
     let Some(PageEntry::Data { frame, .. }) = layer.page(PROGRAM_ADDR / 4096) else {
         panic!("the code page is not stored");
     };
     let offset = layer.frame(frame).offset as usize;
     drop(layer);
-    let mut bytes = std::fs::read(&path).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
     bytes[offset + 1] ^= 0x40;
-    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(path, bytes).unwrap();
 
-    let restored = snapshot::restore_with(root.path(), &lazy()).unwrap();
+    let restored = saved.restore(&lazy()).unwrap();
     let _ = restored.resume();
     let e = restored.wait_memory_resident().unwrap_err().to_string();
     assert!(
-        e.contains(MEMORY_FILE) && e.contains(&format!("frame {frame}")),
+        e.contains(&path.display().to_string()) && e.contains(&format!("frame {frame}")),
         "{e}"
     );
     // The VM is stopped for good, and the guest printed nothing after the snapshot point.
@@ -131,18 +126,17 @@ fn prefetch_records_the_working_set_then_installs_it_first() {
     let (config, guest) = small(1);
     let model = guest.model(1).output;
     let vm = boot(config, &guest);
-    let root = SnapDir::new();
+    let snaps = Snapshots::new();
     let cut = pause_after(&vm, 4);
-    save_full(&vm, root.path());
+    let saved = snaps.full(&vm);
     drop(vm);
     let prefetch = VmOptions {
         memory_restore: MemoryRestore::Prefetch,
         ..VmOptions::default()
     };
-    let ws_file = root.path().join(snapshot::WORKING_SET_FILE);
 
     // First restore: lazy, recording.
-    let first = snapshot::restore_with(root.path(), &prefetch).unwrap();
+    let first = saved.restore(&prefetch).unwrap();
     run_to_end(&first);
     assert_eq!(first.serial_output().text(), model[cut..]);
     first.wait_memory_resident().unwrap();
@@ -151,9 +145,9 @@ fn prefetch_records_the_working_set_then_installs_it_first() {
         recorded.faults > 0 && recorded.prefetched == 0,
         "{recorded:?}"
     );
-    let (_, chain) = snapshot::open(root.path()).unwrap();
-    let set = snapshot::read_working_set(
-        &ws_file,
+    let (_, chain) = saved.open().unwrap();
+    let set = snap_vmm::snapshot::read_working_set(
+        &saved.working_set,
         chain.window_pages(),
         chain.memory_bytes(),
         chain.newest().info().digest.0,
@@ -168,7 +162,7 @@ fn prefetch_records_the_working_set_then_installs_it_first() {
 
     // Second restore: the recorded set goes in first. (The test lets the prefetch finish before
     // resuming, so that what it checks does not depend on a race with the guest.)
-    let second = snapshot::restore_with(root.path(), &prefetch).unwrap();
+    let second = saved.restore(&prefetch).unwrap();
     let deadline = std::time::Instant::now() + TIMEOUT;
     while second.lazy_stats().unwrap().prefetched < set.len() as u64 {
         assert!(
@@ -200,16 +194,16 @@ fn lazy_restore_with_page_sized_units() {
     let (config, guest) = small(2);
     let model = guest.model(2).output;
     let vm = boot(config, &guest);
-    let root = SnapDir::new();
+    let snaps = Snapshots::new();
     let cut = pause_after(&vm, 6);
-    save_full(&vm, root.path());
+    let saved = snaps.full(&vm);
     run_to_end(&vm);
     let options = VmOptions {
         memory_restore: MemoryRestore::Lazy,
         restore_unit_bytes: Some(4096),
         ..VmOptions::default()
     };
-    let restored = snapshot::restore_with(root.path(), &options).unwrap();
+    let restored = saved.restore(&options).unwrap();
     run_to_end(&restored);
     assert_eq!(restored.serial_output().text(), model[cut..]);
     restored.wait_memory_resident().unwrap();
@@ -224,7 +218,7 @@ fn lazy_restore_with_page_sized_units() {
         restore_unit_bytes: Some(12288),
         ..options
     };
-    assert!(snapshot::restore_with(root.path(), &bad).is_err());
+    assert!(saved.restore(&bad).is_err());
 }
 
 /// A VM prepared ahead (the KVM VM, its memory slots and vCPUs built before the snapshot is
@@ -238,9 +232,9 @@ fn restore_into_a_prepared_vm() {
     let (config, guest) = small(1);
     let model = guest.model(1).output;
     let vm = boot(config, &guest);
-    let root = SnapDir::new();
+    let snaps = Snapshots::new();
     let cut = pause_after(&vm, 3);
-    save_full(&vm, root.path());
+    let saved = snaps.full(&vm);
     run_to_end(&vm);
     for mode in [
         MemoryRestore::Eager,
@@ -248,7 +242,7 @@ fn restore_into_a_prepared_vm() {
         MemoryRestore::Prefetch,
     ] {
         let prepared = Vm::prepare(config, &VmOptions::default()).unwrap();
-        let restored = snapshot::restore_into(root.path(), prepared, mode).unwrap();
+        let restored = saved.restore_into(prepared, mode).unwrap();
         run_to_end(&restored);
         assert_eq!(restored.serial_output().text(), model[cut..], "{mode:?}");
         restored.wait_memory_resident().unwrap();
@@ -256,7 +250,7 @@ fn restore_into_a_prepared_vm() {
     }
     let other = VmConfig { vcpus: 2, ..config };
     let prepared = Vm::prepare(other, &VmOptions::default()).unwrap();
-    let Err(err) = snapshot::restore_into(root.path(), prepared, MemoryRestore::Lazy) else {
+    let Err(err) = saved.restore_into(prepared, MemoryRestore::Lazy) else {
         panic!("a VM prepared with 2 vCPUs took a 1-vCPU snapshot");
     };
     assert!(err.to_string().contains("prepared VM has"), "{err}");

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use snap_vmm::guest::WORKING_SET_BASE;
-use snap_vmm::{RunState, TestGuest, Vm, VmError, VmExit, snapshot};
+use snap_vmm::{LayerOptions, RunState, TestGuest, Vm, VmError, VmExit, VmOptions};
 
 /// Runs to a snapshot point, saves, lets the original finish, restores into a new VM and runs it
 /// to the end: output after the snapshot and final memory must be identical.
@@ -16,14 +16,14 @@ fn continuation(vcpus: u32, test: &str) {
     let (config, guest) = small(vcpus);
     let vm = boot(config, &guest);
     let cut = pause_after(&vm, 8);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     run_to_end(&vm);
     let original = vm.serial_output().bytes();
     assert_complete_output(&String::from_utf8_lossy(&original), &guest);
     let original_memory = vm.memory().to_vec();
 
-    let restored = snapshot::restore(dir.path()).unwrap();
+    let restored = saved.restore(&VmOptions::default()).unwrap();
     assert_eq!(restored.config(), config);
     run_to_end(&restored);
     let after = restored.serial_output().bytes();
@@ -58,13 +58,13 @@ fn revert(vcpus: u32, test: &str) {
     let (config, guest) = small(vcpus);
     let vm = boot(config, &guest);
     let cut = pause_after(&vm, 5);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     run_to_end(&vm);
     let first = vm.serial_output().bytes();
     let first_memory = vm.memory().to_vec();
 
-    snapshot::revert(&vm, dir.path()).unwrap();
+    saved.revert(&vm).unwrap();
     let mark = vm.serial_output().len();
     run_to_end(&vm);
     let all = vm.serial_output().bytes();
@@ -76,7 +76,7 @@ fn revert(vcpus: u32, test: &str) {
     assert_same_memory(&vm.memory().to_vec(), &first_memory);
 
     // And a second revert of the same snapshot repeats once more.
-    snapshot::revert(&vm, dir.path()).unwrap();
+    saved.revert(&vm).unwrap();
     let mark = vm.serial_output().len();
     run_to_end(&vm);
     assert_eq!(vm.serial_output().bytes()[mark..], first[cut..]);
@@ -134,10 +134,10 @@ fn continuation_from_many_points() {
         for lines in [1, 7, 15, 22, 25] {
             let vm = boot(config, &guest);
             let cut = pause_after(&vm, lines);
-            let dir = SnapDir::new();
-            save_full(&vm, dir.path());
+            let snaps = Snapshots::new();
+            let saved = snaps.full(&vm);
             drop(vm);
-            let restored = snapshot::restore(dir.path()).unwrap();
+            let restored = saved.restore(&VmOptions::default()).unwrap();
             run_to_end(&restored);
             assert_eq!(
                 restored.serial_output().text(),
@@ -180,9 +180,8 @@ fn restore_twice_from_one_snapshot() {
     let (config, guest) = small(1);
     let vm = boot(config, &guest);
     let cut = pause_after(&vm, 4);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
-    let (state, image) = snapshot::open(dir.path()).unwrap();
+    let snaps = Snapshots::new();
+    let (state, image) = snaps.full(&vm).open().unwrap();
     let a = Vm::restore(&state, &image).unwrap();
     let b = Vm::restore(&state, &image).unwrap();
     a.resume().unwrap();
@@ -212,9 +211,9 @@ fn a_finished_guest_restores_finished() {
     let (config, guest) = small(1);
     let vm = boot(config, &guest);
     run_to_end(&vm);
-    let done = SnapDir::new();
-    save_full(&vm, done.path());
-    let restored = snapshot::restore(done.path()).unwrap();
+    let snaps = Snapshots::new();
+    let done = snaps.full(&vm);
+    let restored = done.restore(&VmOptions::default()).unwrap();
     assert_eq!(restored.run_state(), RunState::Stopped(VmExit::Finished(0)));
     assert!(matches!(
         restored.resume(),
@@ -226,10 +225,9 @@ fn a_finished_guest_restores_finished() {
     let (config2, guest2) = small(1);
     let other = boot(config2, &guest2);
     let cut = pause_after(&other, 3);
-    let mid = done.sibling("mid");
-    save_full(&other, &mid);
+    let mid = snaps.full(&other);
     run_to_end(&other);
-    snapshot::revert(&other, &mid).unwrap();
+    mid.revert(&other).unwrap();
     assert_eq!(other.run_state(), RunState::Paused);
     let mark = other.serial_output().len();
     run_to_end(&other);
@@ -237,7 +235,7 @@ fn a_finished_guest_restores_finished() {
         other.serial_output().text()[mark..],
         guest2.model(1).output[cut..]
     );
-    snapshot::revert(&other, done.path()).unwrap();
+    done.revert(&other).unwrap();
     assert_eq!(other.run_state(), RunState::Stopped(VmExit::Finished(0)));
 }
 
@@ -245,50 +243,68 @@ fn a_finished_guest_restores_finished() {
 /// (so the VM is paused only for the copy), holds memory exactly as of the pause: restores from
 /// a full and a diff layer written that way continue as the model says, although the guest
 /// changed those pages before the layers were written.
+///
+/// The guest runs for many more ticks than the test needs, and the full layer is written while
+/// the VM is paused for the diff: a pause then always lands well before the guest's end, however
+/// long the writes take or the test thread waits for a core.
 #[test]
 fn layers_written_after_resuming_hold_the_pause_point() {
     if !kvm_available("layers_written_after_resuming_hold_the_pause_point") {
         return;
     }
     let (config, guest) = small(1);
+    let guest = TestGuest {
+        ticks: 300,
+        ..guest
+    };
     let model = guest.model(1).output;
     let vm = boot(config, &guest);
-    let dir = SnapDir::new();
-    let options = snap_vmm::LayerOptions::default();
+    let snaps = Snapshots::new();
+    let file = |name: &str| snaps.dir().join(name);
+    let options = LayerOptions::default();
 
     let cut1 = pause_after(&vm, 4);
-    let full = snapshot::capture(&vm, None).unwrap();
-    let copy = full.copy_pages(&vm).unwrap();
-    assert_eq!(copy.bytes() as u64, full.pages() * 4096);
+    let mut full = vm.begin_snapshot(None, &[]).unwrap();
+    let copied = full.copy_pages().unwrap();
+    assert_eq!(copied as u64, full.pages() * 4096);
     vm.resume().unwrap();
-    assert!(vm.serial_output().wait_for_lines(8, TIMEOUT));
-    let full_path = dir.path().with_extension("full");
-    let full_info = full.write_memory_from(&copy, &full_path, &options).unwrap();
-    let full_state = snap_vmm::VmState::from_bytes(&full.state.to_bytes()).unwrap();
-    full.commit(&vm, &full_info);
+    // The guest changes the copied pages for four ticks; the full layer is written after that.
+    let cut2 = pause_after(&vm, 8);
+    let full_info = full.write_memory(&file("full.mlayer"), &options).unwrap();
+    full.write_state(&file("full.state")).unwrap();
+    full.commit(&full_info);
 
-    let cut2 = pause_after(&vm, 12);
-    let diff = snapshot::capture(&vm, Some(&full_info)).unwrap();
-    let copy = diff.copy_pages(&vm).unwrap();
+    let mut diff = vm.begin_snapshot(Some(&full_info), &[]).unwrap();
+    diff.copy_pages().unwrap();
     vm.resume().unwrap();
-    assert!(vm.serial_output().wait_for_lines(16, TIMEOUT));
-    let diff_path = dir.path().with_extension("diff");
-    let diff_info = diff.write_memory_from(&copy, &diff_path, &options).unwrap();
-    let diff_state = snap_vmm::VmState::from_bytes(&diff.state.to_bytes()).unwrap();
-    diff.commit(&vm, &diff_info);
-    run_to_end(&vm);
+    assert!(vm.serial_output().wait_for_lines(12, TIMEOUT));
+    let diff_info = diff.write_memory(&file("diff.mlayer"), &options).unwrap();
+    diff.write_state(&file("diff.state")).unwrap();
+    diff.commit(&diff_info);
+    // The VM runs on: it may even have finished while the diff was written.
+    assert_eq!(vm.wait_for_exit(TIMEOUT).unwrap(), VmExit::Finished(0));
+    assert_eq!(vm.serial_output().text(), model);
 
-    for (state, paths, cut) in [
-        (&full_state, vec![full_path.clone()], cut1),
-        (
-            &diff_state,
-            vec![full_path.clone(), diff_path.clone()],
-            cut2,
-        ),
-    ] {
-        let chain = snap_vmm::LayerChain::open(&paths).unwrap();
-        let restored = Vm::restore(state, &chain).unwrap();
+    let full = Saved {
+        state: file("full.state"),
+        layers: vec![file("full.mlayer")],
+        layer: full_info,
+        working_set: file("full.working-set"),
+    };
+    let diff = Saved {
+        state: file("diff.state"),
+        layers: vec![file("full.mlayer"), file("diff.mlayer")],
+        layer: diff_info,
+        working_set: file("diff.working-set"),
+    };
+    for (saved, cut) in [(&full, cut1), (&diff, cut2)] {
+        let restored = saved.restore(&VmOptions::default()).unwrap();
         run_to_end(&restored);
-        assert_eq!(restored.serial_output().text(), model[cut..], "{paths:?}");
+        assert_eq!(
+            restored.serial_output().text(),
+            model[cut..],
+            "{:?}",
+            saved.layers
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! virtio-blk on real KVM: the test guest writes and reads its disk every tick through its
 //! virtio-mmio driver. A full run matches the host-side model (output and disk contents), and a
 //! VM restored or reverted from a snapshot, handed the disk as it was at the snapshot, continues
-//! exactly: same output, same final disk, same memory.
+//! exactly: same output, same final disk, same memory. A snapshot of a VM on a layered disk seals the disk
+//! as one transaction with the snapshot: undone when the snapshot is dropped, kept once the VM
+//! wrote into the fresh top.
 
 mod common;
 
@@ -14,7 +16,7 @@ use snap_vmm::guest::{DISK_AREA_PAGES, WORKING_SET_BASE};
 use snap_vmm::state::StateError;
 use snap_vmm::{
     BlockBackend, DirtyTracking, MemoryRestore, RawFile, TestGuest, Vm, VmConfig, VmError,
-    VmOptions, snapshot,
+    VmOptions,
 };
 
 const PAGE: u64 = 4096;
@@ -112,8 +114,8 @@ fn continuation_with_disk(vcpus: u32, test: &str) {
     let (path, disk) = new_disk(tmp.path(), "disk.img", 1 << 20);
     let vm = boot_with_disk(config, &guest, &disk);
     let cut = pause_after(&vm, 8);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     let at_snapshot = tmp.path().join("at-snapshot.img");
     std::fs::copy(&path, &at_snapshot).unwrap();
     run_to_end(&vm);
@@ -125,8 +127,7 @@ fn continuation_with_disk(vcpus: u32, test: &str) {
         guest.model(vcpus).output
     );
 
-    let restored =
-        snapshot::restore_with(dir.path(), &with_disk(&open_disk(&at_snapshot))).unwrap();
+    let restored = saved.restore(&with_disk(&open_disk(&at_snapshot))).unwrap();
     run_to_end(&restored);
     assert_eq!(
         String::from_utf8_lossy(&restored.serial_output().bytes()),
@@ -162,8 +163,8 @@ fn revert_with_disk() {
     let (path, disk) = new_disk(tmp.path(), "disk.img", 1 << 20);
     let vm = boot_with_disk(config, &guest, &disk);
     let cut = pause_after(&vm, 5);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     let at_snapshot = tmp.path().join("at-snapshot.img");
     std::fs::copy(&path, &at_snapshot).unwrap();
     run_to_end(&vm);
@@ -174,7 +175,7 @@ fn revert_with_disk() {
     for round in 0..2 {
         let work = tmp.path().join(format!("revert-{round}.img"));
         std::fs::copy(&at_snapshot, &work).unwrap();
-        snapshot::revert_with_disks(&vm, dir.path(), &[open_disk(&work)]).unwrap();
+        saved.revert_with_disks(&vm, &[open_disk(&work)]).unwrap();
         let mark = vm.serial_output().len();
         run_to_end(&vm);
         assert_eq!(
@@ -227,21 +228,19 @@ fn disks_that_do_not_fit_are_refused() {
     // A snapshot with a disk restores only with a disk of the same size.
     let vm = boot_with_disk(config, &guest, &disk);
     pause_after(&vm, 3);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
-    let e = snapshot::restore(dir.path()).err().unwrap();
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
+    let e = saved.restore(&VmOptions::default()).err().unwrap();
     assert!(
         matches!(e, VmError::State(StateError::Disks(_))),
         "no disk given: {e}"
     );
     let (_, bigger) = new_disk(tmp.path(), "bigger.img", 2 << 20);
-    let e = snapshot::restore_with(dir.path(), &with_disk(&bigger))
-        .err()
-        .unwrap();
+    let e = saved.restore(&with_disk(&bigger)).err().unwrap();
     assert!(e.to_string().contains("2097152 bytes"), "{e}");
     // A revert without the disks is refused and leaves the VM as it was.
     let before = vm.serial_output().len();
-    let e = snapshot::revert(&vm, dir.path()).err().unwrap();
+    let e = saved.revert(&vm).err().unwrap();
     assert!(matches!(e, VmError::State(StateError::Disks(_))), "{e}");
     run_to_end(&vm);
     assert_eq!(
@@ -301,13 +300,12 @@ fn diff_and_lazy_restores_with_disk_continue_exactly() {
     };
     let vm = guest.create_vm(config, &options).unwrap();
     vm.resume().unwrap();
-    let root = SnapDir::new();
+    let snaps = Snapshots::new();
     pause_after(&vm, 4);
-    save_full(&vm, root.path());
+    let root = snaps.full(&vm);
     vm.resume().unwrap();
     let cut = pause_after(&vm, 11);
-    let diff = root.sibling("diff");
-    snapshot::save(&vm, &diff, Some(root.path()), &Default::default()).unwrap();
+    let diff = snaps.diff(&vm, &root);
     let at_diff = tmp.path().join("at-diff.img");
     std::fs::copy(&path, &at_diff).unwrap();
     run_to_end(&vm);
@@ -322,7 +320,7 @@ fn diff_and_lazy_restores_with_disk_continue_exactly() {
             memory_restore: mode,
             ..with_disk(&open_disk(&work))
         };
-        let restored = snapshot::restore_with(&diff, &options).unwrap();
+        let restored = diff.restore(&options).unwrap();
         run_to_end(&restored);
         assert_eq!(
             restored.serial_output().text(),
@@ -356,8 +354,8 @@ fn layered_disk_continuation_and_revert() {
     let backend: Arc<dyn BlockBackend> = disk.clone();
     let vm = boot_with_disk(config, &guest, &backend);
     let cut = pause_after(&vm, 6);
-    let dir = SnapDir::new();
-    save_full(&vm, dir.path());
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
     let sealed = disk.seal(&tmp.path().join("top-0.dlayer")).unwrap();
     run_to_end(&vm);
     assert_eq!(vm.serial_output().text(), model.output);
@@ -383,22 +381,19 @@ fn layered_disk_continuation_and_revert() {
     };
 
     let restored_disk = fresh_top("restored.dlayer");
-    let restored = snapshot::restore_with(
-        dir.path(),
-        &with_disk(&(restored_disk.clone() as Arc<dyn BlockBackend>)),
-    )
-    .unwrap();
+    let restored = saved
+        .restore(&with_disk(
+            &(restored_disk.clone() as Arc<dyn BlockBackend>),
+        ))
+        .unwrap();
     run_to_end(&restored);
     assert_eq!(restored.serial_output().text(), model.output[cut..]);
     assert_disk_is_model(&read_all(&restored_disk), &model.disk, "restored");
 
     let reverted_disk = fresh_top("reverted.dlayer");
-    snapshot::revert_with_disks(
-        &vm,
-        dir.path(),
-        &[reverted_disk.clone() as Arc<dyn BlockBackend>],
-    )
-    .unwrap();
+    saved
+        .revert_with_disks(&vm, &[reverted_disk.clone() as Arc<dyn BlockBackend>])
+        .unwrap();
     let mark = vm.serial_output().len();
     run_to_end(&vm);
     assert_eq!(
@@ -407,4 +402,85 @@ fn layered_disk_continuation_and_revert() {
     );
     assert_disk_is_model(&read_all(&reverted_disk), &model.disk, "reverted");
     assert_same_memory(&vm.memory().to_vec(), &restored.memory().to_vec());
+}
+
+/// A snapshot of a VM on a layered snap-disk disk is one transaction with the disk's seal:
+/// begin_snapshot seals the disk under a fresh top; dropped before its commit, the snapshot
+/// undoes the seal (the old top takes writes again, the memory base does not move); committed,
+/// the seal stands; abandoned once the resumed VM wrote into the fresh top, the seal is kept
+/// (`Unsealed::Kept`) with that top. The guest, which ran across all of them, ends with the
+/// model's output and disk.
+#[test]
+fn a_pending_snapshot_seals_the_disk_until_it_is_abandoned() {
+    use snap_disk::{Disk, Geometry};
+    use snap_vmm::VmExit;
+    use snap_vmm::snapshot::Unsealed;
+    if !kvm_available("a_pending_snapshot_seals_the_disk_until_it_is_abandoned") {
+        return;
+    }
+    let (config, guest) = disk_guest(1);
+    // Long enough that the guest is still running when the last snapshot is abandoned.
+    let guest = TestGuest {
+        ticks: 200,
+        ..guest
+    };
+    let model = guest.model(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.dlayer");
+    let geometry = Geometry {
+        disk_bytes: 1 << 20,
+        block_size: 64 << 10,
+    };
+    let disk = Arc::new(Disk::create(&base, geometry).unwrap());
+    let backend: Arc<dyn BlockBackend> = disk.clone();
+    let vm = boot_with_disk(config, &guest, &backend);
+    pause_after(&vm, 3);
+    let top = |n: u32| tmp.path().join(format!("top-{n}.dlayer"));
+
+    // Begun: the disk is sealed under a fresh top. Dropped: the seal is undone.
+    let base_id = disk.layers()[0].id;
+    let pending = vm.begin_snapshot(None, &[top(1)]).unwrap();
+    let sealed = pending.sealed().to_vec();
+    assert_eq!(sealed.len(), 1);
+    assert_eq!(
+        (sealed[0].index, sealed[0].sealed, &sealed[0].top_path),
+        (0, base_id, &top(1))
+    );
+    assert_eq!(disk.paths(), [base.clone(), top(1)]);
+    assert!(disk.layers()[0].sealed());
+    assert_eq!(disk.layers()[1].id, sealed[0].top);
+    drop(pending);
+    assert_eq!(disk.paths(), std::slice::from_ref(&base));
+    assert!(!disk.layers()[0].sealed() && disk.is_writable());
+    assert_eq!(vm.memory_base(), None, "a dropped snapshot moved the base");
+
+    // Committed: the seal stands.
+    let pending = vm.begin_snapshot(None, &[top(2)]).unwrap();
+    let layer = pending
+        .write_memory(&tmp.path().join("memory.mlayer"), &Default::default())
+        .unwrap();
+    pending.commit(&layer);
+    assert_eq!(disk.paths(), [base.clone(), top(2)]);
+    assert_eq!(vm.memory_base(), Some(layer.id));
+
+    // Abandoned after the VM wrote into the fresh top: the seal is kept, with that top.
+    let mut pending = vm.begin_snapshot(Some(&layer), &[top(3)]).unwrap();
+    pending.copy_pages().unwrap();
+    vm.resume().unwrap();
+    let lines = vm.serial_output().lines();
+    assert!(vm.serial_output().wait_for_lines(lines + 2, TIMEOUT));
+    match pending.abort().as_slice() {
+        [Unsealed::Kept(s)] => assert_eq!((s.index, &s.top_path), (0, &top(3))),
+        other => panic!("the seal of a top the VM wrote into was not kept: {other:?}"),
+    }
+    assert_eq!(disk.paths(), [base.clone(), top(2), top(3)]);
+    let layers = disk.layers();
+    assert!(layers[1].sealed() && layers[2].blocks > 0 && disk.is_writable());
+    assert_eq!(vm.memory_base(), Some(layer.id));
+
+    assert_eq!(vm.wait_for_exit(TIMEOUT).unwrap(), VmExit::Finished(0));
+    assert_eq!(vm.serial_output().text(), model.output);
+    let mut image = vec![0u8; 1 << 20];
+    disk.read_at(0, &mut image).unwrap();
+    assert_disk_is_model(&image, &model.disk, "across the seals");
 }

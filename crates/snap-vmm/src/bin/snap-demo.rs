@@ -1,12 +1,16 @@
 //! Demo: boots the test guest, takes a full snapshot and then a diff snapshot mid-run, lets it
 //! finish, then restores the diff snapshot (through its chain) into a new VM and reverts the
 //! original to the full one, checking that each continues exactly as the original did.
+//!
+//! Each snapshot is two files in the demo's directory, `<name>.state` and `<name>.mlayer` (a
+//! full memory layer, or a diff over its parent's); the demo keeps the chain of layers itself.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use snap_vmm::{LayerOptions, TestGuest, Vm, VmConfig, VmExit, snapshot};
+use snap_mem::layer::LayerInfo;
+use snap_vmm::{LayerChain, LayerOptions, TestGuest, Vm, VmConfig, VmExit, VmState};
 
 /// Boot the test guest, snapshot it twice (full, then diff), restore and revert, and show that
 /// it continues identically.
@@ -47,13 +51,32 @@ fn run_to_end(vm: &Vm) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-/// Pauses after `lines` lines and takes a snapshot into `dir`; returns the output length then.
+/// A snapshot the demo wrote: its state file and its chain of memory layers, oldest first.
+struct Snapshot {
+    state: PathBuf,
+    layers: Vec<PathBuf>,
+    layer: LayerInfo,
+}
+
+impl Snapshot {
+    /// Reads its state and opens its chain of layers, checking both.
+    fn open(&self) -> Result<(VmState, LayerChain), Box<dyn std::error::Error>> {
+        Ok((
+            VmState::read_file(&self.state)?,
+            LayerChain::open(&self.layers)?,
+        ))
+    }
+}
+
+/// Pauses after `lines` lines and takes snapshot `name` into `dir` (a diff over `parent`, or a
+/// full one); returns the output length then and the snapshot.
 fn snapshot_after(
     vm: &Vm,
     lines: usize,
     dir: &Path,
-    parent: Option<&Path>,
-) -> Result<usize, Box<dyn std::error::Error>> {
+    name: &str,
+    parent: Option<&Snapshot>,
+) -> Result<(usize, Snapshot), Box<dyn std::error::Error>> {
     if !vm.serial_output().wait_for_lines(lines, TIMEOUT) {
         return Err("the guest did not reach the snapshot point".into());
     }
@@ -62,20 +85,37 @@ fn snapshot_after(
     let paused = t.elapsed();
     let cut = vm.serial_output().len();
     let t = Instant::now();
-    let info = snapshot::save(vm, dir, parent, &LayerOptions::default())?;
+    let (memory, state) = (
+        dir.join(format!("{name}.mlayer")),
+        dir.join(format!("{name}.state")),
+    );
+    // The state and the pages of the layer; the pages stay pending until the commit.
+    let pending = vm.begin_snapshot(parent.map(|p| &p.layer), &[])?;
+    let layer = pending.write_memory(&memory, &LayerOptions::default())?;
+    pending.write_state(&state)?;
+    pending.commit(&layer);
     println!(
         "paused after {} lines (pause took {}); {} snapshot {}: {} pages, {} stored with data, {} KiB on disk ({})",
         vm.serial_output().lines(),
         ms(paused),
         if parent.is_some() { "diff" } else { "full" },
-        dir.display(),
-        info.layer.pages_present,
-        info.layer.pages_stored,
-        info.layer.stored_bytes / 1024,
+        memory.display(),
+        layer.pages_present,
+        layer.pages_stored,
+        layer.stored_bytes / 1024,
         ms(t.elapsed())
     );
     vm.resume()?;
-    Ok(cut)
+    let mut layers = parent.map_or_else(Vec::new, |p| p.layers.clone());
+    layers.push(memory);
+    Ok((
+        cut,
+        Snapshot {
+            state,
+            layers,
+            layer,
+        },
+    ))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -99,7 +139,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => std::env::temp_dir().join(format!("snap-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&root)?;
-    let (full, diff) = (root.join("full"), root.join("diff"));
 
     let t0 = Instant::now();
     let vm = Vm::create(config, &guest.boot_image(&config)?)?;
@@ -111,8 +150,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.ticks,
         ms(t0.elapsed())
     );
-    let cut_full = snapshot_after(&vm, args.snapshot_at, &full, None)?;
-    let cut_diff = snapshot_after(&vm, 2 * args.snapshot_at, &diff, Some(&full))?;
+    let (cut_full, full) = snapshot_after(&vm, args.snapshot_at, &root, "full", None)?;
+    let (cut_diff, diff) = snapshot_after(&vm, 2 * args.snapshot_at, &root, "diff", Some(&full))?;
     run_to_end(&vm)?;
     let original = vm.serial_output().bytes();
     let original_memory = vm.memory().to_vec();
@@ -123,7 +162,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let t = Instant::now();
-    let restored = snapshot::restore(&diff)?;
+    let (state, chain) = diff.open()?;
+    let restored = Vm::restore(&state, &chain)?;
     println!(
         "restored the diff snapshot (chain of 2 layers) into a new VM ({})",
         ms(t.elapsed())
@@ -137,7 +177,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let before = vm.serial_output().len();
     let t = Instant::now();
-    snapshot::revert(&vm, &full)?;
+    let (state, chain) = full.open()?;
+    vm.restore_in_place(&state, &chain)?;
     println!(
         "reverted the original VM to the full snapshot ({})",
         ms(t.elapsed())
