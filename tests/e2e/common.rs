@@ -7,7 +7,6 @@ use snap_api::v1 as pb;
 pub use snap_testkit::fs::files_in;
 pub use snap_testkit::snapd::Snapd;
 pub use snap_testkit::{TIMEOUT, kvm_available};
-use snap_vmm::TestGuest;
 pub use tonic::Code;
 
 /// A client of the daemon.
@@ -56,16 +55,9 @@ pub fn guest() -> pb::GuestProgram {
 }
 
 pub fn model(g: &pb::GuestProgram) -> String {
-    TestGuest {
-        seed: g.seed,
-        working_set_pages: g.working_set_pages,
-        mutations_per_tick: g.mutations_per_tick,
-        ticks: g.ticks,
-        disk_blocks_per_tick: g.disk_sectors_per_tick,
-        ..TestGuest::default()
-    }
-    .model(1)
-    .output
+    snapd::create_vm::test_guest(&snapd::api::convert::guest_spec(g))
+        .model(1)
+        .output
 }
 
 pub fn rid(tag: &str) -> String {
@@ -82,7 +74,15 @@ pub async fn create_vm_running(
     start: bool,
     program: pb::GuestProgram,
 ) -> pb::Vm {
-    c.create_vm(pb::CreateVmRequest {
+    c.create_vm(vm_request(name, start, program))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A new VM of 32 MiB with a 1 MiB disk running `program`.
+pub fn vm_request(name: &str, start: bool, program: pb::GuestProgram) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
         request_id: rid("create"),
         name: name.into(),
         memory_bytes: 32 << 20,
@@ -95,10 +95,7 @@ pub async fn create_vm_running(
             image_path: String::new(),
         }],
         ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    }
 }
 
 pub async fn console(c: &mut Client, vm: &str) -> String {
@@ -170,20 +167,8 @@ pub async fn snapshot_at(
     let snap = succeeded(c, op).await.snapshot.unwrap();
     let cut = console(c, vm).await.len();
     // (A guest that finished before the snapshot stays finished: its continuation is empty.)
-    let state = c
-        .get_vm(pb::GetVmRequest { vm_id: vm.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .state();
-    if state == pb::VmState::Paused {
-        c.resume_vm(pb::VmActionRequest {
-            wait: false,
-            request_id: rid("resume"),
-            vm_id: vm.into(),
-        })
-        .await
-        .unwrap();
+    if get_vm(c, vm).await.state() == pb::VmState::Paused {
+        resume(c, vm).await;
     }
     (snap, cut)
 }
@@ -194,20 +179,7 @@ pub async fn restore_new(
     name: &str,
     mode: pb::MemoryRestoreMode,
 ) -> pb::Vm {
-    let op = c
-        .restore_snapshot(pb::RestoreSnapshotRequest {
-            request_id: rid("restore"),
-            snapshot_id: snapshot.into(),
-            target: Some(pb::restore_snapshot_request::Target::NewVm(pb::NewVm {
-                name: name.into(),
-                ..Default::default()
-            })),
-            memory_mode: mode as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let op = start_restore_new(c, snapshot, name, mode).await.unwrap();
     succeeded(c, op).await.vms.remove(0)
 }
 
@@ -218,27 +190,28 @@ pub async fn start_revert(
     vm: &str,
     leave_paused: bool,
 ) -> pb::Operation {
-    c.restore_snapshot(pb::RestoreSnapshotRequest {
+    c.restore_snapshot(revert_request(snapshot, vm, leave_paused))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A revert of VM `vm` to snapshot `snapshot`.
+pub fn revert_request(snapshot: &str, vm: &str, leave_paused: bool) -> pb::RestoreSnapshotRequest {
+    pb::RestoreSnapshotRequest {
         request_id: rid("revert"),
         snapshot_id: snapshot.into(),
         target: Some(pb::restore_snapshot_request::Target::VmId(vm.into())),
         leave_paused,
         ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    }
 }
 
 /// Runs a VM to the end and returns its console.
 pub async fn finish(c: &mut Client, vm: &str) -> String {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let v = c
-            .get_vm(pb::GetVmRequest { vm_id: vm.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let v = get_vm(c, vm).await;
         if v.state() == pb::VmState::Finished {
             return console(c, vm).await;
         }
@@ -375,13 +348,7 @@ pub async fn continues_exactly(c: &mut Client, vm: &str, model: &str, lines: usi
 
 /// Stops VM `vm`.
 pub async fn stop(c: &mut Client, vm: &str) {
-    c.stop_vm(pb::VmActionRequest {
-        request_id: rid("stop"),
-        vm_id: vm.into(),
-        wait: true,
-    })
-    .await
-    .unwrap();
+    vm_action(c, vm, "stop").await;
 }
 
 /// The VM as the daemon shows it.
@@ -418,14 +385,9 @@ pub async fn try_revert(
     snapshot: &str,
     vm: &str,
 ) -> Result<pb::Operation, tonic::Status> {
-    c.restore_snapshot(pb::RestoreSnapshotRequest {
-        request_id: rid("revert"),
-        snapshot_id: snapshot.into(),
-        target: Some(pb::restore_snapshot_request::Target::VmId(vm.into())),
-        ..Default::default()
-    })
-    .await
-    .map(tonic::Response::into_inner)
+    c.restore_snapshot(revert_request(snapshot, vm, false))
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// Nanoseconds of the clock (a seed).
@@ -433,4 +395,63 @@ pub fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Lets VM `vm`'s guest run (start a created or stopped VM).
+pub async fn start_vm(c: &mut Client, vm: &str) -> pb::Vm {
+    vm_action(c, vm, "start").await
+}
+
+/// Resumes VM `vm`.
+pub async fn resume(c: &mut Client, vm: &str) -> pb::Vm {
+    vm_action(c, vm, "resume").await
+}
+
+async fn vm_action(c: &mut Client, vm: &str, action: &str) -> pb::Vm {
+    let r = pb::VmActionRequest {
+        request_id: rid(action),
+        vm_id: vm.into(),
+        wait: true,
+    };
+    match action {
+        "start" => c.start_vm(r).await,
+        "resume" => c.resume_vm(r).await,
+        _ => c.stop_vm(r).await,
+    }
+    .unwrap()
+    .into_inner()
+}
+
+/// Every VM.
+pub async fn list_vms(c: &mut Client) -> Vec<pb::Vm> {
+    c.list_vms(pb::ListVmsRequest {
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .vms
+}
+
+/// Starts the deletion of VM `vm` (with its snapshots if asked).
+pub async fn start_delete_vm(
+    c: &mut Client,
+    vm: &str,
+    with_snapshots: bool,
+) -> Result<pb::Operation, tonic::Status> {
+    c.delete_vm(pb::DeleteVmRequest {
+        request_id: rid("delete-vm"),
+        vm_id: vm.into(),
+        with_snapshots,
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Deletes VM `vm` (with its snapshots if asked) and waits for it.
+pub async fn delete_vm(c: &mut Client, vm: &str, with_snapshots: bool) -> pb::OperationResult {
+    let op = start_delete_vm(c, vm, with_snapshots).await.unwrap();
+    succeeded(c, op).await
 }

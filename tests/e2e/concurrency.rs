@@ -101,23 +101,7 @@ async fn client(mut c: Client, world: Arc<Mutex<World>>, id: usize, seed: u64, u
         match roll {
             _ if vms.len() < 3 => {
                 what = "create";
-                match c
-                    .create_vm(pb::CreateVmRequest {
-                        request_id: rid("create"),
-                        name,
-                        memory_bytes: 32 << 20,
-                        vcpus: 1,
-                        guest: Some(mix_guest()),
-                        start: true,
-                        disks: vec![pb::DiskSpec {
-                            name: "root".into(),
-                            size_bytes: 1 << 20,
-                            image_path: String::new(),
-                        }],
-                        ..Default::default()
-                    })
-                    .await
-                {
+                match c.create_vm(vm_request(&name, true, mix_guest())).await {
                     Ok(vm) => {
                         let mut w = world.lock().unwrap();
                         w.vms.push(vm.into_inner().id);
@@ -458,15 +442,7 @@ async fn kill_9_at_random_moments() {
             .into_iter()
             .map(|s| s.id)
             .collect();
-        let vms = c
-            .list_vms(pb::ListVmsRequest {
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .vms;
+        let vms = list_vms(&mut c).await;
         {
             let mut w = world.lock().unwrap();
             for s in &w.snapshots {
@@ -499,25 +475,10 @@ async fn kill_9_at_random_moments() {
             // A VM without a snapshot would start from the beginning on its disks as they are:
             // a reboot, which the guest's model does not describe. It goes.
             if v.current_snapshot_id.is_empty() {
-                let op = c
-                    .delete_vm(pb::DeleteVmRequest {
-                        request_id: rid("delete-vm"),
-                        vm_id: v.id.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                succeeded(&mut c, op).await;
+                delete_vm(&mut c, &v.id, false).await;
                 continue;
             }
-            c.start_vm(pb::VmActionRequest {
-                request_id: rid("start"),
-                vm_id: v.id.clone(),
-                wait: true,
-            })
-            .await
-            .unwrap();
+            start_vm(&mut c, &v.id).await;
             world.lock().unwrap().vms.push(v.id.clone());
         }
         let checked = verify_snapshots(&mut c, &format!("round{round}")).await;

@@ -47,12 +47,7 @@ async fn a_clone_is_all_or_none_across_kill_9() {
     );
     daemon.kill9();
     let mut c = respawn(&mut daemon, "").await;
-    let vms = c
-        .list_vms(pb::ListVmsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = list_vms(&mut c).await;
     assert_eq!(
         vms.len(),
         1,
@@ -73,21 +68,10 @@ async fn a_clone_is_all_or_none_across_kill_9() {
     assert_eq!(made.len(), 3);
     daemon.kill9();
     let mut c = respawn(&mut daemon, "").await;
-    let vms = c
-        .list_vms(pb::ListVmsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = list_vms(&mut c).await;
     assert_eq!(vms.len(), 4, "{vms:?}");
     for vm in &made {
-        c.start_vm(pb::VmActionRequest {
-            request_id: rid("start"),
-            vm_id: vm.id.clone(),
-            wait: false,
-        })
-        .await
-        .unwrap();
+        start_vm(&mut c, &vm.id).await;
         continues_exactly(&mut c, &vm.id, &expected, 3).await;
     }
 }

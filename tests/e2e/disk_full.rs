@@ -58,41 +58,15 @@ async fn a_full_disk_pauses_the_guest_and_fails_calls_cleanly() {
     daemon.assert_files_match_catalog("after the failed snapshot");
 
     let e = c
-        .create_vm(pb::CreateVmRequest {
-            request_id: rid("create"),
-            name: "x".into(),
-            memory_bytes: 32 << 20,
-            vcpus: 1,
-            guest: Some(guest()),
-            disks: vec![pb::DiskSpec {
-                name: "root".into(),
-                size_bytes: 1 << 20,
-                image_path: String::new(),
-            }],
-            ..Default::default()
-        })
+        .create_vm(vm_request("x", false, guest()))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
-    assert_eq!(
-        c.list_vms(pb::ListVmsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .vms
-            .len(),
-        2
-    );
+    assert_eq!(list_vms(&mut c).await.len(), 2);
     daemon.assert_files_match_catalog("after the failed create");
 
     // v's guest writes its disk: it pauses, and says why.
-    c.start_vm(pb::VmActionRequest {
-        request_id: rid("start"),
-        vm_id: v.id.clone(),
-        wait: false,
-    })
-    .await
-    .unwrap();
+    start_vm(&mut c, &v.id).await;
     let deadline = std::time::Instant::now() + TIMEOUT;
     let paused = loop {
         let now = get_vm(&mut c, &v.id).await;
@@ -114,17 +88,7 @@ async fn a_full_disk_pauses_the_guest_and_fails_calls_cleanly() {
 
     // Free space the way an operator would: delete w with its snapshots.
     stop(&mut c, &w.id).await;
-    let op = c
-        .delete_vm(pb::DeleteVmRequest {
-            request_id: rid("delete"),
-            vm_id: w.id.clone(),
-            with_snapshots: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let r = succeeded(&mut c, op).await;
+    let r = delete_vm(&mut c, &w.id, true).await;
     assert_eq!(r.deleted_snapshot_ids, vec![s1.id]);
     assert!(r.freed_bytes > 0);
     // v runs on by itself and ends exactly as its model says.

@@ -57,13 +57,7 @@ async fn failures_leave_no_half_snapshot() {
             files_in(&daemon.data().join("states")).is_empty(),
             "{what}: files left"
         );
-        let v = c
-            .get_vm(pb::GetVmRequest {
-                vm_id: vm.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let v = get_vm(&mut c, &vm.id).await;
         assert!(
             matches!(v.state(), pb::VmState::Running | pb::VmState::Finished),
             "{what}: the VM does not run on: {v:?}"
@@ -144,22 +138,10 @@ async fn failures_leave_no_half_snapshot() {
         .unwrap()
         .into_inner();
     assert_eq!(o.state(), pb::OperationState::Failed, "{o:?}");
-    let v = c
-        .get_vm(pb::GetVmRequest {
-            vm_id: vm2.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = get_vm(&mut c, &vm2.id).await;
     assert_eq!(v.state(), pb::VmState::Stopped);
     // It starts again (from the beginning: it has no snapshot) and snapshots correctly.
-    c.start_vm(pb::VmActionRequest {
-        wait: false,
-        request_id: rid("start"),
-        vm_id: vm2.id.clone(),
-    })
-    .await
-    .unwrap();
+    start_vm(&mut c, &vm2.id).await;
     wait_lines(&mut c, &vm2.id, 4).await;
     let (s, cut) = snapshot_at(&mut c, &vm2.id, "after-kill", "after-kill").await;
     let r = restore_new(&mut c, &s.id, "r3", pb::MemoryRestoreMode::Lazy).await;
@@ -286,14 +268,7 @@ async fn bad_input_is_refused_clearly() {
         assert_eq!(e.code(), code, "{req:?}: {e}");
         assert!(e.message().contains(what), "{req:?}: {e}");
     }
-    assert!(
-        c.list_vms(pb::ListVmsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .vms
-            .is_empty()
-    );
+    assert!(list_vms(&mut c).await.is_empty());
 
     // A name in use.
     let vm = create_vm(&mut c, "taken", true).await;
@@ -336,12 +311,7 @@ async fn bad_input_is_refused_clearly() {
         err.message.contains("cannot be restored") && err.message.contains("checksum"),
         "{err:?}"
     );
-    let vms = c
-        .list_vms(pb::ListVmsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = list_vms(&mut c).await;
     assert_eq!(vms.len(), 1, "a VM was created from a corrupt snapshot");
 
     // A damaged memory layer: the revert is refused and the VM runs on as before.
@@ -378,12 +348,7 @@ async fn bad_input_is_refused_clearly() {
     let err = op.error.unwrap();
     assert_eq!(err.code, Code::FailedPrecondition as i32, "{err:?}");
     assert!(err.message.contains("cannot be restored"), "{err:?}");
-    let vms = c
-        .list_vms(pb::ListVmsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = list_vms(&mut c).await;
     assert_eq!(vms.len(), 1, "a VM was created from a damaged layer");
     let expected = model(&guest());
     assert_eq!(

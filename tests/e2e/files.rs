@@ -41,17 +41,7 @@ async fn nothing_is_left_once_everything_is_deleted() {
     }
     for vm in &vms {
         stop(&mut c, vm).await;
-        let op = c
-            .delete_vm(pb::DeleteVmRequest {
-                request_id: rid("delete-vm"),
-                vm_id: vm.clone(),
-                with_snapshots: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        succeeded(&mut c, op).await;
+        delete_vm(&mut c, vm, true).await;
     }
     assert_eq!(snapshot_count(&mut c).await, 0);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -77,13 +77,7 @@ async fn concurrent_snapshots() {
             "{}: the restore diverged: {out}",
             s.name
         );
-        c.stop_vm(pb::VmActionRequest {
-            wait: false,
-            request_id: rid("stop"),
-            vm_id: r.id.clone(),
-        })
-        .await
-        .unwrap();
+        stop(&mut c, &r.id).await;
     }
 }
 
@@ -137,13 +131,7 @@ async fn a_merging_delete_and_a_snapshot_never_run_together() {
     }
     // The VM itself, stopped and started again from its last snapshot.
     stop(&mut c, &m.id).await;
-    c.start_vm(pb::VmActionRequest {
-        request_id: rid("start"),
-        vm_id: m.id.clone(),
-        wait: false,
-    })
-    .await
-    .unwrap();
+    start_vm(&mut c, &m.id).await;
     continues_exactly(&mut c, &m.id, &expected, 6).await;
 }
 

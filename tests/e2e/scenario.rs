@@ -84,13 +84,7 @@ async fn snapshot_revert_restore_clone_delete_restart() {
     let op = start_revert(&mut c, &a.id, &vm.id, true).await;
     succeeded(&mut c, op).await;
     let mark = console(&mut c, &vm.id).await.len();
-    c.resume_vm(pb::VmActionRequest {
-        wait: false,
-        request_id: rid("resume"),
-        vm_id: vm.id.clone(),
-    })
-    .await
-    .unwrap();
+    resume(&mut c, &vm.id).await;
     let out = finish(&mut c, &vm.id).await;
     assert_eq!(out[mark..], expected[cut_a..], "revert to A");
     let tree = c
@@ -193,13 +187,7 @@ async fn snapshot_revert_restore_clone_delete_restart() {
         .into_inner()
         .snapshots;
     assert_eq!(snaps_before, snaps_after);
-    let v = c
-        .get_vm(pb::GetVmRequest {
-            vm_id: vm.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = get_vm(&mut c, &vm.id).await;
     assert_eq!(v.state(), pb::VmState::Stopped);
     let vb3 = restore_new(&mut c, &b.id, "after-restart", pb::MemoryRestoreMode::Lazy).await;
     assert_eq!(
@@ -352,13 +340,7 @@ async fn tree_listing_labels_cancel_and_events() {
     let op = wait_op(&mut c, op).await;
     assert_eq!(op.state(), pb::OperationState::Cancelled, "{op:?}");
     assert_eq!(snapshot_count(&mut c).await, 2);
-    let v = c
-        .get_vm(pb::GetVmRequest {
-            vm_id: vm.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = get_vm(&mut c, &vm.id).await;
     assert!(
         matches!(v.state(), pb::VmState::Running | pb::VmState::Finished),
         "{v:?}"
@@ -440,13 +422,7 @@ async fn deleting_a_parent_merges_it_into_its_only_child() {
     assert!(merged.info().parent.is_none(), "B's layer is now a root");
 
     // The VM runs on from B and takes a diff over the merged layer.
-    c.resume_vm(pb::VmActionRequest {
-        wait: false,
-        request_id: rid("resume"),
-        vm_id: vm.id.clone(),
-    })
-    .await
-    .unwrap();
+    resume(&mut c, &vm.id).await;
     wait_lines(&mut c, &vm.id, 30).await;
     let (d, cut_d) = snapshot_at(&mut c, &vm.id, "d", "d").await;
     assert_eq!(d.parent_id, b.id);
@@ -537,15 +513,7 @@ async fn disks_from_raw_images() {
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");
         assert!(e.message().contains(what), "{what}: {e}");
     }
-    assert_eq!(
-        c.list_vms(pb::ListVmsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .vms
-            .len(),
-        1
-    );
+    assert_eq!(list_vms(&mut c).await.len(), 1);
     assert_eq!(
         files_in(&daemon.data().join("layers")),
         daemon.catalog_layer_files(),
@@ -567,25 +535,11 @@ async fn a_vm_whose_snapshot_was_deleted_starts_and_snapshots_again() {
     let a = take_snapshot(&mut c, &v.id, "a").await;
     wait_lines(&mut c, &v.id, 4).await;
     let b = take_snapshot(&mut c, &v.id, "b").await;
-    let start_vm = |c: &mut Client| {
-        let mut c = c.clone();
-        let id = v.id.clone();
-        async move {
-            c.start_vm(pb::VmActionRequest {
-                request_id: rid("start"),
-                vm_id: id,
-                wait: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        }
-    };
 
     // b goes: the VM is based on a now, and starts from it.
     delete_snapshot(&mut c, &b.id).await;
     stop(&mut c, &v.id).await;
-    let started = start_vm(&mut c).await;
+    let started = start_vm(&mut c, &v.id).await;
     assert_eq!(started.current_snapshot_id, a.id);
     let c1 = take_snapshot(&mut c, &v.id, "c1").await;
     assert_eq!(c1.parent_id, a.id);
@@ -597,7 +551,7 @@ async fn a_vm_whose_snapshot_was_deleted_starts_and_snapshots_again() {
         delete_snapshot(&mut c, &s.id).await;
     }
     stop(&mut c, &v.id).await;
-    let started = start_vm(&mut c).await;
+    let started = start_vm(&mut c, &v.id).await;
     assert!(started.current_snapshot_id.is_empty(), "{started:?}");
     wait_lines(&mut c, &v.id, 2).await;
     let d = take_snapshot(&mut c, &v.id, "d").await;

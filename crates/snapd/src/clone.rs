@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::ids::SnapshotId;
 use crate::ops::OpSpec;
 use crate::ops::requests::RequestCtx;
-use crate::ops::scheduler::restore_footprint;
+use crate::restore::reads_snapshot;
 
 /// What a clone makes.
 #[derive(Debug, Clone)]
@@ -57,11 +57,7 @@ impl Daemon {
             wait: spec.wait,
             frees_space: false,
         };
-        let plan = move |d: &Daemon| {
-            let snap = d.snapshot_record(s)?;
-            Ok((restore_footprint(&snap), snap))
-        };
-        self.launch(op, ctx, plan, move |d, op, snap| {
+        self.launch(op, ctx, reads_snapshot(s), move |d, op, snap| {
             let vms = d.restore_into_new_vms(
                 op,
                 &snap,

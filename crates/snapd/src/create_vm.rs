@@ -17,7 +17,6 @@ use crate::error::{Error, Result};
 use crate::ids::VmId;
 use crate::now_ms;
 use crate::ops::requests::RequestCtx;
-use crate::vms::Instance;
 
 /// Sectors of its first disk the test guest uses at most.
 const GUEST_DISK_SECTORS: u64 = 2048;
@@ -128,20 +127,7 @@ impl Daemon {
             ctx.answer(tx, &answer)
         })?;
         // 5. Let it run if asked.
-        let vm = Arc::new(vm);
-        let entry = self.vms.add_running(
-            rec.id,
-            Instance {
-                vm: Arc::clone(&vm),
-                disks: disks.publish(),
-            },
-            spec.start,
-        );
-        if spec.start {
-            vm.resume()?;
-        }
-        entry.changed();
-        self.emit_vm(rec.id);
+        self.add_instance(rec.id, vm, disks, spec.start, true);
         Ok(answer)
     }
 

@@ -17,7 +17,8 @@ use crate::ops::scheduler::Scheduler;
 use crate::ops::{OPERATION_RETENTION_MS, Operations, events::Events};
 use crate::pool::Pool;
 use crate::store::{Store, StoreOptions};
-use crate::vms::VmTable;
+use crate::disks::DiskSet;
+use crate::vms::{Instance, VmTable};
 use crate::{api::convert, now_ms};
 
 /// How the daemon runs.
@@ -221,6 +222,36 @@ impl Daemon {
                 self.emit_vm(id);
             }
         }
+    }
+
+    /// Makes `vm` on `disks` (whose layers the catalog names now) VM `id`'s instance, lets its
+    /// guest run if `run` (unless it had stopped on its own in its snapshot), and tells watchers.
+    /// A VM `fresh` from CreateVm that does not run yet is "created"; a restored one "paused".
+    pub(crate) fn add_instance(
+        &self,
+        id: VmId,
+        vm: snap_vmm::Vm,
+        disks: DiskSet,
+        run: bool,
+        fresh: bool,
+    ) {
+        let vm = Arc::new(vm);
+        let entry = self.vms.add_running(
+            id,
+            Instance {
+                vm: Arc::clone(&vm),
+                disks: disks.publish(),
+            },
+            run || !fresh,
+        );
+        if run {
+            if let Err(e) = crate::restore::run_on(&vm) {
+                // Recorded already: the VM exists, and its state says why it does not run.
+                tracing::warn!(vm = %id, error = %e, "a new VM cannot run");
+            }
+        }
+        entry.changed();
+        self.emit_vm(id);
     }
 
     /// Tells watchers about VM `id` as it is now.

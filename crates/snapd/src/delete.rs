@@ -52,15 +52,7 @@ impl Daemon {
             let plan = d.plan_delete(&[id], with_descendants, &[])?;
             Ok((footprint(&plan), plan))
         };
-        self.launch(op, ctx, plan, |d, op, plan| {
-            op.no_return()?;
-            let (deleted, freed) = d.carry_out(op, &plan)?;
-            Ok(pb::OperationResult {
-                deleted_snapshot_ids: deleted.iter().map(ToString::to_string).collect(),
-                freed_bytes: freed,
-                ..Default::default()
-            })
-        })
+        self.launch(op, ctx, plan, Daemon::carry_out)
     }
 
     /// Starts the deletion of a VM that is not running (and of its snapshots if asked).
@@ -100,15 +92,7 @@ impl Daemon {
             let plan = d.plan_delete(&mine, false, &[id])?;
             Ok((footprint(&plan), plan))
         };
-        self.launch(op, ctx, plan, |d, op, plan| {
-            op.no_return()?;
-            let (deleted, freed) = d.carry_out(op, &plan)?;
-            Ok(pb::OperationResult {
-                deleted_snapshot_ids: deleted.iter().map(ToString::to_string).collect(),
-                freed_bytes: freed,
-                ..Default::default()
-            })
-        })
+        self.launch(op, ctx, plan, Daemon::carry_out)
     }
 
     /// The plan of deleting snapshots `roots` (and descendants) and VMs `vms`, from the catalog
@@ -137,8 +121,10 @@ impl Daemon {
         ))
     }
 
-    /// Carries out `plan`; returns the snapshots deleted and the bytes freed on disk.
-    fn carry_out(&self, op: &Progress<'_>, plan: &DeletePlan) -> Result<(Vec<SnapshotId>, u64)> {
+    /// Carries out `plan` (past its point of no return at once); answers with the snapshots
+    /// deleted and the bytes freed on disk.
+    fn carry_out(&self, op: &Progress<'_>, plan: DeletePlan) -> Result<pb::OperationResult> {
+        op.no_return()?;
         op.phase("deleting", 0, 0);
         self.failpoints.pass("delete.before-commit")?;
         for vm in &plan.vms {
@@ -205,7 +191,11 @@ impl Daemon {
             }
         }
         self.sweep();
-        Ok((deleted.into_iter().collect(), freed))
+        Ok(pb::OperationResult {
+            deleted_snapshot_ids: deleted.iter().map(ToString::to_string).collect(),
+            freed_bytes: freed,
+            ..Default::default()
+        })
     }
 
     /// Merges memory layer `m.layer` into its only child `m.into` (if that still holds); returns

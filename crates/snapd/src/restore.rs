@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::ids::{SnapshotId, VmId};
 use crate::now_ms;
 use crate::ops::requests::RequestCtx;
-use crate::ops::scheduler::{restore_footprint, vm_footprint};
+use crate::ops::scheduler::{Footprint, restore_footprint, vm_footprint};
 use crate::ops::{OpSpec, Progress};
 use crate::store::Store;
 use crate::vms::Instance;
@@ -55,6 +55,17 @@ pub struct RestoreSpec {
 /// A snapshot whose files cannot be used: FAILED_PRECONDITION saying which and why.
 fn unusable(s: &SnapshotRecord, e: &dyn std::fmt::Display) -> Error {
     Error::precondition(format!("snapshot {} cannot be restored: {e}", s.id))
+}
+
+/// The plan of an operation that reads snapshot `s` whole (a restore or clone): its footprint,
+/// and its record.
+pub(crate) fn reads_snapshot(
+    s: SnapshotId,
+) -> impl FnMut(&Daemon) -> Result<(Footprint, SnapshotRecord)> + Send + 'static {
+    move |d: &Daemon| {
+        let snap = d.snapshot_record(s)?;
+        Ok((restore_footprint(&snap), snap))
+    }
 }
 
 /// Lets a restored VM's guest run, unless it had stopped on its own when the snapshot was taken
@@ -112,12 +123,8 @@ impl Daemon {
                     wait: spec.wait,
                     frees_space: false,
                 };
-                let plan = move |d: &Daemon| {
-                    let snap = d.snapshot_record(s)?;
-                    Ok((restore_footprint(&snap), snap))
-                };
                 let (mode, leave_paused) = (spec.mode, spec.leave_paused);
-                self.launch(op, ctx, plan, move |d, op, snap| {
+                self.launch(op, ctx, reads_snapshot(s), move |d, op, snap| {
                     let vms =
                         d.restore_into_new_vms(op, &snap, vec![name], &labels, mode, leave_paused)?;
                     Ok(pb::OperationResult {
@@ -239,22 +246,7 @@ impl Daemon {
         })?;
         let mut out = Vec::new();
         for (rec, vm, disks) in made {
-            let vm = Arc::new(vm);
-            let entry = self.vms.add_running(
-                rec.id,
-                Instance {
-                    vm: Arc::clone(&vm),
-                    disks: disks.publish(),
-                },
-                true,
-            );
-            if !leave_paused {
-                if let Err(e) = run_on(&vm) {
-                    tracing::warn!(vm = %rec.id, error = %e, "a restored VM cannot run");
-                }
-            }
-            entry.changed();
-            self.emit_vm(rec.id);
+            self.add_instance(rec.id, vm, disks, !leave_paused, false);
             out.push(self.vm_to_pb(&rec));
         }
         op.phase("done", count, count);
