@@ -10,6 +10,7 @@ use snap_api::v1 as pb;
 use snap_mem::layer::LayerOptions;
 
 use crate::catalog::{Catalog, SnapshotRecord, VmRecord, VmStatus};
+use crate::disks::DiskSet;
 use crate::error::{Error, Result};
 use crate::failpoints::FailPoints;
 use crate::ids::{LayerId, SnapshotId, VmId};
@@ -17,7 +18,6 @@ use crate::ops::scheduler::Scheduler;
 use crate::ops::{OPERATION_RETENTION_MS, Operations, events::Events};
 use crate::pool::Pool;
 use crate::store::{Store, StoreOptions};
-use crate::disks::DiskSet;
 use crate::vms::{Instance, VmTable};
 use crate::{api::convert, now_ms};
 

@@ -132,6 +132,34 @@ async fn vm(cli: &Cli, c: &mut Client, cmd: &VmCommand) -> Result<(), CliError> 
     Ok(())
 }
 
+/// Prints the whole console as it is now (the daemon answers a window at a time).
+async fn console_once(cli: &Cli, c: &mut Client, vm_id: &str) -> Result<(), CliError> {
+    let mut data = Vec::new();
+    loop {
+        let r = c
+            .get_vm_console(pb::GetVmConsoleRequest {
+                vm_id: vm_id.to_string(),
+                offset: data.len() as u64,
+            })
+            .await?
+            .into_inner();
+        if r.data.is_empty() {
+            break;
+        }
+        data.extend_from_slice(&r.data);
+    }
+    if cli.json {
+        show::json(&ConsoleChunk {
+            vm_id,
+            data: &String::from_utf8_lossy(&data),
+            next_offset: data.len() as u64,
+        });
+    } else {
+        show::out_bytes(&data);
+    }
+    Ok(())
+}
+
 /// A piece of console output as JSON (the bytes as text, invalid UTF-8 replaced).
 #[derive(serde::Serialize)]
 struct ConsoleChunk<'a> {
@@ -143,6 +171,9 @@ struct ConsoleChunk<'a> {
 /// Prints the console from the start; with `follow`, keeps printing until the VM stops
 /// running.
 async fn console(cli: &Cli, c: &mut Client, vm_id: &str, follow: bool) -> Result<(), CliError> {
+    if !follow {
+        return console_once(cli, c, vm_id).await;
+    }
     let mut offset = 0;
     loop {
         let r = c
@@ -159,23 +190,15 @@ async fn console(cli: &Cli, c: &mut Client, vm_id: &str, follow: bool) -> Result
         }
         offset = r.next_offset;
         if cli.json {
-            if !follow || !r.data.is_empty() {
-                let doc = ConsoleChunk {
+            if !r.data.is_empty() {
+                show::json_line(&ConsoleChunk {
                     vm_id,
                     data: &String::from_utf8_lossy(&r.data),
                     next_offset: r.next_offset,
-                };
-                if follow {
-                    show::json_line(&doc);
-                } else {
-                    show::json(&doc);
-                }
+                });
             }
         } else {
             show::out_bytes(&r.data);
-        }
-        if !follow {
-            return Ok(());
         }
         if r.data.is_empty() {
             let state = c
