@@ -3,6 +3,7 @@
 //! daemon with concurrent clients and measures it.
 
 mod bench;
+mod bench_report;
 mod commands;
 mod error;
 mod idle;
