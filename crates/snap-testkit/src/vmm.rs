@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use snap_mem::layer::LayerInfo;
 use snap_vmm::{
-    BlockBackend, LayerChain, LayerOptions, MemoryRestore, PreparedVm, TestGuest, Vm, VmConfig,
-    VmError, VmExit, VmOptions, VmState, snapshot,
+    BlockBackend, LayerChain, LayerOptions, MemoryRestore, PreparedVm, RunState, TestGuest, Vm,
+    VmConfig, VmError, VmExit, VmOptions, VmState, snapshot,
 };
 
 use crate::TIMEOUT;
@@ -37,9 +37,12 @@ pub fn boot(config: VmConfig, guest: &TestGuest) -> Vm {
     vm
 }
 
-/// Runs a VM until the guest finishes, asserting a clean exit.
+/// Runs a VM until the guest finishes, asserting a clean exit (a VM already running, or whose
+/// guest has already finished, is only waited for).
 pub fn run_to_end(vm: &Vm) {
-    vm.resume().unwrap();
+    if vm.run_state() == RunState::Paused {
+        vm.resume().unwrap();
+    }
     assert_eq!(vm.wait_for_exit(TIMEOUT).unwrap(), VmExit::Finished(0));
 }
 
