@@ -38,8 +38,8 @@ struct World {
     deleting: BTreeSet<String>,
     /// The daemon was killed: what fails now says nothing.
     killed: bool,
-    /// Clones started but not seen to end: (name prefix, count).
-    clones: Vec<(String, u32)>,
+    /// Clones started but not seen to end: name prefix, count, and the operation once known.
+    clones: Vec<(String, u32, Option<String>)>,
     /// Calls made, by outcome.
     ok: usize,
     lost: usize,
@@ -143,8 +143,14 @@ async fn client(mut c: Client, world: Arc<Mutex<World>>, id: usize, seed: u64, u
                 let Some(s) = pick(&mut rng, &snaps) else {
                     continue;
                 };
-                world.lock().unwrap().clones.push((name.clone(), 2));
+                world.lock().unwrap().clones.push((name.clone(), 2, None));
                 started = start_clone(&mut c, &s, &name, 2).await;
+                if let Ok(op) = &started {
+                    let mut w = world.lock().unwrap();
+                    if let Some(clone) = w.clones.iter_mut().find(|c| c.0 == name) {
+                        clone.2 = Some(op.id.clone());
+                    }
+                }
             }
             60..=89 => {
                 what = "delete snapshot";
@@ -270,7 +276,7 @@ fn record(world: &Mutex<World>, what: &str, op: &pb::Operation, ended: &pb::Oper
             .vms
             .first()
             .map(|v| v.name.rsplit_once('-').map_or("", |p| p.0).to_string());
-        w.clones.retain(|(p, _)| Some(p) != prefix.as_ref());
+        w.clones.retain(|(p, _, _)| Some(p) != prefix.as_ref());
     }
 }
 
@@ -443,6 +449,18 @@ async fn kill_9_at_random_moments() {
             .map(|s| s.id)
             .collect();
         let vms = list_vms(&mut c).await;
+        let states: std::collections::HashMap<String, pb::OperationState> = c
+            .list_operations(pb::ListOperationsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .operations
+            .into_iter()
+            .map(|o| (o.id.clone(), o.state()))
+            .collect();
         {
             let mut w = world.lock().unwrap();
             for s in &w.snapshots {
@@ -453,7 +471,7 @@ async fn kill_9_at_random_moments() {
             }
             w.deleting.clear();
             w.killed = false;
-            for (prefix, count) in &w.clones {
+            for (prefix, count, op) in &w.clones {
                 let made = vms
                     .iter()
                     .filter(|v| v.name.starts_with(&format!("{prefix}-")))
@@ -462,6 +480,14 @@ async fn kill_9_at_random_moments() {
                     made == 0 || made == *count as usize,
                     "round {round}: clone {prefix} left {made} of {count} VMs"
                 );
+                // Its operation says what happened: SUCCEEDED with all its VMs, or not.
+                if let Some(state) = op.as_ref().and_then(|id| states.get(id)) {
+                    assert_eq!(
+                        *state == pb::OperationState::Succeeded,
+                        made == *count as usize,
+                        "round {round}: clone {prefix} is {state:?} with {made} of {count} VMs"
+                    );
+                }
             }
             w.clones.clear();
             // What is listed now is what the next round works with; VMs come back stopped.

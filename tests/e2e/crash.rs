@@ -174,3 +174,35 @@ async fn a_lost_wal_is_detected_and_nothing_is_deleted() {
     let r = restore_new(&mut c, &s.id, "r", pb::MemoryRestoreMode::Eager).await;
     continues_exactly(&mut c, &r.id, &expected, 4).await;
 }
+
+/// A daemon killed just after a snapshot's catalog transaction committed, before the operation
+/// returned: after the restart the snapshot is there, restores exactly, and its operation says
+/// SUCCEEDED with it (the transaction that published it recorded that too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_killed_after_its_commit_is_succeeded() {
+    if !kvm_available("an_operation_killed_after_its_commit_is_succeeded") {
+        return;
+    }
+    let expected = model(&long_guest());
+    let (mut daemon, mut c) = start("snapshot.after-publish=sleep:5000").await;
+    let v = create_vm_running(&mut c, "v", true, long_guest()).await;
+    wait_lines(&mut c, &v.id, 2).await;
+    let op = start_snapshot(&mut c, &v.id, "s").await.unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while snapshot_count(&mut c).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the snapshot was never published"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    daemon.kill9();
+    let mut c = respawn(&mut daemon, "").await;
+    let o = wait_op(&mut c, op).await;
+    assert_eq!(o.state(), pb::OperationState::Succeeded, "{o:?}");
+    let s = o.result.unwrap().snapshot.unwrap();
+    assert_eq!(s.name, "s");
+    let r = restore_new(&mut c, &s.id, "r", pb::MemoryRestoreMode::Eager).await;
+    continues_exactly(&mut c, &r.id, &expected, 3).await;
+    daemon.assert_files_match_catalog("after the restart");
+}

@@ -159,6 +159,14 @@ impl Daemon {
                 for id in &doomed {
                     tx.delete_snapshot(*id)?;
                 }
+                // The delete is done once this commits (merges only free more space).
+                op.succeeded_in(
+                    tx,
+                    &pb::OperationResult {
+                        deleted_snapshot_ids: doomed.iter().map(ToString::to_string).collect(),
+                        ..Default::default()
+                    },
+                )?;
                 Ok((doomed, tx.collect()?))
             })
         })?;

@@ -4,7 +4,8 @@
 //!
 //! Points: `snapshot.seal-disk` (after the disks are sealed), `snapshot.write-memory` (before
 //! the memory layer is written), `snapshot.write-state` (after it), `snapshot.before-publish`
-//! (just before the catalog transaction), and `snapshot.publish` (inside it, before its commit);
+//! (just before the catalog transaction), `snapshot.publish` (inside it, before its commit) and
+//! `snapshot.after-publish` (a sleep point after it);
 //! `restore.before-publish` (a restore or clone, its VMs built, before the transaction that
 //! records them) and `delete.before-commit` (a delete, admitted, before its transaction).
 

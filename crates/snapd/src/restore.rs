@@ -237,12 +237,19 @@ impl Daemon {
         }
         op.no_return()?;
         self.failpoints.pass("restore.before-publish")?;
+        let answer = pb::OperationResult {
+            vms: made
+                .iter()
+                .map(|(rec, _, _)| convert::vm(rec, rec.state, None))
+                .collect(),
+            ..Default::default()
+        };
         self.catalog.write(|tx| {
             for (rec, _, disks) in &made {
                 disks.insert_layers(tx)?;
                 tx.insert_vm(rec)?;
             }
-            Ok(())
+            op.succeeded_in(tx, &answer)
         })?;
         let mut out = Vec::new();
         for (rec, vm, disks) in made {
@@ -295,6 +302,18 @@ impl Daemon {
             rec.disks.clone_from(&disks.records);
             rec.guest = snap.guest;
             tx.update_vm(&rec)?;
+            let state = if leave_paused {
+                VmStatus::Paused
+            } else {
+                VmStatus::Running
+            };
+            op.succeeded_in(
+                tx,
+                &pb::OperationResult {
+                    vms: vec![convert::vm(&rec, state, None)],
+                    ..Default::default()
+                },
+            )?;
             tx.collect()
         })?;
         op.phase("reverting", 0, snap.memory_bytes);

@@ -113,14 +113,13 @@ impl Daemon {
             Ok((snap, layer)) => {
                 // The snapshot is published: its pages are clean, the seals stand.
                 taking.files.claim.publish();
+                // (Only sleeps, for tests of a crash here: the snapshot is published already.)
+                let _ = self.failpoints.pass("snapshot.after-publish");
                 taking.pending.commit(&layer);
                 taking.paused.finish();
                 self.events
                     .emit(pb::event::Kind::SnapshotCreated(convert::snapshot(&snap)));
-                Ok(pb::OperationResult {
-                    snapshot: Some(convert::snapshot(&snap)),
-                    ..Default::default()
-                })
+                Ok(snapshot_result(&snap))
             }
             Err(e) => {
                 // Undo the seals (or keep sealed layers the VM already wrote on top of), leave
@@ -227,6 +226,7 @@ impl Daemon {
             vm.current_snapshot = Some(id);
             vm.mem_chain = mem_chain;
             tx.update_vm(&vm)?;
+            t.op.succeeded_in(tx, &snapshot_result(&snap))?;
             if self.failpoints.pass("snapshot.publish").is_err() {
                 return Err(CatalogError::Injected("snapshot.publish"));
             }
@@ -304,6 +304,14 @@ impl Daemon {
                 }
             }
         }
+    }
+}
+
+/// What a snapshot operation answers.
+fn snapshot_result(snap: &SnapshotRecord) -> pb::OperationResult {
+    pb::OperationResult {
+        snapshot: Some(convert::snapshot(snap)),
+        ..Default::default()
     }
 }
 

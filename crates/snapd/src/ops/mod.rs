@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use snap_api::v1 as pb;
 
+use crate::catalog::{CatalogError, Tx};
 use crate::daemon::Daemon;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::{OpId, SnapshotId, VmId};
@@ -168,6 +169,27 @@ impl Progress<'_> {
     /// Records how long the operation paused its VM.
     pub fn set_pause(&self, pause: Duration) {
         lock(&self.cell.op).pause_us = pause.as_micros() as u64;
+    }
+
+    /// Records, inside the transaction that publishes what the operation made, that it has
+    /// succeeded with `result`: a crash after that commit finds the operation SUCCEEDED, never
+    /// FAILED with its work published. (Its end is recorded again, with its final figures, when
+    /// it returns.)
+    ///
+    /// # Errors
+    /// The catalog's error.
+    pub fn succeeded_in(
+        &self,
+        tx: &Tx<'_>,
+        result: &pb::OperationResult,
+    ) -> std::result::Result<(), CatalogError> {
+        let mut op = lock(&self.cell.op).clone();
+        op.set_state(pb::OperationState::Succeeded);
+        op.result = Some(result.clone());
+        op.ended_unix_ms = now_ms();
+        op.cancellable = false;
+        let body = prost::Message::encode_to_vec(&op);
+        tx.put_operation(cell_id(&op), &op.vm_id, op.created_unix_ms, true, &body)
     }
 }
 
