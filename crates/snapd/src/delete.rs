@@ -127,11 +127,6 @@ impl Daemon {
         op.no_return()?;
         op.phase("deleting", 0, 0);
         self.failpoints.pass("delete.before-commit")?;
-        for vm in &plan.vms {
-            if let Some(entry) = self.vms.find(*vm) {
-                entry.set(None, false);
-            }
-        }
         let (deleted, freed_layers) = self.with_reserve(|| {
             self.catalog.write(|tx| {
                 let all = tx.snapshots()?;
@@ -180,6 +175,7 @@ impl Daemon {
             self.events
                 .emit(pb::event::Kind::SnapshotDeleted(id.to_string()));
         }
+        // The VMs' instances go once their rows are gone (a failed delete leaves them as they were).
         for vm in &plan.vms {
             self.vms.remove(*vm);
             self.events.emit(pb::event::Kind::Vm(pb::Vm {
