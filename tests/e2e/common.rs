@@ -466,3 +466,39 @@ pub async fn delete_vm(c: &mut Client, vm: &str, with_snapshots: bool) -> pb::Op
     let op = start_delete_vm(c, vm, with_snapshots).await.unwrap();
     succeeded(c, op).await
 }
+
+/// Waits until operation `op` reports a phase `phase` accepts.
+pub async fn wait_phase(c: &mut Client, op: &pb::Operation, phase: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let o = c
+            .get_operation(pb::GetOperationRequest {
+                operation_id: op.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if o.progress.as_ref().is_some_and(|p| phase(&p.phase)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "operation {} never reached the phase: {:?}",
+            op.id,
+            o.state()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every snapshot.
+pub async fn list_snapshots(c: &mut Client) -> Vec<pb::Snapshot> {
+    c.list_snapshots(pb::ListSnapshotsRequest {
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .snapshots
+}

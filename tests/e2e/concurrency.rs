@@ -325,15 +325,7 @@ async fn quiet(c: &mut Client) {
 /// continues exactly, or (a snapshot of a guest that had finished) it is finished.
 async fn verify_snapshots(c: &mut Client, tag: &str) -> usize {
     let expected = model(&mix_guest());
-    let listed = c
-        .list_snapshots(pb::ListSnapshotsRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshots;
+    let listed = list_snapshots(c).await;
     for chunk in listed.chunks(4) {
         let mut checks = Vec::new();
         for s in chunk {
@@ -436,15 +428,8 @@ async fn kill_9_at_random_moments() {
         let mut c = respawn(&mut daemon, "").await;
         quiet(&mut c).await;
         daemon.assert_files_match_catalog(&format!("round {round}, after the restart"));
-        let listed: BTreeSet<String> = c
-            .list_snapshots(pb::ListSnapshotsRequest {
-                page_size: 1000,
-                ..Default::default()
-            })
+        let listed: BTreeSet<String> = list_snapshots(&mut c)
             .await
-            .unwrap()
-            .into_inner()
-            .snapshots
             .into_iter()
             .map(|s| s.id)
             .collect();

@@ -23,23 +23,7 @@ async fn a_clone_is_all_or_none_across_kill_9() {
     let files_before = daemon.layer_files();
     let op = start_clone(&mut c, &s.id, "clone", 3).await.unwrap();
     // Killed while the three VMs are built, before they are recorded.
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let o = c
-            .get_operation(pb::GetOperationRequest {
-                operation_id: op.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if o.progress
-            .is_some_and(|p| p.phase.starts_with("restoring clone-2"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the clone never built its VMs");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_phase(&mut c, &op, |p| p.starts_with("restoring clone-2")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         daemon.layer_files().len() > files_before.len(),

@@ -1,7 +1,5 @@
 //! Failures and bad input: nothing half done is ever visible, and the next snapshot is right.
 
-use std::time::{Duration, Instant};
-
 use snap_api::v1 as pb;
 
 use super::common::*;
@@ -81,24 +79,7 @@ async fn failures_leave_no_half_snapshot() {
     let before = snapshot_count(&mut c).await;
     let layers_before = files_in(&daemon.data().join("layers"));
     let op = start_snapshot(&mut c, &vm2.id, "never").await.unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let o = c
-            .get_operation(pb::GetOperationRequest {
-                operation_id: op.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if o.progress.as_ref().is_some_and(|p| p.phase == "publishing") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the snapshot never reached publishing"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_phase(&mut c, &op, |p| p == "publishing").await;
     assert!(
         files_in(&daemon.data().join("layers")).len() > layers_before.len(),
         "the killed snapshot had written its layer"
