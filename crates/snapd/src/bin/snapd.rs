@@ -11,7 +11,7 @@ use snap_api::v1::snapd_server::SnapdServer;
 use snapd::api::Service;
 use snapd::daemon::{Config, Daemon};
 use snapd::failpoints::FailPoints;
-use snapd::store::StoreOptions;
+use snapd::store::{Store, StoreOptions};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -76,7 +76,7 @@ fn run(args: Args) -> Result<(), String> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
     // One daemon per data directory.
-    let lock_path = args.data_dir.join("snapd.lock");
+    let lock_path = Store::lock_path(&args.data_dir);
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -175,7 +175,7 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
             let path = args
                 .socket
                 .clone()
-                .unwrap_or_else(|| args.data_dir.join("snapd.sock"));
+                .unwrap_or_else(|| Store::socket_path(&args.data_dir));
             // A socket left by a daemon that died; the lock above says none is running.
             let _ = std::fs::remove_file(&path);
             let listener = UnixListener::bind(&path)

@@ -5,6 +5,7 @@
 //! catalog.db, catalog.db-wal  the catalog (crate::catalog)
 //! catalog.gen                 the generation of the catalog's last committed write
 //! snapd.lock                  held by the one daemon using the directory
+//! snapd.sock                  its Unix socket (unless --socket says otherwise)
 //! reserve                     space kept back so that deletes work on a full filesystem
 //! layers/<snapshot>.mlayer    a snapshot's memory layer; layers/<id>.mlayer a merged one
 //! layers/<id>.dlayer          disk layers: bases, sealed deltas, VMs' writable tops
@@ -166,9 +167,15 @@ impl Store {
         self.root.join("catalog.gen")
     }
 
-    /// The lock file one daemon holds.
-    pub fn lock_path(&self) -> PathBuf {
-        self.root.join("snapd.lock")
+    /// The lock file the one daemon using the data directory at `root` holds (taken before the
+    /// directory is opened).
+    pub fn lock_path(root: &Path) -> PathBuf {
+        root.join("snapd.lock")
+    }
+
+    /// The daemon's Unix socket in the data directory at `root`, unless told otherwise.
+    pub fn socket_path(root: &Path) -> PathBuf {
+        root.join("snapd.sock")
     }
 
     /// The space reserve.
