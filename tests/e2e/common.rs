@@ -381,7 +381,16 @@ pub fn long_guest() -> pb::GuestProgram {
 /// Takes a snapshot of VM `vm` (which runs on) and waits for it.
 pub async fn take_snapshot(c: &mut Client, vm: &str, name: &str) -> pb::Snapshot {
     let op = start_snapshot(c, vm, name).await.unwrap();
-    succeeded(c, op).await.snapshot.unwrap()
+    let ended = wait_op(c, op).await;
+    assert_eq!(
+        ended.state(),
+        pb::OperationState::Succeeded,
+        "operation failed: {:?}",
+        ended.error
+    );
+    let s = ended.result.unwrap().snapshot.unwrap();
+    assert_eq!(ended.snapshot_id, s.id, "the operation names its snapshot");
+    s
 }
 
 /// Deletes snapshot `id` and waits for it.
@@ -418,6 +427,11 @@ pub async fn resume(c: &mut Client, vm: &str) -> pb::Vm {
     vm_action(c, vm, "resume").await
 }
 
+/// Pauses VM `vm`.
+pub async fn pause(c: &mut Client, vm: &str) -> pb::Vm {
+    vm_action(c, vm, "pause").await
+}
+
 async fn vm_action(c: &mut Client, vm: &str, action: &str) -> pb::Vm {
     let r = pb::VmActionRequest {
         request_id: rid(action),
@@ -427,6 +441,7 @@ async fn vm_action(c: &mut Client, vm: &str, action: &str) -> pb::Vm {
     match action {
         "start" => c.start_vm(r).await,
         "resume" => c.resume_vm(r).await,
+        "pause" => c.pause_vm(r).await,
         _ => c.stop_vm(r).await,
     }
     .unwrap()

@@ -248,6 +248,11 @@ async fn bad_input_is_refused_clearly() {
         let e = c.create_vm(req.clone()).await.unwrap_err();
         assert_eq!(e.code(), code, "{req:?}: {e}");
         assert!(e.message().contains(what), "{req:?}: {e}");
+        // Every message about a field starts with its name.
+        let field = ["name", "memory_bytes", "vcpus", "request_id"]
+            .into_iter()
+            .find(|f| e.message().starts_with(&format!("{f}: ")));
+        assert!(field.is_some(), "the message names no field first: {e}");
     }
     assert!(list_vms(&mut c).await.is_empty());
 

@@ -9,7 +9,8 @@ use super::common::*;
 
 /// Snapshot A, run, snapshot B, revert to A, restore B into a new VM, clone A three times,
 /// delete A (B and the clones still restore exactly, A's state is freed), restart the daemon
-/// (the tree is intact), and a retried request id creates one snapshot.
+/// (the tree is intact, the finished VM still finished), and a retried request id creates one
+/// snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_revert_restore_clone_delete_restart() {
     if !kvm_available("snapshot_revert_restore_clone_delete_restart") {
@@ -80,10 +81,11 @@ async fn snapshot_revert_restore_clone_delete_restart() {
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e}");
 
-    // Revert the finished VM to A: the lines after A repeat.
+    // Revert the finished VM to A: the lines after A repeat, on a console that starts afresh.
     let op = start_revert(&mut c, &a.id, &vm.id, true).await;
     succeeded(&mut c, op).await;
     let mark = console(&mut c, &vm.id).await.len();
+    assert_eq!(mark, 0, "a revert starts the console afresh");
     resume(&mut c, &vm.id).await;
     let out = finish(&mut c, &vm.id).await;
     assert_eq!(out[mark..], expected[cut_a..], "revert to A");
@@ -172,7 +174,7 @@ async fn snapshot_revert_restore_clone_delete_restart() {
     let op = start_revert(&mut c, &b.id, &clone.id, false).await;
     succeeded(&mut c, op).await;
 
-    // Restart: the tree is intact and the VMs are reported stopped.
+    // Restart: the tree is intact.
     let snaps_before = c
         .list_snapshots(pb::ListSnapshotsRequest::default())
         .await
@@ -187,8 +189,9 @@ async fn snapshot_revert_restore_clone_delete_restart() {
         .into_inner()
         .snapshots;
     assert_eq!(snaps_before, snaps_after);
+    // The VM had finished (after its revert to A): it still has.
     let v = get_vm(&mut c, &vm.id).await;
-    assert_eq!(v.state(), pb::VmState::Stopped);
+    assert_eq!(v.state(), pb::VmState::Finished);
     let vb3 = restore_new(&mut c, &b.id, "after-restart", pb::MemoryRestoreMode::Lazy).await;
     assert_eq!(
         finish(&mut c, &vb3.id).await,
@@ -558,4 +561,36 @@ async fn a_vm_whose_snapshot_was_deleted_starts_and_snapshots_again() {
     assert!(d.parent_id.is_empty(), "{d:?}");
     let r = restore_new(&mut c, &d.id, "from-d", pb::MemoryRestoreMode::Lazy).await;
     continues_exactly(&mut c, &r.id, &expected, 3).await;
+}
+
+/// Across a restart a VM keeps CREATED, FINISHED or FAILED, and a running or paused one is
+/// STOPPED; StartVm runs a created one from the beginning, exactly as a first start would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_states_across_a_restart() {
+    if !kvm_available("vm_states_across_a_restart") {
+        return;
+    }
+    let (mut daemon, mut c) = start("").await;
+    let created = create_vm(&mut c, "created", false).await;
+    let short = pb::GuestProgram {
+        ticks: 5,
+        ..guest()
+    };
+    let finished = create_vm_running(&mut c, "finished", true, short).await;
+    assert_eq!(finish(&mut c, &finished.id).await, model(&short));
+    let running = create_vm_running(&mut c, "running", true, long_guest()).await;
+    let paused = create_vm_running(&mut c, "paused", true, long_guest()).await;
+    pause(&mut c, &paused.id).await;
+
+    let mut c = restart(&mut daemon, "").await;
+    for (vm, state) in [
+        (&created, pb::VmState::Created),
+        (&finished, pb::VmState::Finished),
+        (&running, pb::VmState::Stopped),
+        (&paused, pb::VmState::Stopped),
+    ] {
+        assert_eq!(get_vm(&mut c, &vm.id).await.state(), state, "{}", vm.name);
+    }
+    start_vm(&mut c, &created.id).await;
+    assert_eq!(finish(&mut c, &created.id).await, model(&guest()));
 }

@@ -28,6 +28,20 @@ impl SerialOutput {
         self.lock().clone()
     }
 
+    /// At most `max` bytes of the output from byte `offset` (none past its end), and the length
+    /// of the whole output: a bounded read, whatever the output's size.
+    pub fn window(&self, offset: u64, max: usize) -> (Vec<u8>, u64) {
+        let buf = self.lock();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(buf.len());
+        let end = start.saturating_add(max).min(buf.len());
+        (buf[start..end].to_vec(), buf.len() as u64)
+    }
+
+    /// Forgets the output so far (after the VM was reverted: what follows is a new run).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// All output so far as text (invalid UTF-8 replaced).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.lock()).into_owned()

@@ -98,10 +98,15 @@ impl Daemon {
         for vm in &vms {
             self.vms.add(vm.id);
         }
+        // VMs that ran (or were paused) are stopped now; created, finished and failed ones stay
+        // what they were.
         best_effort(
             "record the VMs as stopped",
             self.catalog.write(|tx| {
-                for vm in vms.iter().filter(|v| v.state != VmStatus::Stopped) {
+                for vm in vms
+                    .iter()
+                    .filter(|v| matches!(v.state, VmStatus::Running | VmStatus::Paused))
+                {
                     tx.set_vm_state(vm.id, VmStatus::Stopped, None)?;
                 }
                 Ok(())
@@ -144,16 +149,22 @@ impl Daemon {
         Ok(())
     }
 
-    /// Stops accepting work: running VMs are stopped and recorded so.
+    /// Stops accepting work: running and paused VMs are stopped and recorded so (created,
+    /// finished and failed ones keep that state).
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
         for (id, entry) in self.vms.all() {
+            let (state, failure) = entry.status();
             entry.set(None, false);
+            let state = match state {
+                VmStatus::Running | VmStatus::Paused => VmStatus::Stopped,
+                s => s,
+            };
             if let Err(e) = self
                 .catalog
-                .write(|tx| tx.set_vm_state(id, VmStatus::Stopped, None))
+                .write(|tx| tx.set_vm_state(id, state, failure.as_deref()))
             {
-                tracing::warn!(vm = %id, error = %e, "cannot record the VM as stopped");
+                tracing::warn!(vm = %id, error = %e, "cannot record the VM's state");
             }
         }
     }
@@ -323,12 +334,17 @@ impl Daemon {
         Ok(vms.iter().map(|r| self.vm_to_pb(r)).collect())
     }
 
-    /// A VM's record with its live state (a VM without an instance is stopped).
+    /// A VM's record with its live state. A VM without an instance is what its record says if
+    /// it was created, finished or failed (also across a restart), else stopped.
     pub(crate) fn vm_to_pb(&self, rec: &VmRecord) -> pb::Vm {
-        let (state, failure) = self
-            .vms
-            .find(rec.id)
-            .map_or((VmStatus::Stopped, None), |e| e.status());
+        let live = self.vms.find(rec.id).filter(|e| e.vm().is_some());
+        let (state, failure) = match (live, rec.state) {
+            (Some(e), _) => e.status(),
+            (None, s @ (VmStatus::Created | VmStatus::Finished | VmStatus::Failed)) => {
+                (s, rec.failure.clone())
+            }
+            (None, _) => (VmStatus::Stopped, None),
+        };
         convert::vm(rec, state, failure)
     }
 
@@ -354,13 +370,11 @@ impl Daemon {
     /// NOT_FOUND.
     pub fn console(&self, id: VmId, offset: u64, max: usize) -> Result<(Vec<u8>, u64)> {
         let entry = self.vms.get(id)?;
-        let bytes = entry
-            .vm()
-            .map(|vm| vm.serial_output().bytes())
-            .unwrap_or_default();
-        let start = (offset as usize).min(bytes.len());
-        let end = start.saturating_add(max).min(bytes.len());
-        Ok((bytes[start..end].to_vec(), end as u64))
+        let Some(vm) = entry.vm() else {
+            return Ok((Vec::new(), 0));
+        };
+        let (data, len) = vm.serial_output().window(offset, max);
+        Ok((data.clone(), offset.min(len) + data.len() as u64))
     }
 
     /// Sets and removes labels of a snapshot (a catalog change only: no admission needed).

@@ -162,7 +162,21 @@ impl From<ConfigError> for Error {
             ConfigError::Memory(MemoryError::TooLarge { .. }) => ErrorKind::Exhausted,
             _ => ErrorKind::InvalidArgument,
         };
-        Self::new(kind, e.to_string())
+        // Like every INVALID_ARGUMENT, the message starts with the field of the request.
+        let field = match &e {
+            ConfigError::ZeroVcpus | ConfigError::TooManyVcpus { .. } => "vcpus",
+            ConfigError::Memory(_)
+            | ConfigError::MemoryTooSmall { .. }
+            | ConfigError::MemoryAboveIdentityMap { .. } => "memory_bytes",
+            ConfigError::Disks(_) => "disks",
+            _ => "guest",
+        };
+        let message = e.to_string();
+        if message.starts_with(field) {
+            Self::new(kind, message)
+        } else {
+            Self::new(kind, format!("{field}: {message}"))
+        }
     }
 }
 

@@ -338,6 +338,9 @@ impl Daemon {
                     )));
                 }
                 op.set_pause(paused_at.elapsed());
+                // The console is the output of the run since the VM was last started, restored
+                // or reverted.
+                vm.serial_output().clear();
                 vm
             }
             (Loaded::New(vm), _) => Arc::new(vm),

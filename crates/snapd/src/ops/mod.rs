@@ -185,7 +185,7 @@ impl Progress<'_> {
     ) -> std::result::Result<(), CatalogError> {
         let mut op = lock(&self.cell.op).clone();
         op.set_state(pb::OperationState::Succeeded);
-        op.result = Some(result.clone());
+        set_result(&mut op, result.clone());
         op.ended_unix_ms = now_ms();
         op.cancellable = false;
         let body = prost::Message::encode_to_vec(&op);
@@ -359,7 +359,7 @@ impl Daemon {
             match result {
                 Ok(r) => {
                     op.set_state(pb::OperationState::Succeeded);
-                    op.result = Some(r);
+                    set_result(&mut op, r);
                 }
                 Err(e) => {
                     op.set_state(if e.kind == ErrorKind::Cancelled {
@@ -383,6 +383,14 @@ impl Daemon {
         self.events.emit(pb::event::Kind::Operation(op));
         self.watch_states();
     }
+}
+
+/// Sets a succeeded operation's result, and the snapshot it made (CreateSnapshot).
+fn set_result(op: &mut pb::Operation, result: pb::OperationResult) {
+    if let Some(s) = &result.snapshot {
+        op.snapshot_id.clone_from(&s.id);
+    }
+    op.result = Some(result);
 }
 
 fn cell_id(op: &pb::Operation) -> OpId {
