@@ -1,4 +1,5 @@
-//! The service's edges: health and reflection for stock clients, TCP, one daemon per directory.
+//! The service's edges: health and reflection for stock clients (socket and TCP), one daemon per
+//! directory and per socket, a private data directory.
 
 use std::time::{Duration, Instant};
 
@@ -6,20 +7,13 @@ use snap_api::v1 as pb;
 
 use super::common::*;
 
-/// Stock gRPC clients find their way: the health service says SERVING and reflection lists the
-/// snapd service (what grpcurl asks for).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_reflection_are_served() {
+/// Asserts that `channel` serves what stock clients ask for: health says SERVING, and
+/// reflection, in both its versions (v1, and v1alpha for grpcio-reflection and older grpcurl),
+/// lists the snapd and health services.
+async fn assert_stock_services(channel: tonic::transport::Channel, what: &str) {
     use tonic_health::pb::health_client::HealthClient;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::{v1, v1alpha};
 
-    let (daemon, _) = start("").await;
-    let channel = snap_api::client::channel(daemon.socket().to_str().unwrap())
-        .await
-        .unwrap();
     let health = HealthClient::new(channel.clone())
         .check(tonic_health::pb::HealthCheckRequest {
             service: "snapd.v1.Snapd".into(),
@@ -29,28 +23,64 @@ async fn health_and_reflection_are_served() {
         .into_inner();
     assert_eq!(
         health.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+        "{what}"
     );
 
-    let request = ServerReflectionRequest {
+    let request = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
-    let mut stream = ServerReflectionClient::new(channel)
+    let mut stream = v1::server_reflection_client::ServerReflectionClient::new(channel.clone())
         .server_reflection_info(tokio_stream::iter(vec![request]))
         .await
         .unwrap()
         .into_inner();
     let response = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection answer {response:?}");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("{what}: unexpected reflection answer {response:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"snapd.v1.Snapd".to_string()), "{names:?}");
+    for service in ["snapd.v1.Snapd", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == service), "{what}: {names:?}");
+    }
+
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut stream = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("{what}: unexpected v1alpha reflection answer {response:?}");
+    };
     assert!(
-        names.contains(&"grpc.health.v1.Health".to_string()),
-        "{names:?}"
+        list.service.iter().any(|s| s.name == "snapd.v1.Snapd"),
+        "{what}: v1alpha lists {:?}",
+        list.service
     );
+}
+
+/// Stock gRPC clients find their way over the socket: health and reflection (v1 and v1alpha).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let (daemon, _) = start("").await;
+    let channel = snap_api::client::channel(daemon.socket().to_str().unwrap())
+        .await
+        .unwrap();
+    assert_stock_services(channel, "the socket").await;
     // The socket is the owner's alone.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(daemon.socket())
@@ -85,6 +115,8 @@ async fn tcp_listener_and_one_daemon_per_directory() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(vms.is_empty());
+    let channel = snap_api::client::channel(&addr).await.unwrap();
+    assert_stock_services(channel, "TCP").await;
     drop(tcp);
 
     let mut second = Snapd::at(SNAPD, daemon.data(), &[]);
@@ -92,4 +124,71 @@ async fn tcp_listener_and_one_daemon_per_directory() {
         .try_start("", &[])
         .expect_err("a second daemon is refused");
     assert!(err.contains("another snapd is using"), "{err}");
+}
+
+/// A second daemon (another data directory) on a live daemon's socket is refused and the first
+/// serves on; a daemon stopped cleanly removes its socket, and one killed leaves a socket the
+/// next daemon replaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_daemons_socket_is_never_taken_over() {
+    let (mut first, mut c) = start("").await;
+    let socket = first.socket();
+    let socket_arg = socket.to_str().unwrap().to_string();
+    let mut second = Snapd::new(SNAPD, &["--socket", &socket_arg]);
+    let err = second
+        .try_start("", &[])
+        .expect_err("a second daemon on a live socket is refused");
+    assert!(err.contains("another snapd is listening on"), "{err}");
+    assert!(
+        list_vms(&mut c).await.is_empty(),
+        "the first daemon serves on"
+    );
+
+    first.stop();
+    assert!(!socket.exists(), "a clean stop removes the socket");
+    first.start("");
+    first.kill9();
+    assert!(socket.exists(), "a killed daemon leaves its socket");
+    let mut c = respawn(&mut first, "").await;
+    assert!(list_vms(&mut c).await.is_empty());
+}
+
+/// The data directory is the daemon's alone: after VMs, disks, snapshots, restores and deletes,
+/// every directory in it is mode 0700 and every file 0600, and a directory found wider is
+/// narrowed at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    if !kvm_available("the_data_directory_is_private") {
+        return;
+    }
+    let mut daemon = Snapd::new(SNAPD, &[]);
+    std::fs::create_dir_all(daemon.data()).unwrap();
+    std::fs::set_permissions(daemon.data(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    daemon.start("");
+    let mut c = daemon.client().await;
+    let v = create_vm_running(&mut c, "v", true, long_guest()).await;
+    wait_lines(&mut c, &v.id, 2).await;
+    let a = take_snapshot(&mut c, &v.id, "a").await;
+    let b = take_snapshot(&mut c, &v.id, "b").await;
+    let r = restore_new(&mut c, &a.id, "r", pb::MemoryRestoreMode::Prefetch).await;
+    wait_lines(&mut c, &r.id, 2).await;
+    delete_snapshot(&mut c, &b.id).await;
+    let mut dirs = vec![daemon.data().to_path_buf()];
+    let mut seen = 0;
+    while let Some(dir) = dirs.pop() {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                dirs.push(e.path());
+            } else {
+                seen += 1;
+                let mode = m.permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", e.path().display());
+            }
+        }
+    }
+    assert!(seen > 8, "checked {seen} files");
 }

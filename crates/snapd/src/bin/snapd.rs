@@ -73,6 +73,9 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    // Everything the daemon creates is its own alone: guest memory and disks are in these files.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
     // One daemon per data directory.
@@ -122,15 +125,61 @@ fn run(args: Args) -> Result<(), String> {
     result
 }
 
-async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
+/// The services every listener serves: snapd, gRPC health, and reflection (v1 and v1alpha, for
+/// grpcurl and grpcio-reflection old and new).
+async fn services(daemon: &Arc<Daemon>) -> Result<tonic::transport::server::Router, String> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<SnapdServer<Service>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(snap_api::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(snap_api::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection()
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
+    let v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| format!("reflection: {e}"))?;
+    Ok(tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(SnapdServer::new(Service::new(Arc::clone(daemon)))))
+}
 
+/// Binds the Unix socket at `path`: a socket a dead daemon left is replaced, but one a live
+/// daemon answers on (whatever its data directory) is not taken over, and a path that is not a
+/// socket is not removed.
+fn bind_socket(path: &std::path::Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(format!(
+                "{} exists and is not a socket: remove it, or give another --socket",
+                path.display()
+            ));
+        }
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(format!(
+                    "another snapd is listening on {}: stop it, or give this one another --socket",
+                    path.display()
+                ));
+            }
+            // A socket left by a daemon that died.
+            std::fs::remove_file(path).map_err(|e| format!("removing {}: {e}", path.display()))?;
+        }
+        Err(_) => {}
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
     // Housekeeping: VMs whose guest finished, failed or paused on its own are reported every
     // 100 ms; VMs a full disk paused are resumed once space is back (every second); files
     // nothing names are removed and old operations forgotten every 10 s.
@@ -158,10 +207,7 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
         }
         tracing::info!("shutting down");
     };
-    let router = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(SnapdServer::new(Service::new(Arc::clone(&daemon))));
+    let router = services(&daemon).await?;
 
     match (&args.tcp, args.no_socket) {
         (Some(addr), true) => {
@@ -176,16 +222,10 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
                 .socket
                 .clone()
                 .unwrap_or_else(|| Store::socket_path(&args.data_dir));
-            // A socket left by a daemon that died; the lock above says none is running.
-            let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path)
-                .map_err(|e| format!("binding {}: {e}", path.display()))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+            let listener = bind_socket(&path)?;
             tracing::info!(socket = %path.display(), "listening");
             if let Some(addr) = tcp {
-                let tcp_router = tonic::transport::Server::builder()
-                    .add_service(SnapdServer::new(Service::new(Arc::clone(&daemon))));
+                let tcp_router = services(&daemon).await?;
                 let addr = *addr;
                 tracing::info!(%addr, "listening on TCP");
                 tokio::spawn(async move {
@@ -194,10 +234,13 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
                     }
                 });
             }
-            router
+            let served = router
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
                 .await
-                .map_err(|e| format!("serving on {}: {e}", path.display()))
+                .map_err(|e| format!("serving on {}: {e}", path.display()));
+            // A clean stop leaves no socket behind.
+            let _ = std::fs::remove_file(&path);
+            served
         }
     }
 }

@@ -79,6 +79,7 @@ impl Store {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
+        make_private(root)?;
         let store = Arc::new(Self {
             root: root.to_path_buf(),
             options,
@@ -522,6 +523,48 @@ fn remove_path(path: &Path) -> u64 {
             0
         }
     }
+}
+
+/// Makes the data directory the daemon's alone: it and its directories must be owned by the
+/// daemon's user, and are made mode 0700, every file in them 0600 (modes are only ever
+/// narrowed). Guest memory and disks are in these files.
+fn make_private(root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut dirs = vec![root.to_path_buf()];
+    dirs.extend(SUBDIRS.iter().map(|s| root.join(s)));
+    for dir in &dirs {
+        let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !m.is_dir() || m.uid() != me {
+            return Err(format!(
+                "{} is not a directory owned by uid {me} (the daemon's user): others could change \
+                 what snapd stores there; give a --data-dir of its own",
+                dir.display()
+            ));
+        }
+        narrow(dir, m.mode(), 0o700)?;
+        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for e in entries.flatten() {
+            if let Ok(m) = e.metadata() {
+                if !m.is_dir() {
+                    narrow(&e.path(), m.mode(), 0o600)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes from `path`'s mode every permission beyond `allowed`.
+fn narrow(path: &Path, mode: u32, allowed: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let now = mode & 0o7777;
+    if now & !allowed != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(now & allowed))
+            .map_err(|e| format!("making {} private: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Bytes available to unprivileged writers on the filesystem holding `path`.

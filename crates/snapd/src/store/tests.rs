@@ -132,3 +132,29 @@ fn temporary_names_map_to_their_destination() {
     assert_eq!(temporary_of("layers/x.mlayer"), None);
     assert_eq!(temporary_of("layers/.x.tmp"), None);
 }
+
+#[test]
+fn the_data_directory_is_made_private_and_never_widened() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(root.join("layers")).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(root.join("notes"), b"x").unwrap();
+    std::fs::set_permissions(root.join("notes"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(root.join("mine"), b"x").unwrap();
+    std::fs::set_permissions(root.join("mine"), std::fs::Permissions::from_mode(0o400)).unwrap();
+    open(&root).unwrap();
+    let mode = |p: &str| {
+        std::fs::metadata(root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700);
+    assert_eq!(mode("layers"), 0o700);
+    assert_eq!(mode("states"), 0o700);
+    assert_eq!(mode("notes"), 0o600);
+    assert_eq!(mode("mine"), 0o400, "a narrower mode stays");
+}
