@@ -184,11 +184,6 @@ impl Daemon {
         &self.events
     }
 
-    /// The data directory.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// The catalog (reads: tests and diagnostics).
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
@@ -374,7 +369,8 @@ impl Daemon {
             return Ok((Vec::new(), 0));
         };
         let (data, len) = vm.serial_output().window(offset, max);
-        Ok((data.clone(), offset.min(len) + data.len() as u64))
+        let next = offset.min(len) + data.len() as u64;
+        Ok((data, next))
     }
 
     /// Sets and removes labels of a snapshot (a catalog change only: no admission needed).
@@ -424,10 +420,5 @@ impl Daemon {
             }
             r => r,
         }
-    }
-
-    /// Bytes of all files under the data directory's layer and state directories.
-    pub fn stored_bytes(&self) -> u64 {
-        self.store.stored_bytes()
     }
 }

@@ -447,11 +447,6 @@ pub struct FileClaim {
 }
 
 impl FileClaim {
-    /// The claimed files.
-    pub fn files(&self) -> &[String] {
-        &self.files
-    }
-
     /// Claims one more file (before it is made).
     pub fn add(&mut self, file: String) {
         *lock(&self.store.claims).entry(file.clone()).or_default() += 1;
