@@ -1,6 +1,7 @@
 //! The life of snapshots through the API: snapshot, revert, restore, clone, delete, restart;
 //! the tree, listing, labels, cancel and events; merges on delete; disks from images.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use snap_api::v1 as pb;
@@ -443,16 +444,49 @@ async fn deleting_a_parent_merges_it_into_its_only_child() {
     assert_eq!(console(&mut c, &rf.id).await, "");
 }
 
-/// A disk can start from a raw image on the daemon's host (imported as the disk's sealed base);
-/// a bad image path or a size that disagrees with the image is refused, naming the field.
+/// A disk can start from a raw image on the daemon's host (imported as the disk's sealed base),
+/// from the directories the operator allowed only: a path outside them, a symlink out of them,
+/// a FIFO, a device, a directory and an image over the size limit are each refused with a
+/// message naming the field that says nothing about paths outside, and nothing is left behind;
+/// a size that disagrees with the image is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disks_from_raw_images() {
     if !kvm_available("disks_from_raw_images") {
         return;
     }
-    let (daemon, mut c) = start("").await;
-    let image = daemon.data().parent().unwrap().join("base.img");
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let image = images.join("base.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    // Outside: a root-only file, and a symlink to it from inside.
+    let secret = root.path().join("secret");
+    std::fs::write(&secret, vec![7u8; 4096]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&secret, images.join("escape.img")).unwrap();
+    let special = |name: &str, mode: libc::mode_t, dev: libc::dev_t| {
+        let c = std::ffi::CString::new(images.join(name).to_str().unwrap()).unwrap();
+        // SAFETY: mknod of a NUL-terminated path (the test runs as root for KVM).
+        assert_eq!(unsafe { libc::mknod(c.as_ptr(), mode | 0o600, dev) }, 0);
+    };
+    special("fifo.img", libc::S_IFIFO, 0);
+    special("null.img", libc::S_IFCHR, libc::makedev(1, 3));
+    std::fs::create_dir(images.join("dir.img")).unwrap();
+    // Sparse, over the 1 GiB limit: refused without a byte read.
+    std::fs::File::create(images.join("huge.img"))
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let (daemon, mut c) = start_with(
+        "",
+        &[
+            "--image-dir",
+            images.to_str().unwrap(),
+            "--max-image-gib",
+            "1",
+        ],
+    )
+    .await;
     let request = |name: &str, disk: pb::DiskSpec| pb::CreateVmRequest {
         request_id: rid("img"),
         name: name.into(),
@@ -463,13 +497,13 @@ async fn disks_from_raw_images() {
         disks: vec![disk],
         ..Default::default()
     };
-    let from_image = pb::DiskSpec {
+    let from = |path: &std::path::Path| pb::DiskSpec {
         name: "root".into(),
         size_bytes: 0,
-        image_path: image.to_str().unwrap().into(),
+        image_path: path.to_str().unwrap().into(),
     };
     let vm = c
-        .create_vm(request("imaged", from_image.clone()))
+        .create_vm(request("imaged", from(&image)))
         .await
         .unwrap()
         .into_inner();
@@ -481,25 +515,33 @@ async fn disks_from_raw_images() {
     );
     assert_eq!(finish(&mut c, &vm.id).await, model(&guest()));
 
-    for (disk, what) in [
+    let outside = "not under a directory this daemon imports images from";
+    let cases = [
+        (from(std::path::Path::new("relative.img")), "absolute"),
+        (from(&secret), outside),
+        (from(std::path::Path::new("/etc/shadow")), outside),
+        (from(std::path::Path::new("/nonexistent/base.img")), outside),
+        (from(std::path::Path::new("/proc/self/environ")), outside),
+        (from(&images.join("../secret")), ".."),
         (
-            pb::DiskSpec {
-                image_path: "relative.img".into(),
-                ..from_image.clone()
-            },
-            "absolute",
+            from(&images.join("escape.img")),
+            "leads out of the image directory",
         ),
         (
-            pb::DiskSpec {
-                image_path: "/nonexistent/base.img".into(),
-                ..from_image.clone()
-            },
-            "/nonexistent/base.img",
+            from(&images.join("fifo.img")),
+            "is a FIFO, not a regular file",
+        ),
+        (from(&images.join("null.img")), "is a character device"),
+        (from(&images.join("dir.img")), "is a directory"),
+        (from(&images.join("missing.img")), "no such file"),
+        (
+            from(&images.join("huge.img")),
+            "2147483648 bytes, more than the 1073741824",
         ),
         (
             pb::DiskSpec {
                 size_bytes: 2 << 20,
-                ..from_image.clone()
+                ..from(&image)
             },
             "the image holds",
         ),
@@ -511,10 +553,29 @@ async fn disks_from_raw_images() {
             },
             "multiple of 512",
         ),
-    ] {
+    ];
+    for (disk, what) in cases {
         let e = c.create_vm(request("refused", disk)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().starts_with("disks"), "names the field: {e}");
         assert!(e.message().contains(what), "{what}: {e}");
+        if what == outside {
+            // Nothing about the file: not its size, kind or existence.
+            assert!(
+                !e.message().contains("bytes") && !e.message().contains("no such"),
+                "{e}"
+            );
+        }
+    }
+    // A FIFO no one writes to never wedges the daemon: many at once are all refused at once.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let mut c = c.clone();
+        let r = request("fifo", from(&images.join("fifo.img")));
+        calls.spawn(async move { c.create_vm(r).await.unwrap_err().code() });
+    }
+    while let Some(code) = calls.join_next().await {
+        assert_eq!(code.unwrap(), Code::InvalidArgument);
     }
     assert_eq!(list_vms(&mut c).await.len(), 1);
     assert_eq!(
@@ -522,6 +583,67 @@ async fn disks_from_raw_images() {
         daemon.catalog_layer_files(),
         "no file left"
     );
+}
+
+/// An image import stops when its caller gives up (here its deadline passes): no VM is made
+/// and no file is left; a retry with more time makes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_import_ends_with_its_callers_deadline() {
+    if !kvm_available("an_image_import_ends_with_its_callers_deadline") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    // 2 GiB of data (not a hole: a hole reads fast).
+    let image = root.path().join("big.img");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&image).unwrap());
+        let block = vec![1u8; 1 << 20];
+        for _ in 0..(2 << 10) {
+            f.write_all(&block).unwrap();
+        }
+    }
+    let (daemon, mut c) = start_with("", &["--image-dir", root.path().to_str().unwrap()]).await;
+    let mut r = tonic::Request::new(pb::CreateVmRequest {
+        request_id: rid("big"),
+        name: "big".into(),
+        memory_bytes: 32 << 20,
+        vcpus: 1,
+        guest: Some(guest()),
+        disks: vec![pb::DiskSpec {
+            name: "root".into(),
+            size_bytes: 0,
+            image_path: image.to_str().unwrap().into(),
+        }],
+        ..Default::default()
+    });
+    r.set_timeout(std::time::Duration::from_millis(200));
+    let e = c.create_vm(r).await.unwrap_err();
+    // Whichever side noticed first: the client's own timer, or the daemon's.
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e}"
+    );
+    // The import stops within a few of its checks (the daemon says so), and its file goes.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !daemon
+        .log()
+        .contains("the caller gave up before the answer")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        daemon.log().contains("stopped, the caller gave up"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        files_in(&daemon.data().join("layers")),
+        daemon.catalog_layer_files(),
+        "no file left"
+    );
+    assert!(list_vms(&mut c).await.is_empty(), "no VM was made");
 }
 
 /// A stopped VM whose current snapshot was deleted starts from the nearest surviving ancestor

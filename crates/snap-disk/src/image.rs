@@ -44,6 +44,26 @@ pub fn layer_info(path: &Path) -> Result<LayerInfo, DiskError> {
 /// size, or the I/O error naming the file.
 pub fn import_raw(raw: &Path, out: &Path, block_size: u32) -> Result<LayerInfo, DiskError> {
     let file = File::open(raw).map_err(DiskError::io(raw, "open raw image"))?;
+    import_raw_file(&file, raw, out, block_size, &mut || true)
+}
+
+/// Blocks [`import_raw_file`] reads between two calls of its `keep_going`.
+const BLOCKS_PER_CHECK: u64 = 64;
+
+/// Imports the raw image open as `file` (named `raw` in errors) as a sealed base layer at
+/// `out`, like [`import_raw`]. `keep_going` is asked every few blocks (and before anything is
+/// written); once it says no, the import stops, leaves no file at `out`, and fails with an
+/// [`io::ErrorKind::Interrupted`](std::io::ErrorKind::Interrupted) I/O error.
+///
+/// # Errors
+/// As [`import_raw`], or the interruption.
+pub fn import_raw_file(
+    file: &File,
+    raw: &Path,
+    out: &Path,
+    block_size: u32,
+    keep_going: &mut dyn FnMut() -> bool,
+) -> Result<LayerInfo, DiskError> {
     let len = file
         .metadata()
         .map_err(DiskError::io(raw, "stat raw image"))?
@@ -65,9 +85,21 @@ pub fn import_raw(raw: &Path, out: &Path, block_size: u32) -> Result<LayerInfo, 
         parent: None,
         geometry,
     };
+    let stopped = || {
+        DiskError::io(raw, "read raw image")(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "the import was cancelled",
+        ))
+    };
+    if !keep_going() {
+        return Err(stopped());
+    }
     let layer = build_layer(out, &new, true, |layer| {
         let mut buf = vec![0u8; block_size as usize];
         for block in 0..geometry.blocks() {
+            if block % BLOCKS_PER_CHECK == 0 && block > 0 && !keep_going() {
+                return Err(stopped());
+            }
             let data = &mut buf[..geometry.block_len(block)];
             file.read_exact_at(data, block * u64::from(block_size))
                 .map_err(DiskError::io(raw, "read raw image"))?;

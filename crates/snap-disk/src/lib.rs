@@ -181,7 +181,7 @@ mod space;
 pub use check::{CheckReport, check_layer};
 pub use disk::{Disk, MergeOutcome};
 pub use error::DiskError;
-pub use image::{create_layer, import_raw, layer_info};
+pub use image::{create_layer, import_raw, import_raw_file, layer_info};
 pub use merge::{MergeInto, merge_into_child, merge_into_parent, relink_parent};
 pub use meta::{
     DEFAULT_BLOCK_SIZE, Digest, Geometry, LayerInfo, MAX_BLOCK_SIZE, MAX_DISK_BYTES,

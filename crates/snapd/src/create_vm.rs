@@ -98,7 +98,7 @@ impl Daemon {
         snap_vmm::vm::validate_config(&config)?;
         test_guest(&spec.guest).validate(&config)?;
         // 2. The disks: images imported as sealed bases, each with a fresh top (claimed files).
-        let disks = self.new_disks(&spec.disks)?;
+        let disks = self.new_disks(&spec.disks, ctx)?;
         // 3. The VM, paused at its first instruction.
         let vm = boot(config, &spec.guest, &disks.disks)?;
         // 4. Publish: the layers, the VM and the answer, in one transaction.
@@ -121,6 +121,14 @@ impl Daemon {
             failure: None,
         };
         let answer = convert::vm(&rec, rec.state, None);
+        if ctx.is_abandoned() {
+            // Nobody would learn of the VM: make none (a retry with the request id makes it).
+            return Err(Error::new(
+                crate::error::ErrorKind::Cancelled,
+                "the caller gave up before the VM was made (it cancelled, its deadline passed or \
+                 it went away): nothing was created",
+            ));
+        }
         self.catalog.write(|tx| {
             disks.insert_layers(tx)?;
             tx.insert_vm(&rec)?;
@@ -131,12 +139,17 @@ impl Daemon {
         Ok(answer)
     }
 
-    fn new_disks(&self, specs: &[NewDisk]) -> Result<DiskSet> {
+    fn new_disks(&self, specs: &[NewDisk], ctx: &RequestCtx) -> Result<DiskSet> {
         let mut set = DiskSet::new(&self.store);
-        for spec in specs {
+        for (i, spec) in specs.iter().enumerate() {
             let (size, base) = match &spec.image {
                 Some(image) => {
-                    let (path, id, size) = set.import_image(&self.store, image)?;
+                    let field = format!("disks[{i}].image_path");
+                    let (file, _) = self.images.open(&field, image)?;
+                    let (path, id, size) =
+                        set.import_image(&self.store, &file, image, &mut || {
+                            !ctx.is_abandoned() && !self.stopping()
+                        })?;
                     if spec.size_bytes != 0 && spec.size_bytes != size {
                         return Err(Error::invalid(
                             "disks.size_bytes",

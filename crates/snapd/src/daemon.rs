@@ -14,6 +14,7 @@ use crate::disks::DiskSet;
 use crate::error::{Error, Result};
 use crate::failpoints::FailPoints;
 use crate::ids::{LayerId, SnapshotId, VmId};
+use crate::images::ImagePolicy;
 use crate::ops::scheduler::Scheduler;
 use crate::ops::{OPERATION_RETENTION_MS, Operations, events::Events};
 use crate::pool::Pool;
@@ -37,6 +38,8 @@ pub struct Config {
     pub warm_pool: usize,
     /// The data directory's options (space reserve, unknown files).
     pub store: StoreOptions,
+    /// Where disk images may be imported from.
+    pub images: ImagePolicy,
 }
 
 /// The daemon.
@@ -51,6 +54,7 @@ pub struct Daemon {
     pub(crate) failpoints: FailPoints,
     pub(crate) layer_options: LayerOptions,
     pub(crate) copy_before_resume: u64,
+    pub(crate) images: ImagePolicy,
     stopping: AtomicBool,
 }
 
@@ -75,6 +79,7 @@ impl Daemon {
             failpoints: config.failpoints,
             layer_options: config.layer_options,
             copy_before_resume: config.copy_before_resume,
+            images: config.images,
             stopping: AtomicBool::new(false),
         });
         daemon.recover().map_err(|e| e.to_string())?;

@@ -58,18 +58,35 @@ impl DiskSet {
         self.disks
     }
 
-    /// Imports the raw image at `image` as a sealed base layer; returns its file and id and the
-    /// disk size it gives.
+    /// Imports the raw image open as `image` (named `name`) as a sealed base layer; returns its
+    /// file and id and the disk size it gives. `keep_going` is asked as the import goes: once it
+    /// says no, the import stops (CANCELLED).
     ///
     /// # Errors
     /// INVALID_ARGUMENT naming `disks.image_path` for an image that cannot be imported.
-    pub fn import_image(&mut self, store: &Store, image: &Path) -> Result<(PathBuf, LayerId, u64)> {
+    pub fn import_image(
+        &mut self,
+        store: &Store,
+        image: &std::fs::File,
+        name: &Path,
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<(PathBuf, LayerId, u64)> {
         let file = Store::disk_layer_file();
         self.claim.add(file.clone());
         let path = store.path(&file);
-        let info = snap_disk::import_raw(image, &path, DEFAULT_BLOCK_SIZE).map_err(|e| {
+        let info = snap_disk::import_raw_file(image, name, &path, DEFAULT_BLOCK_SIZE, keep_going)
+            .map_err(|e| {
             if crate::error::is_disk_full(&e) {
-                Error::disk_full(format!("importing {}", image.display()))
+                Error::disk_full(format!("importing {}", name.display()))
+            } else if !keep_going() {
+                Error::new(
+                    crate::error::ErrorKind::Cancelled,
+                    format!(
+                        "importing {}: stopped, the caller gave up (it cancelled, its \
+                             deadline passed or it went away) or snapd is stopping",
+                        name.display()
+                    ),
+                )
             } else {
                 Error::invalid("disks.image_path", e)
             }

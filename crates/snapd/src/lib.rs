@@ -21,6 +21,7 @@ pub mod disks;
 pub mod error;
 pub mod failpoints;
 pub mod ids;
+pub mod images;
 pub mod lifecycle;
 pub mod ops;
 pub mod pool;

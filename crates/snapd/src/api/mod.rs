@@ -20,18 +20,21 @@ use tonic::{Request, Response, Status};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, ErrorKind, Result};
-use crate::ops::requests::RequestCtx;
+use crate::ops::requests::{CallerWaits, RequestCtx};
 use validate::check_request_id;
 
 /// Default and largest page of a list.
 const PAGE_DEFAULT: usize = 100;
 const PAGE_MAX: usize = 1000;
 
+/// A lock per request id being answered.
+type InFlight = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
 /// The service over a [`Daemon`].
 pub struct Service {
     daemon: Arc<Daemon>,
     /// One lock per request id being answered, so that concurrent retries run once.
-    in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    in_flight: Arc<InFlight>,
 }
 
 impl Service {
@@ -39,7 +42,7 @@ impl Service {
     pub fn new(daemon: Arc<Daemon>) -> Self {
         Self {
             daemon,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Arc::default(),
         }
     }
 
@@ -68,27 +71,47 @@ impl Service {
             request_id: request_id.to_string(),
             method,
             fingerprint: request.encode_to_vec(),
+            abandoned: Default::default(),
         };
+        let waits = CallerWaits::new(&ctx);
         let gate = {
             let mut m = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(m.entry(request_id.to_string()).or_default())
         };
-        let held = gate.lock().await;
+        let held = gate.lock_owned().await;
         let daemon = Arc::clone(&self.daemon);
+        let in_flight = Arc::clone(&self.in_flight);
         let result = tokio::task::spawn_blocking(move || {
-            if let Some(stored) = ctx.answered(daemon.catalog())? {
-                return R::decode(stored.as_slice())
-                    .map_err(|e| Error::internal(format!("stored answer: {e}")));
+            // The request id stays locked until the work is done, even if the caller went away
+            // meanwhile: a retry then gets the stored answer instead of doing it again.
+            let id = ctx.request_id.clone();
+            let abandoned = Arc::clone(&ctx.abandoned);
+            let result = match ctx.answered(daemon.catalog()) {
+                Ok(Some(stored)) => R::decode(stored.as_slice())
+                    .map_err(|e| Error::internal(format!("stored answer: {e}"))),
+                Ok(None) => work(daemon, ctx),
+                Err(e) => Err(e),
+            };
+            let mut m = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            // Forget the lock unless a retry waits on it (the map and `held` are the only
+            // holders then; a new caller cannot take it while the map is locked).
+            if m.get(&id).is_some_and(|g| Arc::strong_count(g) <= 2) {
+                m.remove(&id);
             }
-            work(daemon, ctx)
+            drop(m);
+            drop(held);
+            if abandoned.load(std::sync::atomic::Ordering::Relaxed) {
+                let outcome = match &result {
+                    Ok(_) => "done".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(method, request_id = %id, %outcome, "the caller gave up before the answer");
+            }
+            result
         })
         .await
         .map_err(|e| status::worker_failed(&e))?;
-        drop(held);
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(request_id);
+        waits.answered();
         result.map(Response::new).map_err(Status::from)
     }
 

@@ -11,6 +11,7 @@ use snap_api::v1::snapd_server::SnapdServer;
 use snapd::api::Service;
 use snapd::daemon::{Config, Daemon};
 use snapd::failpoints::FailPoints;
+use snapd::images::ImagePolicy;
 use snapd::store::{Store, StoreOptions};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -56,6 +57,13 @@ struct Args {
     /// instead of being deleted.
     #[arg(long)]
     keep_unknown_files: bool,
+    /// A directory CreateVm may import raw disk images from (repeatable). Without one, no image
+    /// is imported. Only regular files beneath it are read; symlinks out of it are not followed.
+    #[arg(long = "image-dir", value_name = "DIR")]
+    image_dirs: Vec<PathBuf>,
+    /// Largest raw disk image imported, in GiB.
+    #[arg(long, default_value_t = snapd::images::DEFAULT_MAX_IMAGE_BYTES >> 30)]
+    max_image_gib: u64,
 }
 
 fn main() {
@@ -101,6 +109,7 @@ fn run(args: Args) -> Result<(), String> {
         ));
     }
     let failpoints = FailPoints::from_env()?;
+    let images = ImagePolicy::new(&args.image_dirs, args.max_image_gib << 30)?;
     let layer_options = snap_mem::layer::LayerOptions {
         frame_size: args.frame_kib << 10,
         ..Default::default()
@@ -115,6 +124,7 @@ fn run(args: Args) -> Result<(), String> {
             reserve_bytes: args.reserve_mib << 20,
             keep_unknown_files: args.keep_unknown_files,
         },
+        images,
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

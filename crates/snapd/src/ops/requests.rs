@@ -2,6 +2,9 @@
 //! the same transaction as what the call created (or, for calls that change no row, in one of
 //! its own), exactly once, so that a retry gets the first answer and nothing happens twice.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::catalog::{RequestRecord, Tx};
 use crate::error::{Error, Result};
 
@@ -14,9 +17,42 @@ pub struct RequestCtx {
     pub method: &'static str,
     /// The request without its id, encoded: a retry must match it.
     pub fingerprint: Vec<u8>,
+    /// Set once the caller gave up (it cancelled the call, its deadline passed, or it went
+    /// away): work that can stop early stops.
+    pub abandoned: Arc<AtomicBool>,
+}
+
+/// Marks its request abandoned when dropped before [`CallerWaits::answered`]: the call's
+/// future is dropped when its client cancels, disconnects or runs out of time.
+#[derive(Debug)]
+pub struct CallerWaits(Option<Arc<AtomicBool>>);
+
+impl CallerWaits {
+    /// Watches `ctx`'s caller.
+    pub fn new(ctx: &RequestCtx) -> Self {
+        Self(Some(Arc::clone(&ctx.abandoned)))
+    }
+
+    /// The call was answered: nothing to mark.
+    pub fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CallerWaits {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0.take() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl RequestCtx {
+    /// Whether the caller gave up.
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
     /// Stores `response` as the answer, inside the transaction that made it.
     ///
     /// # Errors
