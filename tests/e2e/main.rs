@@ -12,3 +12,4 @@ mod files;
 mod races;
 mod scenario;
 mod service;
+mod tls;

@@ -10,7 +10,7 @@ use super::common::*;
 /// Asserts that `channel` serves what stock clients ask for: health says SERVING, and
 /// reflection, in both its versions (v1, and v1alpha for grpcio-reflection and older grpcurl),
 /// lists the snapd and health services.
-async fn assert_stock_services(channel: tonic::transport::Channel, what: &str) {
+pub async fn assert_stock_services(channel: tonic::transport::Channel, what: &str) {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::{v1, v1alpha};
 
@@ -101,7 +101,14 @@ async fn tcp_listener_and_one_daemon_per_directory() {
         .local_addr()
         .unwrap()
         .port();
-    let mut tcp = Snapd::new(SNAPD, &["--tcp", &format!("127.0.0.1:{port}")]);
+    let mut tcp = Snapd::new(
+        SNAPD,
+        &[
+            "--tcp",
+            &format!("127.0.0.1:{port}"),
+            "--insecure-plaintext-tcp",
+        ],
+    );
     tcp.start("");
     let addr = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -74,15 +74,16 @@ mod tests {
             sequence: 7,
             unix_ms: 9,
             kind: Some(pb::event::Kind::SnapshotDeleted("s".into())),
+            caller: "cert:CN=ops".into(),
         };
         assert_eq!(
             serde_json::to_value(&event).unwrap(),
-            json!({"sequence": 7, "unix_ms": 9, "snapshot_deleted": "s"})
+            json!({"sequence": 7, "unix_ms": 9, "snapshot_deleted": "s", "caller": "cert:CN=ops"})
         );
         let none = pb::Event::default();
         assert_eq!(
             serde_json::to_value(&none).unwrap(),
-            json!({"sequence": 0, "unix_ms": 0})
+            json!({"sequence": 0, "unix_ms": 0, "caller": ""})
         );
 
         let r = pb::RestoreSnapshotRequest {

@@ -11,6 +11,7 @@
 //!   [`store`] (the data directory), [`catalog`] (what exists), [`disks`], [`pool`].
 
 pub mod api;
+pub mod auth;
 pub mod catalog;
 pub mod clone;
 pub mod create_vm;

@@ -71,6 +71,9 @@ impl Service {
             request_id: request_id.to_string(),
             method,
             fingerprint: request.encode_to_vec(),
+            caller: crate::auth::calling()
+                .map(|c| c.identity)
+                .unwrap_or_default(),
             abandoned: Default::default(),
         };
         let waits = CallerWaits::new(&ctx);
@@ -89,7 +92,10 @@ impl Service {
             let result = match ctx.answered(daemon.catalog()) {
                 Ok(Some(stored)) => R::decode(stored.as_slice())
                     .map_err(|e| Error::internal(format!("stored answer: {e}"))),
-                Ok(None) => work(daemon, ctx),
+                Ok(None) => {
+                    let caller = ctx.caller.clone();
+                    crate::auth::acting_as(&caller, || work(daemon, ctx))
+                }
                 Err(e) => Err(e),
             };
             let mut m = in_flight.lock().unwrap_or_else(|e| e.into_inner());

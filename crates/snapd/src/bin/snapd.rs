@@ -9,12 +9,15 @@ use std::time::Duration;
 use clap::Parser;
 use snap_api::v1::snapd_server::SnapdServer;
 use snapd::api::Service;
+use snapd::auth::{AuthLayer, Listener};
 use snapd::daemon::{Config, Daemon};
 use snapd::failpoints::FailPoints;
 use snapd::images::ImagePolicy;
 use snapd::store::{Store, StoreOptions};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
+use tower::layer::util::{Identity, Stack};
 
 /// Default data directory (not /var/lib/snapd, which belongs to another program of that name).
 const DEFAULT_DATA_DIR: &str = "/var/lib/snapvm";
@@ -31,9 +34,24 @@ struct Args {
     /// Unix socket to listen on (default: <data-dir>/snapd.sock).
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Also (or, with --no-socket, only) listen on this TCP address, e.g. 127.0.0.1:7325.
+    /// Also (or, with --no-socket, only) listen on this TCP address, e.g. 0.0.0.0:7325: with TLS
+    /// and client certificates (--tls-cert, --tls-key, --tls-client-ca).
     #[arg(long)]
     tcp: Option<std::net::SocketAddr>,
+    /// The daemon's certificate chain for TCP (PEM).
+    #[arg(long, requires_all = ["tcp", "tls_key", "tls_client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA whose client certificates may call (PEM). The role is in the certificate's
+    /// subject: O=snapd:admin or O=snapd:read-only.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve TCP in plain text, with no authentication: anyone who reaches the port controls
+    /// every VM. For tests on a closed host only.
+    #[arg(long, requires = "tcp", conflicts_with = "tls_cert")]
+    insecure_plaintext_tcp: bool,
     /// Do not listen on the Unix socket (needs --tcp).
     #[arg(long, requires = "tcp")]
     no_socket: bool,
@@ -135,9 +153,16 @@ fn run(args: Args) -> Result<(), String> {
     result
 }
 
-/// The services every listener serves: snapd, gRPC health, and reflection (v1 and v1alpha, for
-/// grpcurl and grpcio-reflection old and new).
-async fn services(daemon: &Arc<Daemon>) -> Result<tonic::transport::server::Router, String> {
+/// A router whose calls are authorized by [`AuthLayer`].
+type Router = tonic::transport::server::Router<Stack<AuthLayer, Identity>>;
+
+/// The services every listener serves, each call authorized for `listener`: snapd, gRPC health,
+/// and reflection (v1 and v1alpha, for grpcurl and grpcio-reflection old and new).
+async fn services(
+    daemon: &Arc<Daemon>,
+    listener: Listener,
+    tls: Option<ServerTlsConfig>,
+) -> Result<Router, String> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<SnapdServer<Service>>().await;
     let reflection = || {
@@ -151,7 +176,14 @@ async fn services(daemon: &Arc<Daemon>) -> Result<tonic::transport::server::Rout
     let v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
-    Ok(tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| format!("TLS configuration: {e}"))?;
+    }
+    Ok(server
+        .layer(AuthLayer(listener))
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)
@@ -189,6 +221,32 @@ fn bind_socket(path: &std::path::Path) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
+/// The TLS configuration the TCP listener needs, from the flags.
+///
+/// # Errors
+/// What is missing or unreadable.
+fn tcp_tls(args: &Args) -> Result<Option<ServerTlsConfig>, String> {
+    if args.tcp.is_none() || args.insecure_plaintext_tcp {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_client_ca)
+    else {
+        return Err(
+            "--tcp needs --tls-cert, --tls-key and --tls-client-ca (TCP is served with TLS \
+                    and client certificates; --insecure-plaintext-tcp is for tests only)"
+                .into(),
+        );
+    };
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    Ok(Some(
+        ServerTlsConfig::new()
+            .identity(TlsIdentity::from_pem(read(cert)?, read(key)?))
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            // A call without a certificate gets a clear UNAUTHENTICATED (health answers it).
+            .client_auth_optional(true),
+    ))
+}
+
 async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
     // Housekeeping: VMs whose guest finished, failed or paused on its own are reported every
     // 100 ms; VMs a full disk paused are resumed once space is back (every second); files
@@ -217,10 +275,22 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
         }
         tracing::info!("shutting down");
     };
-    let router = services(&daemon).await?;
+    let tls = tcp_tls(args)?;
+    let tcp_listener = if tls.is_some() {
+        Listener::Tls
+    } else {
+        Listener::PlainTcp
+    };
+    if args.insecure_plaintext_tcp {
+        tracing::warn!(
+            "TCP is served in plain text without authentication (--insecure-plaintext-tcp): \
+             anyone who reaches the port controls every VM"
+        );
+    }
 
     match (&args.tcp, args.no_socket) {
         (Some(addr), true) => {
+            let router = services(&daemon, tcp_listener, tls).await?;
             tracing::info!(%addr, "listening on TCP");
             router
                 .serve_with_shutdown(*addr, shutdown)
@@ -234,8 +304,9 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
                 .unwrap_or_else(|| Store::socket_path(&args.data_dir));
             let listener = bind_socket(&path)?;
             tracing::info!(socket = %path.display(), "listening");
+            let router = services(&daemon, Listener::Unix, None).await?;
             if let Some(addr) = tcp {
-                let tcp_router = services(&daemon).await?;
+                let tcp_router = services(&daemon, tcp_listener, tls).await?;
                 let addr = *addr;
                 tracing::info!(%addr, "listening on TCP");
                 tokio::spawn(async move {

@@ -32,10 +32,17 @@ impl Events {
     /// Sends an event to every watcher.
     pub fn emit(&self, kind: pb::event::Kind) {
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        // An operation's events name its caller; other events, the caller of the call or
+        // operation this thread works for (none for what the daemon does by itself).
+        let caller = match &kind {
+            pb::event::Kind::Operation(op) => op.caller.clone(),
+            _ => crate::auth::acting(),
+        };
         let event = pb::Event {
             sequence: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             unix_ms: crate::now_ms(),
             kind: Some(kind),
+            caller,
         };
         if recent.len() >= RECENT_EVENTS {
             recent.pop_front();

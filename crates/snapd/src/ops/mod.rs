@@ -284,6 +284,7 @@ impl Daemon {
             snapshot_id: spec.snapshot.map(|s| s.to_string()).unwrap_or_default(),
             created_unix_ms: now_ms(),
             cancellable: true,
+            caller: ctx.caller.clone(),
             ..Default::default()
         };
         op.set_state(if admitted.is_some() {
@@ -307,21 +308,31 @@ impl Daemon {
         lock(&self.ops.cells).insert(id, Arc::clone(&cell));
         self.events.emit(pb::event::Kind::Operation(op.clone()));
         let daemon = Arc::clone(self);
+        let caller = ctx.caller.clone();
         let run = move || {
-            let progress = Progress {
-                daemon: &daemon,
-                cell: &cell,
-            };
+            crate::auth::acting_as(&caller, || {
+                run_op(&daemon, &cell, admitted, holder, plan, work)
+            });
+        };
+        fn run_op<T>(
+            daemon: &Arc<Daemon>,
+            cell: &Arc<OpCell>,
+            admitted: Option<(Admission, T)>,
+            holder: Holder,
+            plan: Plan<T>,
+            work: impl FnOnce(&Daemon, &Progress<'_>, T) -> Result<pb::OperationResult>,
+        ) {
+            let progress = Progress { daemon, cell };
             let result = match admitted {
                 Some((admission, found)) => {
-                    let r = work(&daemon, &progress, found);
+                    let r = work(daemon, &progress, found);
                     drop(admission);
                     r
                 }
                 None => daemon.run_when_admitted(&progress, holder, plan, work),
             };
-            daemon.end(&cell, result);
-        };
+            daemon.end(cell, result);
+        }
         std::thread::Builder::new()
             .name(format!("op-{}", &id.to_string()[..8]))
             .spawn(run)

@@ -17,6 +17,8 @@ pub struct RequestCtx {
     pub method: &'static str,
     /// The request without its id, encoded: a retry must match it.
     pub fingerprint: Vec<u8>,
+    /// Who asked (see [`crate::auth`]).
+    pub caller: String,
     /// Set once the caller gave up (it cancelled the call, its deadline passed, or it went
     /// away): work that can stop early stops.
     pub abandoned: Arc<AtomicBool>,

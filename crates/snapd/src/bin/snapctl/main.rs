@@ -37,9 +37,20 @@ pub(crate) struct Cli {
     /// snapd's Unix socket.
     #[arg(long, global = true, default_value = snap_api::client::DEFAULT_SOCKET, conflicts_with = "addr")]
     socket: PathBuf,
-    /// snapd over TCP instead of the socket, e.g. http://127.0.0.1:7325.
+    /// snapd over TCP instead of the socket, e.g. https://snapd.example:7325 (with --tls-ca,
+    /// --tls-cert, --tls-key), or http://127.0.0.1:7325 for a daemon in plain text.
     #[arg(long, global = true)]
     addr: Option<String>,
+    /// The CA that signed snapd's certificate (PEM), for an https:// --addr.
+    #[arg(long, global = true, requires = "addr")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), signed by the CA snapd trusts; its subject's O names
+    /// the role (snapd:admin or snapd:read-only).
+    #[arg(long, global = true, requires_all = ["addr", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Machine-readable output: one JSON document on stdout (`events` and `vm console --follow`:
     /// one JSON object per line). Enum values are their proto names, fields their proto names.
     #[arg(long, global = true)]
@@ -384,7 +395,12 @@ impl Cli {
 
     /// A client of snapd.
     pub(crate) async fn connect(&self) -> Result<SnapdClient<Channel>, CliError> {
-        snap_api::client::connect(&self.target())
+        let tls = snap_api::client::Tls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        };
+        snap_api::client::connect_with(&self.target(), &tls)
             .await
             .map_err(|e| CliError::new(tonic::Code::Unavailable, e))
     }

@@ -310,6 +310,9 @@ pub(crate) fn operation(op: &pb::Operation) -> String {
     if let Some(r) = &op.result {
         s.push_str(&result(r));
     }
+    if !op.caller.is_empty() {
+        let _ = writeln!(s, "caller:      {}", op.caller);
+    }
     let _ = writeln!(s, "created:     {}", time(op.created_unix_ms));
     let _ = writeln!(s, "ended:       {}", time(op.ended_unix_ms));
     let _ = writeln!(s, "cancellable: {}", op.cancellable);
