@@ -274,3 +274,78 @@ async fn operations_and_events_name_their_caller() {
         "the VM's creation names its caller: {seen:?}"
     );
 }
+
+/// Whether Python grpcio (with grpcio-tools, -health-checking and -reflection) is installed;
+/// `.ci/run` installs it and sets SNAP_REQUIRE_GRPCIO=1, so there its absence fails the test.
+fn python_grpcio(test: &str) -> bool {
+    let ok = Command::new("python3")
+        .args([
+            "-c",
+            "import grpc, grpc_tools, grpc_health.v1.health_pb2, grpc_reflection.v1alpha.reflection_pb2",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("SNAP_REQUIRE_GRPCIO").as_deref() != Ok("1"),
+            "{test}: Python grpcio is missing (pip install grpcio grpcio-tools \
+             grpcio-health-checking grpcio-reflection)"
+        );
+        println!("SKIP {test}: Python grpcio is not installed");
+    }
+    ok
+}
+
+/// A stock Python grpcio client, with no channel options, calls health, ListVms and reflection
+/// over the Unix socket (whose path it sends as its :authority) and over TLS with a client
+/// certificate, and is refused UNAUTHENTICATED over TLS without one
+/// (`tests/python/stock_client.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_over_the_socket_and_tls() {
+    if !python_grpcio("python_grpcio_over_the_socket_and_tls") {
+        return;
+    }
+    let certs = Certs::new();
+    let (daemon, addr) = tls_daemon(&certs);
+    let _ = tls_client(&addr, &certs.tls(Some("ops"))).await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let stubs = tempfile::tempdir().unwrap();
+    let out = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(root.join("proto"))
+        .arg(format!("--python_out={}", stubs.path().display()))
+        .arg(format!("--grpc_python_out={}", stubs.path().display()))
+        .arg(root.join("proto/snapd/v1/snapd.proto"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("python3")
+        .arg(root.join("tests/python/stock_client.py"))
+        .arg(stubs.path())
+        .arg(daemon.socket())
+        .arg(addr.trim_start_matches("https://"))
+        .arg(certs.path("ca.pem"))
+        .arg(certs.path("ops.pem"))
+        .arg(certs.path("ops.key"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{said}\ndaemon log:\n{}",
+        daemon.log()
+    );
+    assert!(said.contains("unix socket: health SERVING"), "{said}");
+    assert!(
+        said.contains("TLS without a client certificate: UNAUTHENTICATED"),
+        "{said}"
+    );
+}

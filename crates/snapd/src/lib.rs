@@ -28,6 +28,7 @@ pub mod ops;
 pub mod pool;
 pub mod restore;
 pub mod snapshot;
+pub mod socket_h2;
 pub mod store;
 pub mod vms;
 

@@ -13,8 +13,10 @@ use snapd::auth::{AuthLayer, Listener};
 use snapd::daemon::{Config, Daemon};
 use snapd::failpoints::FailPoints;
 use snapd::images::ImagePolicy;
+use snapd::socket_h2::AuthorityFix;
 use snapd::store::{Store, StoreOptions};
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 use tower::layer::util::{Identity, Stack};
@@ -316,7 +318,10 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
                 });
             }
             let served = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener).map(|s| s.map(AuthorityFix::new)),
+                    shutdown,
+                )
                 .await
                 .map_err(|e| format!("serving on {}: {e}", path.display()));
             // A clean stop leaves no socket behind.
