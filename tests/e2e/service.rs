@@ -199,3 +199,144 @@ async fn the_data_directory_is_private() {
     }
     assert!(seen > 8, "checked {seen} files");
 }
+
+/// A field of /proc/<pid>/status, in its unit (kB for memory).
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in {status}"))
+}
+
+/// A flood of calls stays bounded: 250 concurrent readers of a whole console, with 250 lists
+/// beside them, grow neither threads nor memory without bound (console reads come a window of
+/// at most 1 MiB at a time, and at most 32 reads and 64 changes run on threads at once); a huge
+/// id is answered with a short error; page sizes are cut to 1000, and a page token works only
+/// for the list and filters that made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_calls_stay_bounded() {
+    if !kvm_available("floods_of_calls_stay_bounded") {
+        return;
+    }
+    let (daemon, mut c) = start("").await;
+    let pid = daemon.pid().unwrap();
+    let chatty = create_vm_running(&mut c, "chatty", true, long_guest()).await;
+    let _quiet = create_vm(&mut c, "quiet", false).await;
+    // Let the console grow a while.
+    wait_lines(&mut c, &chatty.id, 100).await;
+    let console_bytes = console(&mut c, &chatty.id).await.len();
+
+    let rss_before = proc_status(pid, "VmRSS");
+    let threads_before = proc_status(pid, "Threads");
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..500 {
+        let mut c = c.clone();
+        let id = chatty.id.clone();
+        calls.spawn(async move {
+            if i % 2 == 1 {
+                c.list_vms(pb::ListVmsRequest::default()).await.unwrap();
+                return 0;
+            }
+            let mut offset = 0;
+            loop {
+                let r = c
+                    .get_vm_console(pb::GetVmConsoleRequest {
+                        vm_id: id.clone(),
+                        offset,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if r.data.is_empty() {
+                    return offset;
+                }
+                offset = r.next_offset;
+            }
+        });
+    }
+    let mut threads_peak = threads_before;
+    while !calls.is_empty() {
+        threads_peak = threads_peak.max(proc_status(pid, "Threads"));
+        if let Ok(Some(done)) =
+            tokio::time::timeout(Duration::from_millis(5), calls.join_next()).await
+        {
+            done.unwrap();
+        }
+    }
+    let peak_rss = proc_status(pid, "VmHWM");
+    println!(
+        "console {console_bytes} bytes or more; RSS {rss_before} kB before, peak {peak_rss} kB; \
+         threads {threads_before} before, peak {threads_peak}"
+    );
+    assert!(
+        threads_peak <= threads_before + 32 + 64,
+        "threads grew from {threads_before} to {threads_peak}"
+    );
+    assert!(
+        peak_rss < rss_before + 256 * 1024,
+        "RSS grew from {rss_before} kB to a peak of {peak_rss} kB"
+    );
+
+    // A huge id: a short error.
+    let e = c
+        .get_vm(pb::GetVmRequest {
+            vm_id: "x".repeat(3 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().len() < 200, "{} bytes", e.message().len());
+
+    // Pages: a huge size is cut to the maximum; a token goes with its list and filters.
+    let all = c
+        .list_vms(pb::ListVmsRequest {
+            page_size: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.vms.len(), 2);
+    assert!(all.next_page_token.is_empty());
+    let first = c
+        .list_vms(pb::ListVmsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.vms.len(), 1);
+    let token = first.next_page_token;
+    let second = c
+        .list_vms(pb::ListVmsRequest {
+            page_size: 1,
+            page_token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.vms.len(), 1);
+    assert_ne!(second.vms[0].id, first.vms[0].id);
+    let e = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            page_token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("page_token"), "{e}");
+    let e = c
+        .list_vms(pb::ListVmsRequest {
+            page_token: token,
+            labels: [("team".to_string(), "a".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+}

@@ -128,6 +128,11 @@ impl Snapd {
         }
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// What the daemon has logged (since it was last started).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

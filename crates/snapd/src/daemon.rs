@@ -56,6 +56,8 @@ pub struct Daemon {
     pub(crate) copy_before_resume: u64,
     pub(crate) images: ImagePolicy,
     stopping: AtomicBool,
+    /// Held while VM states are reported or recorded at shutdown.
+    reporting: std::sync::Mutex<()>,
 }
 
 impl Daemon {
@@ -81,6 +83,7 @@ impl Daemon {
             copy_before_resume: config.copy_before_resume,
             images: config.images,
             stopping: AtomicBool::new(false),
+            reporting: std::sync::Mutex::new(()),
         });
         daemon.recover().map_err(|e| e.to_string())?;
         Ok(daemon)
@@ -158,6 +161,9 @@ impl Daemon {
     /// finished and failed ones keep that state).
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        // A state report running now ends first, and none runs after: it would see the VMs
+        // without their instances and record them stopped over what is recorded here.
+        let _reports = self.reporting.lock().unwrap_or_else(|e| e.into_inner());
         for (id, entry) in self.vms.all() {
             let (state, failure) = entry.status();
             entry.set(None, false);
@@ -222,6 +228,10 @@ impl Daemon {
 
     /// Reports VMs whose state changed (a guest finished, failed or paused on its own).
     pub fn watch_states(&self) {
+        let _reports = self.reporting.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stopping() {
+            return;
+        }
         for (id, entry) in self.vms.all() {
             if let Some((state, failure)) = entry.changed() {
                 if let Err(e) = self

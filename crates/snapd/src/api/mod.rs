@@ -23,6 +23,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::ops::requests::{CallerWaits, RequestCtx};
 use validate::check_request_id;
 
+/// Calls that change something, and reads, run on blocking threads at most this many at a time
+/// each (more wait their turn without a thread), so that a flood of calls cannot grow threads
+/// or memory without bound, and reads cannot starve changes or the other way round.
+const MAX_CHANGING_CALLS: usize = 64;
+const MAX_READING_CALLS: usize = 32;
+
 /// Default and largest page of a list.
 const PAGE_DEFAULT: usize = 100;
 const PAGE_MAX: usize = 1000;
@@ -35,6 +41,8 @@ pub struct Service {
     daemon: Arc<Daemon>,
     /// One lock per request id being answered, so that concurrent retries run once.
     in_flight: Arc<InFlight>,
+    changing: Arc<tokio::sync::Semaphore>,
+    reading: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
@@ -43,6 +51,8 @@ impl Service {
         Self {
             daemon,
             in_flight: Arc::default(),
+            changing: Arc::new(tokio::sync::Semaphore::new(MAX_CHANGING_CALLS)),
+            reading: Arc::new(tokio::sync::Semaphore::new(MAX_READING_CALLS)),
         }
     }
 
@@ -82,6 +92,10 @@ impl Service {
             Arc::clone(m.entry(request_id.to_string()).or_default())
         };
         let held = gate.lock_owned().await;
+        let turn = Arc::clone(&self.changing)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::internal("the call limit was closed"))?;
         let daemon = Arc::clone(&self.daemon);
         let in_flight = Arc::clone(&self.in_flight);
         let result = tokio::task::spawn_blocking(move || {
@@ -106,6 +120,7 @@ impl Service {
             }
             drop(m);
             drop(held);
+            drop(turn);
             if abandoned.load(std::sync::atomic::Ordering::Relaxed) {
                 let outcome = match &result {
                     Ok(_) => "done".to_string(),
@@ -127,11 +142,18 @@ impl Service {
         work: impl FnOnce(Arc<Daemon>) -> Result<R> + Send + 'static,
     ) -> std::result::Result<Response<R>, Status> {
         let daemon = Arc::clone(&self.daemon);
-        tokio::task::spawn_blocking(move || work(daemon))
+        let turn = Arc::clone(&self.reading)
+            .acquire_owned()
             .await
-            .map_err(|e| status::worker_failed(&e))?
-            .map(Response::new)
-            .map_err(Status::from)
+            .map_err(|_| Error::internal("the call limit was closed"))?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            work(daemon)
+        })
+        .await
+        .map_err(|e| status::worker_failed(&e))?
+        .map(Response::new)
+        .map_err(Status::from)
     }
 
     /// An operation answered from the request store, as it is now.
@@ -156,22 +178,64 @@ macro_rules! fingerprint {
 }
 pub(crate) use fingerprint;
 
-/// One page of `items` from `token` (an offset), and the next token.
-fn page<T>(items: Vec<T>, size: u32, token: &str) -> Result<(Vec<T>, String)> {
+/// What a page token is bound to: the list call and its filters, hashed.
+fn token_binding(list: &str, filters: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    list.hash(&mut h);
+    filters.hash(&mut h);
+    h.finish()
+}
+
+/// Label filters in one canonical form (sorted), for [`page`].
+fn canonical_labels(labels: &HashMap<String, String>) -> String {
+    format!(
+        "{:?}",
+        labels.iter().collect::<std::collections::BTreeMap<_, _>>()
+    )
+}
+
+/// One page of `items` (the result of list call `list` with `filters`, every filter of the
+/// request in a canonical form) from `token`, and the next token. A token is the offset and the
+/// binding of the call that made it (`<offset>-<16 hex digits>`), so that a token of another
+/// list, or of the same list with other filters, is refused instead of paging the wrong list.
+fn page<T>(
+    items: Vec<T>,
+    size: u32,
+    token: &str,
+    list: &str,
+    filters: &str,
+) -> Result<(Vec<T>, String)> {
     let size = match size as usize {
         0 => PAGE_DEFAULT,
         n => n.min(PAGE_MAX),
     };
+    let binding = token_binding(list, filters);
     let start: usize = if token.is_empty() {
         0
     } else {
-        token
-            .parse()
-            .map_err(|_| Error::invalid("page_token", "not a token this daemon gave out"))?
+        let parsed = token.split_once('-').and_then(|(offset, bound)| {
+            Some((
+                offset.parse::<usize>().ok()?,
+                u64::from_str_radix(bound, 16).ok()?,
+            ))
+        });
+        match parsed {
+            Some((offset, bound)) if bound == binding => offset,
+            _ => {
+                return Err(Error::invalid(
+                    "page_token",
+                    format!(
+                        "not a token this daemon gave out for {list} with these filters (a page \
+                         token goes with the request that returned it; start again without one)"
+                    ),
+                ));
+            }
+        }
     };
     let end = start.saturating_add(size).min(items.len());
     let next = if end < items.len() {
-        end.to_string()
+        format!("{end}-{binding:016x}")
     } else {
         String::new()
     };

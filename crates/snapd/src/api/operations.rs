@@ -35,7 +35,9 @@ pub(super) fn list(
         .filter(|o| r.vm_id.is_empty() || o.vm_id == r.vm_id)
         .filter(|o| !r.active_only || o.ended_unix_ms == 0)
         .collect();
-    let (operations, next_page_token) = page(ops, r.page_size, &r.page_token)?;
+    let filters = format!("{}|{}", r.vm_id, r.active_only);
+    let (operations, next_page_token) =
+        page(ops, r.page_size, &r.page_token, "ListOperations", &filters)?;
     Ok(Response::new(pb::ListOperationsResponse {
         operations,
         next_page_token,

@@ -3,7 +3,7 @@
 use snap_api::v1 as pb;
 
 use super::validate::{check_labels, check_name, parse_id};
-use super::{Answer, Service, convert, fingerprint, has_labels, page};
+use super::{Answer, Service, canonical_labels, convert, fingerprint, has_labels, page};
 use crate::clone::CloneSpec;
 use crate::error::Error;
 use crate::ids::{SnapshotId, VmId};
@@ -59,7 +59,15 @@ pub(super) async fn list(
             .filter(|s| !r.roots_only || s.parent_id.is_empty())
             .filter(|s| has_labels(&s.labels, &r.labels))
             .collect();
-        let (snapshots, next_page_token) = page(all, r.page_size, &r.page_token)?;
+        let filters = format!(
+            "{}|{}|{}|{}",
+            r.vm_id,
+            r.parent_id,
+            r.roots_only,
+            canonical_labels(&r.labels)
+        );
+        let (snapshots, next_page_token) =
+            page(all, r.page_size, &r.page_token, "ListSnapshots", &filters)?;
         Ok(pb::ListSnapshotsResponse {
             snapshots,
             next_page_token,

@@ -1,7 +1,7 @@
 //! VM calls.
 
 use super::validate::{check_labels, check_name, parse_id};
-use super::{Answer, Service, convert, fingerprint, has_labels, page};
+use super::{Answer, Service, canonical_labels, convert, fingerprint, has_labels, page};
 use crate::create_vm::{NewDisk, NewVmSpec};
 use crate::error::{Error, Result};
 use crate::ids::VmId;
@@ -103,7 +103,8 @@ pub(super) async fn list(s: &Service, r: pb::ListVmsRequest) -> Answer<pb::ListV
             .into_iter()
             .filter(|v| has_labels(&v.labels, &r.labels))
             .collect();
-        let (vms, next_page_token) = page(vms, r.page_size, &r.page_token)?;
+        let filters = canonical_labels(&r.labels);
+        let (vms, next_page_token) = page(vms, r.page_size, &r.page_token, "ListVms", &filters)?;
         Ok(pb::ListVmsResponse {
             vms,
             next_page_token,
