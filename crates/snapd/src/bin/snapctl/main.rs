@@ -129,7 +129,8 @@ enum VmCommand {
         #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
         labels: Vec<(String, String)>,
         /// A disk: NAME=SIZE_MIB for an empty one, or NAME=/abs/path/to/raw.img to import a raw
-        /// image as its base (repeatable; the first is the guest's disk 0).
+        /// image on the daemon's host as its base, from a directory snapd allows (its
+        /// --image-dir) (repeatable; the first is the guest's disk 0).
         #[arg(long = "disk", value_name = "NAME=SIZE_MIB|NAME=IMAGE", value_parser = parse_disk)]
         disks: Vec<pb::DiskSpec>,
         /// Start the guest at once.
