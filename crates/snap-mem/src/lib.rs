@@ -8,6 +8,7 @@ pub mod dirty;
 pub mod layer;
 pub mod lazy;
 pub mod memory;
+pub mod protect;
 pub mod working_set;
 
 pub use memory::GuestMemory;

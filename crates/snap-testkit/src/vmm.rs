@@ -167,6 +167,62 @@ impl Snapshots {
         })
     }
 
+    /// Takes a live snapshot of a running VM: prepares it while the guest runs
+    /// ([`Vm::prepare_live_snapshot`]), pauses, begins it, resumes the guest at once and writes
+    /// the layer beside it, waiting `pace` after each run of pages read (to let the guest write
+    /// pages before the writer gets there). Returns the snapshot, the output length at its
+    /// pause, and the write-protect counters.
+    ///
+    /// # Errors
+    /// As [`Vm::prepare_live_snapshot`], [`Vm::begin_snapshot_live`] and the writes.
+    pub fn take_live(
+        &self,
+        vm: &Vm,
+        parent: Option<&Saved>,
+        options: &LayerOptions,
+        pace: std::time::Duration,
+    ) -> Result<(Saved, usize, snap_mem::protect::ProtectStats), VmError> {
+        let n = self.taken.get();
+        self.taken.set(n + 1);
+        let memory = self.dir().join(format!("{n}.mlayer"));
+        let state = self.dir().join(format!("{n}.state"));
+        let live = vm.prepare_live_snapshot(parent.is_none())?;
+        vm.pause();
+        let cut = vm.serial_output().len();
+        let pending = vm.begin_snapshot_live(live, parent.map(|p| &p.layer), &[]);
+        vm.resume()?;
+        let pending = pending?;
+        let progress = |_: u64| std::thread::sleep(pace);
+        let written = pending
+            .write_memory_with(&memory, options, &progress)
+            .and_then(|layer| {
+                pending.write_state(&state)?;
+                Ok(layer)
+            });
+        let layer = match written {
+            Ok(layer) => layer,
+            Err(e) => {
+                let _ = std::fs::remove_file(&memory);
+                let _ = std::fs::remove_file(&state);
+                return Err(e);
+            }
+        };
+        let stats = pending.live_stats().unwrap_or_default();
+        pending.commit(&layer);
+        let mut layers = parent.map_or_else(Vec::new, |p| p.layers.clone());
+        layers.push(memory);
+        Ok((
+            Saved {
+                state,
+                layers,
+                layer,
+                working_set: self.dir().join(format!("{n}.working-set")),
+            },
+            cut,
+            stats,
+        ))
+    }
+
     /// Takes a full snapshot of a paused VM (default layer options).
     ///
     /// # Panics

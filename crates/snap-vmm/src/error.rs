@@ -121,6 +121,9 @@ pub enum VmError {
     /// A lazy restore could not be started.
     #[error(transparent)]
     Lazy(#[from] snap_mem::lazy::LazyError),
+    /// Write-protecting guest memory for a live snapshot failed or is not available.
+    #[error("live snapshot: {0}")]
+    WriteProtect(#[from] snap_mem::protect::ProtectError),
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

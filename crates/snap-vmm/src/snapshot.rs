@@ -38,6 +38,8 @@ use snap_mem::layer::{
     LayerChain, LayerInfo, LayerOptions, NewLayer, PageSource, ParentRef, write_layer,
 };
 use snap_mem::lazy::{CompleteHook, WindowSource};
+use snap_mem::memory::GuestMemory;
+use snap_mem::protect::{ProtectStats, WriteProtect};
 use snap_mem::working_set::{WorkingSet, WorkingSetError};
 
 use crate::error::VmError;
@@ -94,6 +96,44 @@ impl PageSource for CopiedPages {
         }
         Ok(())
     }
+}
+
+/// Guest memory under write-protect, as of a live snapshot's pause: each page is read from
+/// memory, replaced by the bytes kept for it if the guest wrote it since, and released.
+struct LiveSource<'a> {
+    memory: &'a GuestMemory,
+    protect: &'a WriteProtect,
+    done: std::sync::atomic::AtomicU64,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl PageSource for LiveSource<'_> {
+    fn page_count(&self) -> u64 {
+        self.memory.page_count()
+    }
+
+    fn read_pages(&self, first_page: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.memory.read_pages(first_page, buf)?;
+        self.protect
+            .take(first_page, buf)
+            .map_err(std::io::Error::other)?;
+        let done = self
+            .done
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed)
+            + buf.len() as u64;
+        (self.progress)(done);
+        Ok(())
+    }
+}
+
+/// A live snapshot prepared while its VM runs ([`Vm::prepare_live_snapshot`]): the VM's memory
+/// is registered for write-protect faults and the pages the snapshot will likely hold are
+/// protected already, so that the pause ([`Vm::begin_snapshot_live`]) protects only what was
+/// written since.
+pub struct LiveSnapshot {
+    protect: WriteProtect,
+    /// Pages protected while the VM ran.
+    pub protected_ahead: u64,
 }
 
 /// What a snapshot of a paused VM holds before anything is written: the VM's state and the
@@ -236,6 +276,36 @@ impl Captured {
         )?)
     }
 
+    /// Writes the memory layer from the VM's memory under write-protect (see [`LiveSource`]),
+    /// while the VM runs; `progress` is told the bytes taken so far.
+    fn write_memory_live(
+        &self,
+        vm: &Vm,
+        protect: &WriteProtect,
+        path: &Path,
+        options: &LayerOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<LayerInfo, VmError> {
+        let layer = NewLayer {
+            id: Id::random(),
+            parent: self.parent,
+            memory_bytes: vm.memory().size(),
+        };
+        let source = LiveSource {
+            memory: vm.memory(),
+            protect,
+            done: std::sync::atomic::AtomicU64::new(0),
+            progress,
+        };
+        Ok(write_layer(
+            path,
+            &layer,
+            self.pages.iter(),
+            &source,
+            options,
+        )?)
+    }
+
     /// Marks the snapshot taken: the captured pages stop being pending and the VM's memory is
     /// now based on `layer`. Call once the snapshot is durable and published.
     fn commit(self, vm: &Vm, layer: &LayerInfo) {
@@ -286,6 +356,7 @@ pub struct PendingSnapshot<'vm> {
     captured: Option<Captured>,
     sealed: Vec<SealedDisk>,
     copy: Option<CopiedPages>,
+    live: Option<WriteProtect>,
 }
 
 impl Vm {
@@ -324,6 +395,7 @@ impl Vm {
             captured: Some(captured),
             sealed: Vec::new(),
             copy: None,
+            live: None,
         };
         for (index, (disk, top_path)) in disks.iter().zip(disk_tops).enumerate() {
             let s = disk
@@ -338,9 +410,64 @@ impl Vm {
         }
         Ok(pending)
     }
+
+    /// Prepares a live snapshot of this running VM (its memory layer full with `full`, else a
+    /// diff): registers its memory for write-protect faults and protects the pages the layer
+    /// will likely hold (every page with data for a full layer, the pages dirtied so far for a
+    /// diff), while the guest runs. Then pause the VM and call [`Vm::begin_snapshot_live`].
+    /// Waits first for a lazy restore to finish installing memory.
+    ///
+    /// # Errors
+    /// [`VmError::WriteProtect`] where write-protect is not available (the caller takes the
+    /// copy path instead), or the KVM and lseek errors.
+    pub fn prepare_live_snapshot(&self, full: bool) -> Result<LiveSnapshot, VmError> {
+        self.wait_memory_resident()?;
+        let protect = WriteProtect::start(self.memory())?;
+        let likely = if full {
+            self.memory().resident_pages()?
+        } else {
+            self.harvest_dirty_running()?
+        };
+        protect.protect(&likely)?;
+        Ok(LiveSnapshot {
+            protect,
+            protected_ahead: likely.count(),
+        })
+    }
+
+    /// As [`Vm::begin_snapshot`], for a live snapshot prepared with
+    /// [`Vm::prepare_live_snapshot`]: also protects the layer's pages that are not protected
+    /// yet. The VM may resume as soon as this returns; the layer is then written from memory
+    /// under write-protect ([`PendingSnapshot::write_memory`]).
+    ///
+    /// # Errors
+    /// As [`Vm::begin_snapshot`], or [`VmError::WriteProtect`].
+    pub fn begin_snapshot_live(
+        &self,
+        live: LiveSnapshot,
+        parent: Option<&LayerInfo>,
+        disk_tops: &[PathBuf],
+    ) -> Result<PendingSnapshot<'_>, VmError> {
+        let mut pending = self.begin_snapshot(parent, disk_tops)?;
+        live.protect.freeze(&pending.captured().pages)?;
+        pending.live = Some(live.protect);
+        Ok(pending)
+    }
 }
 
 impl PendingSnapshot<'_> {
+    /// Whether the layer is written from memory under write-protect (the VM may run).
+    #[must_use]
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// The write-protect counters of a live snapshot.
+    #[must_use]
+    pub fn live_stats(&self) -> Option<ProtectStats> {
+        self.live.as_ref().map(WriteProtect::stats)
+    }
+
     /// The captured vCPU and device state.
     #[must_use]
     pub fn state(&self) -> &VmState {
@@ -385,11 +512,28 @@ impl PendingSnapshot<'_> {
     /// [`VmError::NotPaused`] without a copy of a VM that runs again; the layer writer's error
     /// (nothing is left at `path`).
     pub fn write_memory(&self, path: &Path, options: &LayerOptions) -> Result<LayerInfo, VmError> {
+        self.write_memory_with(path, options, &|_| {})
+    }
+
+    /// As [`PendingSnapshot::write_memory`], telling `progress` the bytes of pages taken so far
+    /// (only for a live snapshot, whose copy runs beside the guest).
+    ///
+    /// # Errors
+    /// As [`PendingSnapshot::write_memory`].
+    pub fn write_memory_with(
+        &self,
+        path: &Path,
+        options: &LayerOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<LayerInfo, VmError> {
         let captured = self.captured();
-        match &self.copy {
-            Some(copy) => captured.write_memory_from(copy, path, options),
-            None if self.vm.run_state() == RunState::Running => Err(VmError::NotPaused),
-            None => captured.write_memory(self.vm, path, options),
+        match (&self.copy, &self.live) {
+            (Some(copy), _) => captured.write_memory_from(copy, path, options),
+            (None, Some(live)) => {
+                captured.write_memory_live(self.vm, live, path, options, progress)
+            }
+            (None, None) if self.vm.run_state() == RunState::Running => Err(VmError::NotPaused),
+            (None, None) => captured.write_memory(self.vm, path, options),
         }
     }
 
@@ -404,6 +548,7 @@ impl PendingSnapshot<'_> {
     /// Marks the snapshot taken, once what was written is durable and published: its pages stop
     /// being pending, the VM's memory is based on `layer` from now on, and the seals stand.
     pub fn commit(mut self, layer: &LayerInfo) {
+        self.live = None;
         if let Some(c) = self.captured.take() {
             c.commit(self.vm, layer);
         }
@@ -418,6 +563,8 @@ impl PendingSnapshot<'_> {
     }
 
     fn undo(&mut self) -> Vec<Unsealed> {
+        // Every protection goes first: the guest must never wait on an abandoned snapshot.
+        self.live = None;
         self.captured = None;
         let disks = self.vm.disks();
         std::mem::take(&mut self.sealed)

@@ -631,6 +631,21 @@ impl Vm {
         Ok(t.harvest(&self.shared.memory)?)
     }
 
+    /// The pages dirtied so far, harvested while the VM runs (a hint for what a diff snapshot
+    /// will hold; they stay pending like any harvest). Only with [`DirtyTracking::Bitmap`], whose
+    /// log can be collected under a running guest (a page written meanwhile is collected next
+    /// time); empty otherwise.
+    ///
+    /// # Errors
+    /// The KVM error; nothing harvested so far is lost.
+    pub fn harvest_dirty_running(&self) -> Result<PageBitmap, VmError> {
+        let _c = self.control();
+        match &self.shared.tracker {
+            Some(t) if t.log().as_ring().is_none() => Ok(t.harvest(&self.shared.memory)?),
+            _ => Ok(PageBitmap::for_memory(self.shared.memory.size())),
+        }
+    }
+
     /// The pages of the last harvest are in a durable snapshot: stop returning them.
     pub fn commit_dirty(&self) {
         if let Some(t) = &self.shared.tracker {
