@@ -9,6 +9,7 @@ mod damage;
 mod disk_full;
 mod failures;
 mod files;
+mod live;
 mod races;
 mod scenario;
 mod service;

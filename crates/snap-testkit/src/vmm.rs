@@ -192,7 +192,10 @@ impl Snapshots {
         let pending = vm.begin_snapshot_live(live, parent.map(|p| &p.layer), &[]);
         vm.resume()?;
         let pending = pending?;
-        let progress = |_: u64| std::thread::sleep(pace);
+        let progress = |_: u64| {
+            std::thread::sleep(pace);
+            true
+        };
         let written = pending
             .write_memory_with(&memory, options, &progress)
             .and_then(|layer| {

@@ -104,7 +104,7 @@ struct LiveSource<'a> {
     memory: &'a GuestMemory,
     protect: &'a WriteProtect,
     done: std::sync::atomic::AtomicU64,
-    progress: &'a (dyn Fn(u64) + Sync),
+    progress: &'a (dyn Fn(u64) -> bool + Sync),
 }
 
 impl PageSource for LiveSource<'_> {
@@ -121,7 +121,12 @@ impl PageSource for LiveSource<'_> {
             .done
             .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed)
             + buf.len() as u64;
-        (self.progress)(done);
+        if !(self.progress)(done) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "the snapshot was stopped",
+            ));
+        }
         Ok(())
     }
 }
@@ -284,7 +289,7 @@ impl Captured {
         protect: &WriteProtect,
         path: &Path,
         options: &LayerOptions,
-        progress: &(dyn Fn(u64) + Sync),
+        progress: &(dyn Fn(u64) -> bool + Sync),
     ) -> Result<LayerInfo, VmError> {
         let layer = NewLayer {
             id: Id::random(),
@@ -512,11 +517,12 @@ impl PendingSnapshot<'_> {
     /// [`VmError::NotPaused`] without a copy of a VM that runs again; the layer writer's error
     /// (nothing is left at `path`).
     pub fn write_memory(&self, path: &Path, options: &LayerOptions) -> Result<LayerInfo, VmError> {
-        self.write_memory_with(path, options, &|_| {})
+        self.write_memory_with(path, options, &|_| true)
     }
 
     /// As [`PendingSnapshot::write_memory`], telling `progress` the bytes of pages taken so far
-    /// (only for a live snapshot, whose copy runs beside the guest).
+    /// (only for a live snapshot, whose copy runs beside the guest); once it answers false, the
+    /// write stops and fails (nothing is left at `path`).
     ///
     /// # Errors
     /// As [`PendingSnapshot::write_memory`].
@@ -524,7 +530,7 @@ impl PendingSnapshot<'_> {
         &self,
         path: &Path,
         options: &LayerOptions,
-        progress: &(dyn Fn(u64) + Sync),
+        progress: &(dyn Fn(u64) -> bool + Sync),
     ) -> Result<LayerInfo, VmError> {
         let captured = self.captured();
         match (&self.copy, &self.live) {

@@ -40,6 +40,8 @@ pub struct Config {
     pub store: StoreOptions,
     /// Where disk images may be imported from.
     pub images: ImagePolicy,
+    /// How snapshots copy memory.
+    pub copy_mode: crate::snapshot::CopyMode,
 }
 
 /// The daemon.
@@ -55,6 +57,7 @@ pub struct Daemon {
     pub(crate) layer_options: LayerOptions,
     pub(crate) copy_before_resume: u64,
     pub(crate) images: ImagePolicy,
+    pub(crate) copy_mode: crate::snapshot::CopyMode,
     stopping: AtomicBool,
     /// Held while VM states are reported or recorded at shutdown.
     reporting: std::sync::Mutex<()>,
@@ -82,6 +85,7 @@ impl Daemon {
             layer_options: config.layer_options,
             copy_before_resume: config.copy_before_resume,
             images: config.images,
+            copy_mode: config.copy_mode,
             stopping: AtomicBool::new(false),
             reporting: std::sync::Mutex::new(()),
         });

@@ -29,6 +29,32 @@ use crate::ops::{OpSpec, Progress};
 use crate::store::{FileClaim, Store};
 use crate::vms::Instance;
 
+/// How a snapshot copies the VM's memory (`snapd --snapshot-copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// Write-protect where the kernel has it, else copy.
+    #[default]
+    Auto,
+    /// Write-protect only (a snapshot fails where it is not available).
+    WriteProtect,
+    /// Copy the pages out during the pause (or write the layer paused, above
+    /// `--copy-before-resume-mib`).
+    Copy,
+}
+
+impl std::str::FromStr for CopyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "write-protect" => Ok(Self::WriteProtect),
+            "copy" => Ok(Self::Copy),
+            _ => Err(format!("{s:?}: expected auto, write-protect or copy")),
+        }
+    }
+}
+
 /// A snapshot to take.
 #[derive(Debug, Clone)]
 pub struct SnapshotSpec {
@@ -45,6 +71,29 @@ pub struct SnapshotSpec {
 }
 
 impl Daemon {
+    /// Step 0 of a snapshot, as `--snapshot-copy` says: a live snapshot prepared while the VM
+    /// runs, or none (the copy path).
+    ///
+    /// # Errors
+    /// With `write-protect` forced, why it is not available; other errors of preparing it.
+    fn prepare_live(
+        &self,
+        vm: &Vm,
+        full: bool,
+    ) -> Result<Option<snap_vmm::snapshot::LiveSnapshot>> {
+        if self.copy_mode == CopyMode::Copy {
+            return Ok(None);
+        }
+        match vm.prepare_live_snapshot(full) {
+            Ok(live) => Ok(Some(live)),
+            Err(snap_vmm::VmError::WriteProtect(e)) if self.copy_mode == CopyMode::Auto => {
+                tracing::info!(reason = %e, "write-protect is not available: the snapshot copies");
+                Ok(None)
+            }
+            Err(e) => Err(Error::from(e).context("preparing a write-protected snapshot")),
+        }
+    }
+
     /// Starts a snapshot of a VM.
     ///
     /// # Errors
@@ -95,12 +144,34 @@ impl Daemon {
         let parent = self.base_layer(rec)?;
         op.check_cancel()?;
 
+        // 0. With write-protect, protect the pages the layer will likely hold while the VM runs.
+        op.phase("protecting memory", 0, 0);
+        let live = self.prepare_live(vm, parent.is_none())?;
+        let protected_ahead = live.as_ref().map_or(0, |l| l.protected_ahead);
         // 1. Pause the vCPUs.
         op.phase("pausing", 0, 0);
         let paused = Paused::new(vm, !spec.leave_paused);
-        // 2-3. Save the vCPU and device state, harvest the dirty pages, seal the disks.
+        // 2-3. Save the vCPU and device state, harvest the dirty pages, seal the disks (and with
+        // write-protect, protect the layer's pages written since step 0).
         let tops: Vec<_> = files.tops.iter().map(|f| self.store.path(f)).collect();
-        let pending = vm.begin_snapshot(parent.as_ref(), &tops)?;
+        let pending = match live {
+            Some(live) => vm.begin_snapshot_live(live, parent.as_ref(), &tops)?,
+            None => vm.begin_snapshot(parent.as_ref(), &tops)?,
+        };
+        let mut copy = pb::SnapshotCopy {
+            method: if pending.is_live() {
+                "write-protect"
+            } else {
+                "copy"
+            }
+            .into(),
+            pages_protected_ahead: protected_ahead,
+            ..Default::default()
+        };
+        if let Some(s) = pending.live_stats() {
+            copy.pages_protected_in_pause = s.protected_in_pause;
+        }
+        op.set_snapshot_copy(copy);
         let mut taking = Taking {
             op,
             rec,
@@ -139,19 +210,56 @@ impl Daemon {
     ) -> Result<(SnapshotRecord, LayerInfo)> {
         self.failpoints.pass("snapshot.seal-disk")?;
         let bytes = t.pending.pages() * 4096;
-        // 4. With few enough pages, copy them out and let the VM run on while the layer is
-        // written: the pause then costs a memory copy, not a write and an fsync.
-        if t.paused.may_resume() && bytes <= self.copy_before_resume {
+        if t.pending.is_live() {
+            // 4. Write-protected: the VM runs on at once; a page it writes before the writer
+            // takes it is kept as it was first.
+            t.paused.resume()?;
+        } else if t.paused.may_resume() && bytes <= self.copy_before_resume {
+            // 4. With few enough pages, copy them out and let the VM run on while the layer is
+            // written: the pause then costs a memory copy, not a write and an fsync.
             t.pending.copy_pages()?;
             t.paused.resume()?;
+        } else if t.paused.may_resume() {
+            t.op.snapshot_copy_method("paused");
         }
+        t.op.set_pause(t.paused.pause());
         // 5. Write the memory layer (full, or the pages dirtied since the parent) and the state.
         t.op.phase("writing memory", 0, bytes);
         self.failpoints.pass("snapshot.write-memory")?;
+        let op = t.op;
+        let stopped = std::sync::Mutex::new(None);
+        let progress = |done: u64| {
+            op.advance(done.min(bytes), bytes);
+            // A cancelled snapshot stops copying (the write fails and is undone).
+            let why = if op.is_cancelled() {
+                Err(Error::cancelled())
+            } else {
+                self.failpoints.pass("snapshot.copy-memory")
+            };
+            match why {
+                Ok(()) => true,
+                Err(e) => {
+                    *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    false
+                }
+            }
+        };
         let layer = t
             .pending
-            .write_memory(&self.store.path(&t.files.memory), &self.layer_options)
-            .map_err(|e| Error::from(e).context("writing the memory layer"))?;
+            .write_memory_with(
+                &self.store.path(&t.files.memory),
+                &self.layer_options,
+                &progress,
+            )
+            .map_err(
+                |e| match stopped.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    Some(why) => why,
+                    None => Error::from(e).context("writing the memory layer"),
+                },
+            )?;
+        if let Some(s) = t.pending.live_stats() {
+            t.op.live_copy_done(s.saved_ahead, s.held);
+        }
         t.pending
             .write_state(&self.store.path(&t.files.state))
             .map_err(|e| Error::from(e).context("writing the VM state"))?;

@@ -60,8 +60,14 @@ struct Args {
     /// Memory layer frame size in KiB (64 to 2048): the lazy restore unit.
     #[arg(long, default_value_t = 256)]
     frame_kib: u32,
-    /// A snapshot of at most this many MiB of pages copies them out while the VM is paused and
-    /// resumes it before writing and syncing its layer (0: write while paused).
+    /// How a snapshot copies the VM's memory: write-protect (the VM runs on right after a short
+    /// pause while its layer is written; Linux 5.19 or later), copy (pages copied out during the
+    /// pause), or auto (write-protect where available).
+    #[arg(long, default_value = "auto")]
+    snapshot_copy: snapd::snapshot::CopyMode,
+    /// With the copy path: a snapshot of at most this many MiB of pages copies them out while
+    /// the VM is paused and resumes it before writing and syncing its layer (0: write while
+    /// paused).
     #[arg(long, default_value_t = 256)]
     copy_before_resume_mib: u64,
     /// Prepared VMs (KVM VM, memory slots, vCPUs built ahead) kept for each VM shape restored so
@@ -145,6 +151,7 @@ fn run(args: Args) -> Result<(), String> {
             keep_unknown_files: args.keep_unknown_files,
         },
         images,
+        copy_mode: args.snapshot_copy,
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -143,6 +143,51 @@ impl Progress<'_> {
         self.daemon.events.emit(pb::event::Kind::Operation(op));
     }
 
+    /// Moves the current phase's progress to `done` of `total` bytes; watchers hear of it at
+    /// each tenth of the way.
+    pub fn advance(&self, done: u64, total: u64) {
+        let op = {
+            let mut op = lock(&self.cell.op);
+            let Some(p) = op.progress.as_mut() else {
+                return;
+            };
+            let tenth = |b: u64| b.saturating_mul(10) / total.max(1);
+            let step = tenth(done) != tenth(p.bytes_done);
+            p.bytes_done = done;
+            p.bytes_total = total;
+            if !step {
+                return;
+            }
+            op.clone()
+        };
+        self.daemon.events.emit(pb::event::Kind::Operation(op));
+    }
+
+    /// Whether the client cancelled (and the operation may still stop).
+    pub fn is_cancelled(&self) -> bool {
+        self.cell.cancelled()
+    }
+
+    /// Records how a snapshot copies memory.
+    pub fn set_snapshot_copy(&self, copy: pb::SnapshotCopy) {
+        lock(&self.cell.op).snapshot_copy = Some(copy);
+    }
+
+    /// Records the method a snapshot copies memory with.
+    pub fn snapshot_copy_method(&self, method: &str) {
+        if let Some(c) = lock(&self.cell.op).snapshot_copy.as_mut() {
+            c.method = method.into();
+        }
+    }
+
+    /// Records what the fault path of a write-protected copy did.
+    pub fn live_copy_done(&self, saved_ahead: u64, held: Duration) {
+        if let Some(c) = lock(&self.cell.op).snapshot_copy.as_mut() {
+            c.pages_saved_ahead = saved_ahead;
+            c.fault_hold_us = held.as_micros() as u64;
+        }
+    }
+
     /// Fails with CANCELLED if the client cancelled.
     ///
     /// # Errors
