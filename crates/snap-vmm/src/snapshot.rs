@@ -137,6 +137,8 @@ impl PageSource for LiveSource<'_> {
 /// written since.
 pub struct LiveSnapshot {
     protect: WriteProtect,
+    /// For a full layer: the pages with data while the VM ran.
+    resident: Option<PageBitmap>,
     /// Pages protected while the VM ran.
     pub protected_ahead: u64,
 }
@@ -160,7 +162,11 @@ struct Captured {
 /// # Errors
 /// [`VmError::NotPaused`]; [`VmError::DirtyTrackingOff`] for a diff of a VM without tracking;
 /// [`VmError::NotBasedOn`] if the VM's memory is not based on `parent`; the KVM error.
-fn capture(vm: &Vm, parent: Option<&LayerInfo>) -> Result<Captured, VmError> {
+fn capture(
+    vm: &Vm,
+    parent: Option<&LayerInfo>,
+    resident_before: Option<&PageBitmap>,
+) -> Result<Captured, VmError> {
     // Pages a lazy restore has not installed yet read as zero through the memfd.
     vm.wait_memory_resident()?;
     let state = vm.save()?;
@@ -173,7 +179,17 @@ fn capture(vm: &Vm, parent: Option<&LayerInfo>) -> Result<Captured, VmError> {
         Err(e) => return Err(e),
     };
     let (pages, parent) = match parent {
-        None => (vm.memory().resident_pages()?, None),
+        // Pages with data now: those that had data before the pause (a live snapshot found them
+        // while the VM ran) and every page written since, which the dirty log holds. Scanning
+        // memory for them instead would cost the pause time in proportion to memory.
+        None => match (resident_before, &dirty) {
+            (Some(before), Some(dirty)) => {
+                let mut pages = before.clone();
+                pages.union_with(dirty);
+                (pages, None)
+            }
+            _ => (vm.memory().resident_pages()?, None),
+        },
         Some(p) => {
             let dirty = dirty.ok_or(VmError::DirtyTrackingOff)?;
             if vm.memory_base() != Some(p.id) {
@@ -383,6 +399,15 @@ impl Vm {
         parent: Option<&LayerInfo>,
         disk_tops: &[PathBuf],
     ) -> Result<PendingSnapshot<'_>, VmError> {
+        self.begin_snapshot_with(parent, disk_tops, None)
+    }
+
+    fn begin_snapshot_with(
+        &self,
+        parent: Option<&LayerInfo>,
+        disk_tops: &[PathBuf],
+        resident_before: Option<&PageBitmap>,
+    ) -> Result<PendingSnapshot<'_>, VmError> {
         let disks = self.disks();
         if !disk_tops.is_empty() && disk_tops.len() != disks.len() {
             return Err(VmError::Snapshot {
@@ -394,7 +419,7 @@ impl Vm {
                 ),
             });
         }
-        let captured = capture(self, parent)?;
+        let captured = capture(self, parent, resident_before)?;
         let mut pending = PendingSnapshot {
             vm: self,
             captured: Some(captured),
@@ -437,6 +462,7 @@ impl Vm {
         Ok(LiveSnapshot {
             protect,
             protected_ahead: likely.count(),
+            resident: full.then_some(likely),
         })
     }
 
@@ -453,7 +479,15 @@ impl Vm {
         parent: Option<&LayerInfo>,
         disk_tops: &[PathBuf],
     ) -> Result<PendingSnapshot<'_>, VmError> {
-        let mut pending = self.begin_snapshot(parent, disk_tops)?;
+        if live.resident.is_some() != parent.is_none() {
+            return Err(VmError::Snapshot {
+                path: PathBuf::new(),
+                problem: "a live snapshot prepared for a full layer is begun as a diff, or the \
+                          other way round"
+                    .into(),
+            });
+        }
+        let mut pending = self.begin_snapshot_with(parent, disk_tops, live.resident.as_ref())?;
         live.protect.freeze(&pending.captured().pages)?;
         pending.live = Some(live.protect);
         Ok(pending)

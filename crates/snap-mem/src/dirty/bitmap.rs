@@ -100,6 +100,17 @@ impl PageBitmap {
         }
     }
 
+    /// Removes every page of `other` (which must range over the same pages).
+    ///
+    /// # Panics
+    /// If the bitmaps range over different numbers of pages.
+    pub fn remove_all(&mut self, other: &PageBitmap) {
+        assert_eq!(self.pages, other.pages, "bitmaps of different sizes");
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !b;
+        }
+    }
+
     /// ORs `bits` (one bit per page, LSB first, as KVM_GET_DIRTY_LOG returns them) into the set
     /// starting at page `first`.
     pub fn or_bits(&mut self, first: u64, bits: &[u64]) {
