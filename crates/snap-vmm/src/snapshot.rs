@@ -490,11 +490,22 @@ impl Vm {
         let mut pending = self.begin_snapshot_with(parent, disk_tops, live.resident.as_ref())?;
         live.protect.freeze(&pending.captured().pages)?;
         pending.live = Some(live.protect);
+        self.live_copy
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(pending)
     }
 }
 
 impl PendingSnapshot<'_> {
+    /// Lifts every protection of a live snapshot (stopping its fault thread).
+    fn end_live(&mut self) {
+        if self.live.take().is_some() {
+            self.vm
+                .live_copy
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// Whether the layer is written from memory under write-protect (the VM may run).
     #[must_use]
     pub fn is_live(&self) -> bool {
@@ -588,7 +599,7 @@ impl PendingSnapshot<'_> {
     /// Marks the snapshot taken, once what was written is durable and published: its pages stop
     /// being pending, the VM's memory is based on `layer` from now on, and the seals stand.
     pub fn commit(mut self, layer: &LayerInfo) {
-        self.live = None;
+        self.end_live();
         if let Some(c) = self.captured.take() {
             c.commit(self.vm, layer);
         }
@@ -604,7 +615,7 @@ impl PendingSnapshot<'_> {
 
     fn undo(&mut self) -> Vec<Unsealed> {
         // Every protection goes first: the guest must never wait on an abandoned snapshot.
-        self.live = None;
+        self.end_live();
         self.captured = None;
         let disks = self.vm.disks();
         std::mem::take(&mut self.sealed)

@@ -55,6 +55,9 @@ pub struct Vm {
     memory_base: Mutex<Option<Id>>,
     /// The lazy restore serving this VM's memory, while it runs or after it finished.
     page_server: Mutex<Option<PageServer>>,
+    /// A live snapshot's layer is being written from memory under write-protect: nothing may
+    /// write memory around the mapping (a revert's pwrite and hole punching) until it ends.
+    pub(crate) live_copy: std::sync::atomic::AtomicBool,
 }
 
 /// Checks that a VM of this shape can be created on this host.
@@ -595,6 +598,7 @@ impl Vm {
             control: Mutex::new(()),
             memory_base: Mutex::new(None),
             page_server: Mutex::new(None),
+            live_copy: std::sync::atomic::AtomicBool::new(false),
         };
         for i in 0..n {
             let shared = Arc::clone(&vm.shared);
@@ -912,6 +916,14 @@ impl Vm {
     ) -> Result<(), VmError> {
         let _c = self.control();
         self.require_parked()?;
+        if self.live_copy.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(VmError::Snapshot {
+                path: std::path::PathBuf::new(),
+                problem: "a live snapshot of this VM is still being written: revert it once that \
+                          snapshot has been committed or abandoned"
+                    .into(),
+            });
+        }
         state.check()?;
         if state.config != self.config {
             return Err(StateError::ConfigMismatch {

@@ -142,3 +142,41 @@ fn pages_the_guest_writes_first_are_kept_from_the_pause() {
         );
     }
 }
+
+/// While a live snapshot's layer is being written, a revert of the VM (which writes memory
+/// around the mapping, where write-protect cannot see it) is refused; once the snapshot is
+/// abandoned, the revert works and the VM continues exactly.
+#[test]
+fn no_revert_while_a_live_copy_runs() {
+    let test = "no_revert_while_a_live_copy_runs";
+    if !kvm_available(test) {
+        return;
+    }
+    let (config, guest) = small(1);
+    let vm = boot(config, &guest);
+    if !live_available(&vm, test) {
+        return;
+    }
+    let cut = pause_after(&vm, 3);
+    let snaps = Snapshots::new();
+    let saved = snaps.full(&vm);
+    vm.resume().unwrap();
+    let live = vm.prepare_live_snapshot(false).unwrap();
+    vm.pause();
+    let pending = vm
+        .begin_snapshot_live(live, Some(&saved.layer), &[])
+        .unwrap();
+    let e = saved.revert(&vm).unwrap_err();
+    assert!(e.to_string().contains("live snapshot"), "{e}");
+    drop(pending);
+    saved.revert(&vm).unwrap();
+    let mark = vm.serial_output().len();
+    run_to_end(&vm);
+    let out = vm.serial_output().bytes();
+    let model = guest.model(1).output;
+    assert_eq!(
+        String::from_utf8_lossy(&out[mark..]),
+        model[cut..],
+        "the reverted VM continues exactly"
+    );
+}

@@ -310,6 +310,20 @@ pub(crate) fn operation(op: &pb::Operation) -> String {
     if let Some(r) = &op.result {
         s.push_str(&result(r));
     }
+    if let Some(c) = &op.snapshot_copy {
+        let _ = write!(s, "memory copy: {}", c.method);
+        if c.method == "write-protect" {
+            let _ = write!(
+                s,
+                " ({} pages protected ahead, {} in the pause, {} kept on guest writes, guest held {})",
+                c.pages_protected_ahead,
+                c.pages_protected_in_pause,
+                c.pages_saved_ahead,
+                micros(c.fault_hold_us)
+            );
+        }
+        s.push('\n');
+    }
     if !op.caller.is_empty() {
         let _ = writeln!(s, "caller:      {}", op.caller);
     }
