@@ -180,3 +180,52 @@ fn no_revert_while_a_live_copy_runs() {
         "the reverted VM continues exactly"
     );
 }
+
+/// Writes the VMM itself makes into guest memory during the copy (as a virtio-blk read would)
+/// are caught like the guest's: a page that held data at the pause keeps its pause bytes in the
+/// snapshot, and a page that was a hole at the pause stays zero in it, however they were
+/// written after; both are in the next diff.
+#[test]
+fn vmm_writes_during_the_copy_do_not_reach_the_snapshot() {
+    let test = "vmm_writes_during_the_copy_do_not_reach_the_snapshot";
+    if !kvm_available(test) {
+        return;
+    }
+    let (config, guest) = small(1);
+    let vm = boot(config, &guest);
+    if !live_available(&vm, test) {
+        return;
+    }
+    assert!(vm.serial_output().wait_for_lines(2, TIMEOUT));
+    let (held, hole) = (24u64 << 20, 28u64 << 20);
+    vm.memory().write_at_offset(held, &[0x11; 4096]).unwrap();
+    let live = vm.prepare_live_snapshot(true).unwrap();
+    vm.pause();
+    let pending = vm.begin_snapshot_live(live, None, &[]).unwrap();
+    vm.resume().unwrap();
+    vm.memory().write_at_offset(held, &[0x22; 4096]).unwrap();
+    vm.memory().write_at_offset(hole, &[0x33; 4096]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layer = pending
+        .write_memory(&dir.path().join("l"), &LayerOptions::default())
+        .unwrap();
+    pending.write_state(&dir.path().join("s")).unwrap();
+    assert!(
+        pending.live_stats().unwrap().saved_ahead >= 1,
+        "the held page at least"
+    );
+    pending.commit(&layer);
+    let chain = snap_vmm::LayerChain::open(&[dir.path().join("l")]).unwrap();
+    let page = |offset: u64| {
+        let mut buf = [0u8; 4096];
+        chain.read_page(offset / 4096, &mut buf).unwrap();
+        buf
+    };
+    assert_eq!(page(held), [0x11; 4096], "the pause's bytes");
+    assert_eq!(page(hole), [0; 4096], "a hole at the pause");
+    vm.pause();
+    let next = vm.harvest_dirty().unwrap();
+    assert!(next.contains(held / 4096) && next.contains(hole / 4096));
+    vm.resume().unwrap();
+    run_to_end(&vm);
+}
