@@ -312,7 +312,7 @@ fn serve(s: &Shared) {
             revents: 0,
         };
         // SAFETY: one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+        if unsafe { libc::poll(&mut pfd, 1, 10) } <= 0 {
             continue;
         }
         loop {
