@@ -104,6 +104,8 @@ struct Shared {
     pages: u64,
     state: Mutex<State>,
     stop: AtomicBool,
+    /// Written to wake the fault thread when it is to stop.
+    wake: vmm_sys_util::eventfd::EventFd,
 }
 
 impl Shared {
@@ -195,6 +197,12 @@ impl WriteProtect {
                 failure: None,
             }),
             stop: AtomicBool::new(false),
+            wake: vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC).map_err(|e| {
+                ProtectError::Os {
+                    op: "eventfd",
+                    error: e.to_string(),
+                }
+            })?,
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -285,6 +293,7 @@ impl WriteProtect {
 
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = self.shared.wake.write(1);
         // Unregistering lifts every protection and wakes every thread blocked on one.
         let _ = self
             .shared
@@ -306,13 +315,14 @@ impl Drop for WriteProtect {
 fn serve(s: &Shared) {
     let mut page_buf = vec![0u8; PAGE];
     while !s.stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&s.uffd),
+        let fd = |f: &dyn std::os::fd::AsRawFd| libc::pollfd {
+            fd: f.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut pfd, 1, 10) } <= 0 {
+        let mut fds = [fd(&s.uffd), fd(&s.wake)];
+        // SAFETY: two valid pollfds for the duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) } <= 0 || fds[0].revents == 0 {
             continue;
         }
         loop {
