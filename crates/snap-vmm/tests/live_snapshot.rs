@@ -10,14 +10,14 @@ use common::*;
 use snap_vmm::{LayerOptions, MemoryRestore, TestGuest, Vm, VmConfig, VmError, VmOptions};
 
 /// A guest that writes hard: many mutations per tick over a large working set.
-fn busy(vcpus: u32) -> (VmConfig, TestGuest) {
+fn busy(vcpus: u32, ticks: u64) -> (VmConfig, TestGuest) {
     let (config, guest) = small(vcpus);
     (
         config,
         TestGuest {
             working_set_pages: 2048,
             mutations_per_tick: 400,
-            ticks: 40,
+            ticks,
             ..guest
         },
     )
@@ -47,7 +47,9 @@ fn live_chain(vcpus: u32, diffs: usize, pace: Duration, test: &str) -> u64 {
     if !kvm_available(test) {
         return 0;
     }
-    let (config, guest) = busy(vcpus);
+    // A slow writer needs a guest that outlasts its copies.
+    let ticks = if pace.is_zero() { 40 } else { 200 };
+    let (config, guest) = busy(vcpus, ticks);
     let vm = boot(config, &guest);
     if !live_available(&vm, test) {
         return 0;
