@@ -11,7 +11,7 @@ fn busy() -> pb::GuestProgram {
     pb::GuestProgram {
         working_set_pages: 2048,
         mutations_per_tick: 400,
-        ticks: 80,
+        ticks: 120,
         ..guest()
     }
 }
