@@ -181,16 +181,6 @@ fn disk_layers(out: &Out) -> Result {
     trim(&top)?;
     out.file("disk_layer", "child", &top)?;
 
-    // Enough commits that one writes a checkpoint of the whole map.
-    let many = out.path("2.dlayer");
-    let disk = Disk::create(&many, geometry)?;
-    for i in 0..20u8 {
-        disk.write_at(u64::from(i % 16) * 4096, &[i; 512])?;
-        disk.flush()?;
-    }
-    drop(disk);
-    trim(&many)?;
-    out.file("disk_layer", "checkpoint", &many)?;
     Ok(())
 }
 
