@@ -10,19 +10,13 @@
 #![no_main]
 
 use std::collections::HashMap;
-use std::io;
-use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
-use snap_fuzz::{MemFile, fix_blobs};
-use snap_mem::layer::{Layer, LayerChain, PAGE, PageSink, Restore, WindowScratch};
+use snap_fuzz::MemFile;
+use snap_fuzz::mem::{fixed, restore, zero_page_crc};
+use snap_mem::layer::{Layer, LayerChain, PAGE, Restore, WindowScratch};
 use snap_mem::lazy::WindowSource;
 
-const LAYER_MAGIC: [u8; 8] = *b"SNAPMLAY";
-const INDEX_MAGIC: [u8; 8] = *b"SNAPMIDX";
-/// Header (32 bytes) and superblock (64 bytes).
-const HEAD_LEN: usize = 96;
-const FRAMES_OFFSET: usize = 4096;
 /// Pages read one at a time (each read decompresses its frame).
 const PAGE_READS: usize = 48;
 /// Windows read as a lazy restore reads them.
@@ -30,77 +24,6 @@ const WINDOW_READS: usize = 8;
 
 thread_local! {
     static FILE: MemFile = MemFile::new(c"mem_layer");
-}
-
-/// The file with the superblock describing where the (last) index section is, and every
-/// checksum right.
-fn fixed(file: &[u8]) -> Vec<u8> {
-    let mut b = file.to_vec();
-    if b.len() >= HEAD_LEN {
-        let len = b.len() as u64;
-        let mut put = |field: usize, v: u64| {
-            b[32 + field * 8..40 + field * 8].copy_from_slice(&v.to_le_bytes());
-        };
-        put(0, FRAMES_OFFSET as u64);
-        put(4, len);
-        if let Some(at) = file
-            .get(FRAMES_OFFSET..)
-            .and_then(|rest| rest.windows(8).rposition(|w| w == INDEX_MAGIC))
-        {
-            let index = (FRAMES_OFFSET + at) as u64;
-            put(1, index - FRAMES_OFFSET as u64);
-            put(2, index);
-            put(3, len - index);
-        }
-        b[72..76].copy_from_slice(&(PAGE as u32).to_le_bytes());
-    }
-    fix_blobs(&mut b, &[LAYER_MAGIC, INDEX_MAGIC]);
-    b
-}
-
-/// A restore target that checks every write lies inside memory and keeps a checksum per page.
-struct Sink {
-    pages: u64,
-    written: Mutex<HashMap<u64, u32>>,
-}
-
-impl PageSink for Sink {
-    fn page_count(&self) -> u64 {
-        self.pages
-    }
-
-    fn write_pages(&self, first_page: u64, data: &[u8]) -> io::Result<()> {
-        assert!(data.len().is_multiple_of(PAGE), "a write of part of a page");
-        let n = (data.len() / PAGE) as u64;
-        assert!(
-            first_page
-                .checked_add(n)
-                .is_some_and(|end| end <= self.pages),
-            "write of pages {first_page}+{n} outside memory of {} pages",
-            self.pages
-        );
-        let mut w = self.written.lock().unwrap();
-        for (i, page) in data.chunks_exact(PAGE).enumerate() {
-            let old = w.insert(first_page + i as u64, snap_core::crc32c(page));
-            assert!(
-                old.is_none(),
-                "page {} written twice",
-                first_page + i as u64
-            );
-        }
-        Ok(())
-    }
-
-    fn zero_pages(&self, first_page: u64, count: u64) -> io::Result<()> {
-        assert!(
-            first_page
-                .checked_add(count)
-                .is_some_and(|end| end <= self.pages),
-            "zeroing pages {first_page}+{count} outside memory of {} pages",
-            self.pages
-        );
-        Ok(())
-    }
 }
 
 fn exercise(bytes: &[u8]) {
@@ -152,22 +75,18 @@ fn exercise(bytes: &[u8]) {
         }
     }
 
-    let zero = snap_core::crc32c(&[0u8; PAGE]);
+    // The eager restore, into fresh and into used memory, agrees with both.
+    let zero = zero_page_crc();
     for target in [Restore::Fresh, Restore::Used] {
-        let sink = Sink {
-            pages: info.memory_pages(),
-            written: Mutex::new(HashMap::new()),
-        };
-        if chain.materialize_into(&sink, target).is_err() {
+        let Some(restored) = restore(&chain, target) else {
             continue;
-        }
-        let written = sink.written.into_inner().unwrap();
+        };
         for &(p, crc) in &sampled {
-            assert_eq!(written.get(&p).copied().unwrap_or(zero), crc, "page {p}");
+            assert_eq!(restored.get(&p).copied().unwrap_or(zero), crc, "page {p}");
         }
         for (p, crc) in &window_pages {
             if *p < info.memory_pages() {
-                assert_eq!(written.get(p).copied().unwrap_or(zero), *crc, "page {p}");
+                assert_eq!(restored.get(p).copied().unwrap_or(zero), *crc, "page {p}");
             }
         }
     }

@@ -107,7 +107,9 @@ pub fn run(data: &[u8], f: impl FnOnce(&[u8])) {
 }
 
 fn u64_at(buf: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(buf.get(at..at + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        buf.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Rewrites the checksums of every snap-core blob in `buf` whose magic is one of `magics`: the
@@ -178,5 +180,170 @@ impl MemFile {
     #[must_use]
     pub fn path(&self) -> &std::path::Path {
         &self.path
+    }
+}
+
+/// A directory of this process's own for files parsers write (on tmpfs where there is one, so
+/// their syncs cost nothing), removed when the process exits normally.
+///
+/// # Panics
+/// If the directory cannot be made.
+pub fn scratch_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    extern "C" fn remove() {
+        if let Some(dir) = DIR.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    DIR.get_or_init(|| {
+        let shm = std::path::Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("snap-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("make the scratch directory");
+        // SAFETY: registers a plain function without arguments to run at exit.
+        unsafe { libc::atexit(remove) };
+        dir
+    })
+}
+
+/// Memory layer files: the fix-up and a checking restore target, shared by the memory layer
+/// targets.
+pub mod mem {
+    use std::collections::HashMap;
+    use std::io;
+    use std::sync::Mutex;
+
+    use snap_mem::layer::{LayerChain, PAGE, PageSink, Restore};
+
+    use super::{fix_blobs, u64_at};
+
+    /// Magic of the layer header (its payload is the superblock).
+    pub const LAYER_MAGIC: [u8; 8] = *b"SNAPMLAY";
+    /// Magic of the index section.
+    pub const INDEX_MAGIC: [u8; 8] = *b"SNAPMIDX";
+    /// Header (32 bytes) and superblock (64 bytes).
+    pub const HEAD_LEN: usize = 96;
+    /// Where the frames start.
+    pub const FRAMES_OFFSET: usize = 4096;
+
+    /// The file with the superblock describing where its (last) index section is, and every
+    /// snap-core checksum right.
+    #[must_use]
+    pub fn fixed(file: &[u8]) -> Vec<u8> {
+        let mut b = file.to_vec();
+        if b.len() >= HEAD_LEN {
+            let len = b.len() as u64;
+            let mut put = |field: usize, v: u64| {
+                b[32 + field * 8..40 + field * 8].copy_from_slice(&v.to_le_bytes());
+            };
+            put(0, FRAMES_OFFSET as u64);
+            put(4, len);
+            if let Some(at) = file
+                .get(FRAMES_OFFSET..)
+                .and_then(|rest| rest.windows(8).rposition(|w| w == INDEX_MAGIC))
+            {
+                let index = (FRAMES_OFFSET + at) as u64;
+                put(1, index - FRAMES_OFFSET as u64);
+                put(2, index);
+                put(3, len - index);
+            }
+            b[72..76].copy_from_slice(&(PAGE as u32).to_le_bytes());
+        }
+        fix_blobs(&mut b, &[LAYER_MAGIC, INDEX_MAGIC]);
+        b
+    }
+
+    /// The index payload of a file whose superblock `fixed` set, if it lies inside the file.
+    #[must_use]
+    pub fn index_payload(file: &mut [u8]) -> Option<&mut [u8]> {
+        let at = usize::try_from(u64_at(file, 48)?).ok()?;
+        let len = usize::try_from(u64_at(file, at.checked_add(16)?)?).ok()?;
+        let start = at.checked_add(32)?;
+        file.get_mut(start..start.checked_add(len)?)
+    }
+
+    /// A restore target that checks every write lies inside memory and is not written twice,
+    /// and keeps a checksum of each page written.
+    pub struct Sink {
+        pages: u64,
+        written: Mutex<HashMap<u64, u32>>,
+    }
+
+    impl Sink {
+        /// A target of `pages` pages.
+        #[must_use]
+        pub fn new(pages: u64) -> Self {
+            Self {
+                pages,
+                written: Mutex::new(HashMap::new()),
+            }
+        }
+
+        /// The checksum of each page written.
+        #[must_use]
+        pub fn into_pages(self) -> HashMap<u64, u32> {
+            self.written.into_inner().unwrap()
+        }
+    }
+
+    impl PageSink for Sink {
+        fn page_count(&self) -> u64 {
+            self.pages
+        }
+
+        fn write_pages(&self, first_page: u64, data: &[u8]) -> io::Result<()> {
+            assert!(data.len().is_multiple_of(PAGE), "a write of part of a page");
+            let n = (data.len() / PAGE) as u64;
+            assert!(
+                first_page
+                    .checked_add(n)
+                    .is_some_and(|end| end <= self.pages),
+                "write of pages {first_page}+{n} outside memory of {} pages",
+                self.pages
+            );
+            let mut w = self.written.lock().unwrap();
+            for (i, page) in data.chunks_exact(PAGE).enumerate() {
+                let old = w.insert(first_page + i as u64, snap_core::crc32c(page));
+                assert!(
+                    old.is_none(),
+                    "page {} written twice",
+                    first_page + i as u64
+                );
+            }
+            Ok(())
+        }
+
+        fn zero_pages(&self, first_page: u64, count: u64) -> io::Result<()> {
+            assert!(
+                first_page
+                    .checked_add(count)
+                    .is_some_and(|end| end <= self.pages),
+                "zeroing pages {first_page}+{count} outside memory of {} pages",
+                self.pages
+            );
+            Ok(())
+        }
+    }
+
+    /// The checksum of a zero page.
+    #[must_use]
+    pub fn zero_page_crc() -> u32 {
+        snap_core::crc32c(&[0u8; PAGE])
+    }
+
+    /// Restores `chain` the eager way into a checking target; the checksum of each page that
+    /// is not zero, or `None` if a frame is damaged.
+    #[must_use]
+    pub fn restore(chain: &LayerChain, target: Restore) -> Option<HashMap<u64, u32>> {
+        let sink = Sink::new(chain.memory_bytes() / PAGE as u64);
+        chain.materialize_into(&sink, target).ok()?;
+        let zero = zero_page_crc();
+        let mut pages = sink.into_pages();
+        pages.retain(|_, crc| *crc != zero);
+        Some(pages)
     }
 }

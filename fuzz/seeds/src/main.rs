@@ -110,6 +110,12 @@ fn mem_layers(out: &Out) -> Result {
     write_layer(&diff_path, &diff, [3, 17, 40], &diff_mem, &small)?;
     out.file("mem_layer", "diff", &diff_path)?;
 
+    let chain_seed = |parent: &Path, child: &Path| -> Result<Vec<u8>> {
+        let (p, c) = (fs::read(parent)?, fs::read(child)?);
+        Ok([&(p.len() as u32).to_le_bytes()[..], &p, &c].concat())
+    };
+    out.seed("mem_chain", "diff", &chain_seed(&base_path, &diff_path)?)?;
+
     // The default frame size, and a layer with no pages at all.
     let wide = LayerOptions {
         threads: small.threads,
@@ -126,6 +132,28 @@ fn mem_layers(out: &Out) -> Result {
     out.file("mem_layer", "frame-256k", &path)?;
     write_layer(&path, &wide_layer, [0u64; 0], &wide_mem, &wide)?;
     out.file("mem_layer", "empty", &path)?;
+
+    // Chains whose layers have other frame sizes: a wide parent under a narrow child, and the
+    // other way round.
+    let wide_base = write_layer(&path, &wide_layer, 0..128, &wide_mem, &wide)?;
+    let mut child_mem = wide_mem.clone();
+    child_mem[5 * PAGE..6 * PAGE].fill(0);
+    child_mem[90 * PAGE..91 * PAGE].fill(4);
+    let child_layer = NewLayer {
+        id: Id([4; 16]),
+        parent: Some(wide_base.as_parent()),
+        memory_bytes: wide_layer.memory_bytes,
+    };
+    let child_path = out.path("narrow.mlayer");
+    write_layer(&child_path, &child_layer, [5, 90, 91], &child_mem, &small)?;
+    out.seed("mem_chain", "wide-narrow", &chain_seed(&path, &child_path)?)?;
+    let narrow_base = write_layer(&path, &wide_layer, 0..128, &wide_mem, &small)?;
+    let child_layer = NewLayer {
+        parent: Some(narrow_base.as_parent()),
+        ..child_layer
+    };
+    write_layer(&child_path, &child_layer, [5, 90, 91], &child_mem, &wide)?;
+    out.seed("mem_chain", "narrow-wide", &chain_seed(&path, &child_path)?)?;
 
     // Working sets recorded from the full layer: units of one page and of four.
     let chain = LayerChain::open(&[&base_path])?;
