@@ -113,6 +113,13 @@ impl Superblock {
             .decode(&bytes[..SB_LEN.min(bytes.len())])
             .map_err(Err)?;
         let p = d.payload;
+        // The header caps the payload, but a shorter one passes its checks too.
+        if p.len() != SB_PAYLOAD {
+            return Err(Ok(format!(
+                "superblock payload of {} bytes (this build reads {SB_PAYLOAD})",
+                p.len()
+            )));
+        }
         let u64_at = |at: usize| u64::from_le_bytes(p[at..at + 8].try_into().expect("8 bytes"));
         let u32_at = |at: usize| u32::from_le_bytes(p[at..at + 4].try_into().expect("4 bytes"));
         let id_at = |at: usize| Id(p[at..at + 16].try_into().expect("16 bytes"));
@@ -311,6 +318,19 @@ mod tests {
             ..sb()
         };
         assert_eq!(Superblock::decode(&plain.encode()).unwrap(), plain);
+    }
+
+    #[test]
+    fn a_short_superblock_payload_is_refused() {
+        // A blob that passes the header checks with less than a whole superblock.
+        for len in [0, 8, SB_PAYLOAD - 1] {
+            let bytes = SB_FORMAT.encode(&sb().encode()[HEADER_LEN..HEADER_LEN + len]);
+            let problem = Superblock::decode(&bytes).unwrap_err().unwrap();
+            assert!(
+                problem.contains(&format!("payload of {len} bytes")),
+                "{problem}"
+            );
+        }
     }
 
     #[test]

@@ -358,3 +358,37 @@ fn a_working_set_for_other_memory_is_refused() {
     let e = WorkingSet::record(&ws, 16, &[PAGES], &source, tag).unwrap_err();
     assert!(e.to_string().contains("beyond memory"), "{e}");
 }
+
+#[test]
+fn checking_a_working_set_names_the_units_whose_bytes_are_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, image) = chain(dir.path());
+    let source = LayerChain::open(&paths).unwrap();
+    let tag = source.newest().info().digest.0;
+    let ws = dir.path().join("ws");
+    let units = fault_order();
+    WorkingSet::record(&ws, 16, &units, &source, tag).unwrap();
+    let set = WorkingSet::open(&ws, 16, SIZE, tag).unwrap();
+    assert_eq!(set.check().unwrap(), Vec::<u64>::new());
+    // Damage the second stored unit: the check names it, and only it.
+    let stored: Vec<u64> = units
+        .iter()
+        .copied()
+        .filter(|&u| {
+            let at = (u * 65536) as usize;
+            image[at..at + 65536].iter().any(|&b| b != 0)
+        })
+        .collect();
+    let mut bytes = std::fs::read(&ws).unwrap();
+    bytes[4096 + 65536 + 7] ^= 0x5a;
+    std::fs::write(&ws, &bytes).unwrap();
+    let set = WorkingSet::open(&ws, 16, SIZE, tag).unwrap();
+    assert_eq!(set.check().unwrap(), vec![stored[1]]);
+    // A set without bytes has nothing to check.
+    assert!(
+        WorkingSet::from_units(16, &units)
+            .check()
+            .unwrap()
+            .is_empty()
+    );
+}

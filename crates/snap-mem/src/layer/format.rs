@@ -75,14 +75,21 @@ impl Superblock {
                 path: path.to_path_buf(),
                 error,
             })?;
+        let corrupt = |problem: String| LayerError::Corrupt {
+            path: path.to_path_buf(),
+            problem,
+        };
+        // The header caps the payload, but a shorter one passes its checks too.
+        if d.payload.len() != SUPERBLOCK_LEN {
+            return Err(corrupt(format!(
+                "superblock of {} bytes (this build reads {SUPERBLOCK_LEN})",
+                d.payload.len()
+            )));
+        }
         let u64_at = |i: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&d.payload[i * 8..i * 8 + 8]);
             u64::from_le_bytes(b)
-        };
-        let corrupt = |problem: String| LayerError::Corrupt {
-            path: path.to_path_buf(),
-            problem,
         };
         let frames_offset = u64_at(0);
         let sb = Self {

@@ -4,10 +4,10 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use snap_core::Id;
+use snap_core::{HEADER_LEN, Id};
 
 use super::error::{FrameProblem, LayerError};
-use super::format::{HEAD_LEN, INDEX_FORMAT, Index, Superblock};
+use super::format::{HEAD_LEN, INDEX_FORMAT, Index, LAYER_FORMAT, Superblock};
 use super::meta::{LayerOptions, NewLayer, PAGE};
 use super::reader::Layer;
 use super::writer::write_layer;
@@ -167,4 +167,29 @@ fn superblock_sizes_are_checked_before_allocating() {
         let err = Layer::open(&path).unwrap_err();
         assert!(err.to_string().contains("do not fit together"), "{err}");
     }
+}
+
+#[test]
+fn a_header_with_a_short_superblock_is_refused() {
+    // Found by fuzzing (fuzz target mem_layer): a whole file of one header whose checksums are
+    // right and whose payload, the superblock, is empty.
+    let bytes: [u8; 32] = [
+        0x53, 0x4e, 0x41, 0x50, 0x4d, 0x4c, 0x41, 0x59, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x57, 0x33,
+        0xb7, 0xe6,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    std::fs::write(&path, bytes).unwrap();
+    let err = Layer::open(&path).unwrap_err();
+    assert!(matches!(err, LayerError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("superblock of 0 bytes"), "{err}");
+
+    // A file cut inside the superblock, its header rewritten to match.
+    let path = layer_file(dir.path());
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, LAYER_FORMAT.encode(&bytes[HEADER_LEN..HEAD_LEN - 8])).unwrap();
+    let err = Layer::open(&path).unwrap_err();
+    assert!(matches!(err, LayerError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("superblock of 56 bytes"), "{err}");
 }
