@@ -1,0 +1,24 @@
+//! Snapshots that outlive their host: a remote store of snapshots in S3-compatible object
+//! storage, deduplicated by content.
+//!
+//! # Layout (version 1)
+//!
+//! Everything lives under one prefix of one bucket (`<prefix>/`), shared by every host that
+//! pushes to it:
+//!
+//! - `<prefix>/v1/chunks/<aa>/<digest>`: a **chunk**, named by the BLAKE3 digest of its content
+//!   (64 hex digits; `<aa>` is the first two, so listings can be split). Memory frames, disk
+//!   blocks and state blobs are all chunks: the same bytes are stored once however many
+//!   snapshots, VMs and hosts push them. A chunk object is a snap-core file ([`chunk::CHUNK`]:
+//!   magic `SNAPCHNK`, version, CRC-32C of the header and payload) whose payload is a codec byte
+//!   (0: stored as is, 1: zstd) and the encoded content. Every read checks the CRC, decodes with
+//!   a bound on the size, and compares the content's digest with the name: a chunk damaged or
+//!   overwritten with other bytes is refused, naming it ([`chunk::open`]).
+//!
+//! Manifests (one per snapshot, written only after every chunk it names exists, named by their
+//! own digest) and the sweep of chunks no manifest names come with the push and delete calls.
+#![forbid(unsafe_code)]
+
+pub mod chunk;
+
+pub use chunk::{ChunkError, ChunkId};
