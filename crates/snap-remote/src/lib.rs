@@ -20,5 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chunk;
+pub mod store;
 
 pub use chunk::{ChunkError, ChunkId};
+pub use store::{Credentials, Remote, RemoteError};

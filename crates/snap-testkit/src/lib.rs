@@ -5,9 +5,11 @@
 //! - [`fs`]: small filesystems made for a test (a size-limited tmpfs), fillers, file listings;
 //! - [`snapd`]: the real snapd binary on a data directory of its own, started, killed with
 //!   SIGKILL, restarted, and its data directory inspected;
-//! - [`vmm`]: VMs running the test guest, and snapshots written to plain files.
+//! - [`vmm`]: VMs running the test guest, and snapshots written to plain files;
+//! - [`garage`]: a real Garage server (S3-compatible object store) for the remote-store tests.
 
 pub mod fs;
+pub mod garage;
 pub mod snapd;
 pub mod vmm;
 

@@ -1,0 +1,316 @@
+//! The remote store: one bucket (and prefix) of an S3-compatible object store, reached with
+//! `object_store` (retries, range reads, multipart uploads).
+//!
+//! A remote is named by a URL: `http(s)://HOST[:PORT]/BUCKET[/PREFIX][?region=REGION]`, the
+//! S3 endpoint in path style (as Garage, MinIO and Ceph serve it; AWS too). `https` is used
+//! where the URL says so; `http` only where it says so. The region defaults to `us-east-1`.
+//! Credentials never come from the URL: see [`Credentials`].
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::chunk::{self, ChunkError, ChunkId};
+
+/// An access key and its secret.
+#[derive(Clone)]
+pub struct Credentials {
+    /// The key's id.
+    pub access_key: String,
+    /// Its secret.
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, secret hidden)", self.access_key)
+    }
+}
+
+impl Credentials {
+    /// From `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    ///
+    /// # Errors
+    /// A message naming the variable that is missing.
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| {
+            std::env::var(name).map_err(|_| format!("{name} is not set (the remote's credentials)"))
+        };
+        Ok(Self {
+            access_key: var("AWS_ACCESS_KEY_ID")?,
+            secret_key: var("AWS_SECRET_ACCESS_KEY")?,
+        })
+    }
+}
+
+/// Why a remote call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The URL is not one this module takes.
+    #[error("remote URL {url:?}: {problem}")]
+    Url {
+        /// The URL (credentials never appear in one).
+        url: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The store refused the credentials.
+    #[error("remote store {store}: the credentials were refused: {message}")]
+    Refused {
+        /// The store's URL.
+        store: String,
+        /// What it said.
+        message: String,
+    },
+    /// The object does not exist.
+    #[error("remote store {store}: {key} does not exist")]
+    Missing {
+        /// The store's URL.
+        store: String,
+        /// The object's key.
+        key: String,
+    },
+    /// The store could not be reached or failed the call.
+    #[error("remote store {store}: {message}")]
+    Unavailable {
+        /// The store's URL.
+        store: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A chunk failed its checks.
+    #[error("remote store {store}: {source}")]
+    Chunk {
+        /// The store's URL.
+        store: String,
+        /// The check that failed.
+        source: ChunkError,
+    },
+}
+
+/// One remote store.
+#[derive(Clone)]
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Remote({})", self.url)
+    }
+}
+
+/// A chunk object in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChunk {
+    /// Its id.
+    pub id: ChunkId,
+    /// Bytes stored (compressed).
+    pub size: u64,
+    /// When it was last written, in Unix milliseconds.
+    pub modified_ms: i64,
+}
+
+impl Remote {
+    /// The remote at `url` (see the module docs), with `credentials`.
+    ///
+    /// # Errors
+    /// [`RemoteError::Url`] for a URL this does not take.
+    pub fn new(url: &str, credentials: &Credentials) -> Result<Self, RemoteError> {
+        let bad = |problem: &str| RemoteError::Url {
+            url: url.into(),
+            problem: problem.into(),
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected http(s)://HOST[:PORT]/BUCKET[/PREFIX]"))?;
+        if scheme != "http" && scheme != "https" {
+            return Err(bad("the scheme must be http or https"));
+        }
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut parts = rest.splitn(3, '/');
+        let host = parts
+            .next()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host"))?;
+        let bucket = parts
+            .next()
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| bad("no bucket"))?;
+        let prefix = parts.next().unwrap_or("").trim_matches('/').to_string();
+        let mut region = "us-east-1".to_string();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("region", r)) if !r.is_empty() => region = r.into(),
+                _ => return Err(bad("the only query parameter is region=REGION")),
+            }
+        }
+        let store = AmazonS3Builder::new()
+            .with_endpoint(format!("{scheme}://{host}"))
+            .with_allow_http(scheme == "http")
+            .with_virtual_hosted_style_request(false)
+            .with_bucket_name(bucket)
+            .with_region(region)
+            .with_access_key_id(&credentials.access_key)
+            .with_secret_access_key(&credentials.secret_key)
+            .build()
+            .map_err(|e| bad(&e.to_string()))?;
+        Ok(Self {
+            store: Arc::new(store),
+            url: url.into(),
+            prefix: if prefix.is_empty() {
+                "snap".into()
+            } else {
+                prefix
+            },
+        })
+    }
+
+    /// The store's URL, for messages.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn error(&self, key: &str, e: object_store::Error) -> RemoteError {
+        let store = self.url.clone();
+        match e {
+            object_store::Error::NotFound { .. } => RemoteError::Missing {
+                store,
+                key: key.into(),
+            },
+            object_store::Error::Unauthenticated { source, .. }
+            | object_store::Error::PermissionDenied { source, .. } => RemoteError::Refused {
+                store,
+                message: source.to_string(),
+            },
+            other => {
+                let message = other.to_string();
+                if message.contains("InvalidAccessKeyId")
+                    || message.contains("SignatureDoesNotMatch")
+                    || message.contains("Forbidden")
+                {
+                    RemoteError::Refused { store, message }
+                } else {
+                    RemoteError::Unavailable { store, message }
+                }
+            }
+        }
+    }
+
+    /// Stores `content` as a chunk unless a chunk of that content is there already; returns
+    /// its id and whether it was uploaded (false: deduplicated).
+    ///
+    /// # Errors
+    /// The store's error, or [`RemoteError::Chunk`] for content too large.
+    pub async fn put_chunk(&self, content: &[u8]) -> Result<(ChunkId, bool), RemoteError> {
+        let (id, object) = chunk::seal(content, 3).map_err(|source| RemoteError::Chunk {
+            store: self.url.clone(),
+            source,
+        })?;
+        let key = id.key(&self.prefix);
+        let path = ObjectPath::from(key.as_str());
+        match self.store.head(&path).await {
+            Ok(_) => return Ok((id, false)),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.error(&key, e)),
+        }
+        self.store
+            .put(&path, PutPayload::from(object))
+            .await
+            .map_err(|e| self.error(&key, e))?;
+        Ok((id, true))
+    }
+
+    /// The content of chunk `id`, checked (see [`chunk::open`]).
+    ///
+    /// # Errors
+    /// [`RemoteError::Missing`], the store's error, or [`RemoteError::Chunk`] naming the chunk.
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, RemoteError> {
+        let key = id.key(&self.prefix);
+        let path = ObjectPath::from(key.as_str());
+        let bytes = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| self.error(&key, e))?
+            .bytes()
+            .await
+            .map_err(|e| self.error(&key, e))?;
+        chunk::open(id, &bytes).map_err(|source| RemoteError::Chunk {
+            store: self.url.clone(),
+            source,
+        })
+    }
+
+    /// Removes chunk `id` (nothing if it is not there).
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn delete_chunk(&self, id: &ChunkId) -> Result<(), RemoteError> {
+        let key = id.key(&self.prefix);
+        match self.store.delete(&ObjectPath::from(key.as_str())).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(&key, e)),
+        }
+    }
+
+    /// Every chunk in the store, with its size and age.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn list_chunks(&self) -> Result<Vec<StoredChunk>, RemoteError> {
+        let prefix = format!("{}/v1/chunks", self.prefix);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&ObjectPath::from(prefix.as_str())))
+            .try_collect()
+            .await
+            .map_err(|e| self.error(&prefix, e))?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|m| {
+                let id = m.location.filename()?.parse().ok()?;
+                Some(StoredChunk {
+                    id,
+                    size: m.size,
+                    modified_ms: m.last_modified.timestamp_millis(),
+                })
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked() {
+        let creds = Credentials {
+            access_key: "k".into(),
+            secret_key: "never-shown".into(),
+        };
+        let r = Remote::new("http://127.0.0.1:3900/bucket/fleet/a?region=garage", &creds).unwrap();
+        assert_eq!(r.prefix, "fleet/a");
+        assert_eq!(
+            Remote::new("https://s3.example/b", &creds).unwrap().prefix,
+            "snap"
+        );
+        for bad in [
+            "s3://bucket",
+            "ftp://h/b",
+            "http://h",
+            "http://h/",
+            "http://h/b?key=secret",
+        ] {
+            assert!(Remote::new(bad, &creds).is_err(), "{bad}");
+        }
+        assert!(!format!("{creds:?}").contains("never-shown"));
+    }
+}
