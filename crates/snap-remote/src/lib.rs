@@ -20,7 +20,9 @@
 #![forbid(unsafe_code)]
 
 pub mod chunk;
+#[cfg(feature = "store")]
 pub mod store;
 
 pub use chunk::{ChunkError, ChunkId};
+#[cfg(feature = "store")]
 pub use store::{Credentials, Remote, RemoteError};

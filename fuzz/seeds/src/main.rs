@@ -66,6 +66,18 @@ fn core_header(out: &Out) -> Result {
     Ok(())
 }
 
+/// Chunk objects as snap-remote seals them: one stored as is, one compressed.
+fn remote_chunks(out: &Out) -> Result {
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (_, raw) = snap_remote::chunk::seal(&noise, 3)?;
+    out.seed("remote_chunk", "raw", &raw)?;
+    let (_, zstd) = snap_remote::chunk::seal(&[9u8; 65536], 3)?;
+    out.seed("remote_chunk", "zstd", &zstd)?;
+    Ok(())
+}
+
 /// Memory of `pages` pages where page `i` holds data if `data(i)`.
 fn memory(pages: usize, data: impl Fn(usize) -> bool) -> Vec<u8> {
     let mut m = vec![0u8; pages * PAGE];
@@ -330,7 +342,8 @@ fn main() -> Result {
         core_header(&out)?;
         mem_layers(&out)?;
         disk_layers(&out)?;
-        vm_states(&out)
+        vm_states(&out)?;
+        remote_chunks(&out)
     })();
     fs::remove_dir_all(&out.scratch)?;
     result
