@@ -60,9 +60,18 @@ pub async fn channel_with(target: &str, tls: &Tls) -> Result<Channel, String> {
         .map_err(|e| format!("connecting to {target} (is snapd running?): {e}"))
 }
 
+/// Makes ring rustls's process-wide crypto provider, unless one is set already. A program
+/// whose dependencies enable more than one provider (ring here, aws-lc-rs for an S3 client, say)
+/// has no default one otherwise, and every TLS handshake would fail.
+#[cfg(feature = "tls")]
+pub fn use_ring_for_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 #[cfg(feature = "tls")]
 fn with_tls(endpoint: Endpoint, tls: &Tls) -> Result<Endpoint, String> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    use_ring_for_tls();
     let read =
         |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
     let mut config = ClientTlsConfig::new();

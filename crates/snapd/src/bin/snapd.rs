@@ -246,6 +246,7 @@ fn tcp_tls(args: &Args) -> Result<Option<ServerTlsConfig>, String> {
                 .into(),
         );
     };
+    snap_api::client::use_ring_for_tls();
     let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
     Ok(Some(
         ServerTlsConfig::new()
