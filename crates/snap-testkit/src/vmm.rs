@@ -138,33 +138,8 @@ impl Snapshots {
         parent: Option<&Saved>,
         options: &LayerOptions,
     ) -> Result<Saved, VmError> {
-        let n = self.taken.get();
-        self.taken.set(n + 1);
-        let memory = self.dir().join(format!("{n}.mlayer"));
-        let state = self.dir().join(format!("{n}.state"));
         let pending = vm.begin_snapshot(parent.map(|p| &p.layer), &[])?;
-        let written = pending.write_memory(&memory, options).and_then(|layer| {
-            pending.write_state(&state)?;
-            Ok(layer)
-        });
-        let layer = match written {
-            Ok(layer) => layer,
-            Err(e) => {
-                // Dropping `pending` leaves the pages pending.
-                let _ = std::fs::remove_file(&memory);
-                let _ = std::fs::remove_file(&state);
-                return Err(e);
-            }
-        };
-        pending.commit(&layer);
-        let mut layers = parent.map_or_else(Vec::new, |p| p.layers.clone());
-        layers.push(memory);
-        Ok(Saved {
-            state,
-            layers,
-            layer,
-            working_set: self.dir().join(format!("{n}.working-set")),
-        })
+        Ok(self.write(pending, parent, options, &|_| true)?.0)
     }
 
     /// Takes a live snapshot of a running VM: prepares it while the guest runs
@@ -182,10 +157,6 @@ impl Snapshots {
         options: &LayerOptions,
         pace: std::time::Duration,
     ) -> Result<(Saved, usize, snap_mem::protect::ProtectStats), VmError> {
-        let n = self.taken.get();
-        self.taken.set(n + 1);
-        let memory = self.dir().join(format!("{n}.mlayer"));
-        let state = self.dir().join(format!("{n}.state"));
         let live = vm.prepare_live_snapshot(parent.is_none())?;
         vm.pause();
         let cut = vm.serial_output().len();
@@ -196,8 +167,26 @@ impl Snapshots {
             std::thread::sleep(pace);
             true
         };
+        let (saved, stats) = self.write(pending, parent, options, &progress)?;
+        Ok((saved, cut, stats))
+    }
+
+    /// Writes a begun snapshot's layer and state as the next files here, then commits it;
+    /// returns it with a live snapshot's write-protect counters. On a failure, removes what was
+    /// written (dropping `pending` leaves the pages pending).
+    fn write(
+        &self,
+        pending: snapshot::PendingSnapshot<'_>,
+        parent: Option<&Saved>,
+        options: &LayerOptions,
+        progress: &(dyn Fn(u64) -> bool + Sync),
+    ) -> Result<(Saved, snap_mem::protect::ProtectStats), VmError> {
+        let n = self.taken.get();
+        self.taken.set(n + 1);
+        let memory = self.dir().join(format!("{n}.mlayer"));
+        let state = self.dir().join(format!("{n}.state"));
         let written = pending
-            .write_memory_with(&memory, options, &progress)
+            .write_memory_with(&memory, options, progress)
             .and_then(|layer| {
                 pending.write_state(&state)?;
                 Ok(layer)
@@ -214,16 +203,13 @@ impl Snapshots {
         pending.commit(&layer);
         let mut layers = parent.map_or_else(Vec::new, |p| p.layers.clone());
         layers.push(memory);
-        Ok((
-            Saved {
-                state,
-                layers,
-                layer,
-                working_set: self.dir().join(format!("{n}.working-set")),
-            },
-            cut,
-            stats,
-        ))
+        let saved = Saved {
+            state,
+            layers,
+            layer,
+            working_set: self.dir().join(format!("{n}.working-set")),
+        };
+        Ok((saved, stats))
     }
 
     /// Takes a full snapshot of a paused VM (default layer options).

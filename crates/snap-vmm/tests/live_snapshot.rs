@@ -23,18 +23,23 @@ fn busy(vcpus: u32, ticks: u64) -> (VmConfig, TestGuest) {
     )
 }
 
-/// Whether write-protect works here; prints SKIP where it does not (unless KVM is required,
-/// since every kernel with the features this machine has supports it).
-fn live_available(vm: &Vm, test: &str) -> bool {
+/// A VM running `guest`, booted if KVM and write-protect work here; prints SKIP where they do
+/// not (a missing write-protect fails instead when KVM is required, since every kernel with the
+/// features this machine has supports it).
+fn live_vm(test: &str, config: VmConfig, guest: &TestGuest) -> Option<Vm> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let vm = boot(config, guest);
     match vm.prepare_live_snapshot(true) {
-        Ok(_) => true,
+        Ok(_) => Some(vm),
         Err(VmError::WriteProtect(e)) => {
             assert!(
                 std::env::var("SNAP_REQUIRE_KVM").as_deref() != Ok("1"),
                 "{test}: {e}"
             );
             println!("SKIP {test}: {e}");
-            false
+            None
         }
         Err(e) => panic!("{test}: {e}"),
     }
@@ -44,16 +49,12 @@ fn live_available(vm: &Vm, test: &str) -> bool {
 /// lines between them, `pace` between runs of pages written), lets the original finish, then
 /// restores every snapshot in every mode and checks its continuation byte for byte.
 fn live_chain(vcpus: u32, diffs: usize, pace: Duration, test: &str) -> u64 {
-    if !kvm_available(test) {
-        return 0;
-    }
     // A slow writer needs a guest that outlasts its copies.
     let ticks = if pace.is_zero() { 40 } else { 200 };
     let (config, guest) = busy(vcpus, ticks);
-    let vm = boot(config, &guest);
-    if !live_available(&vm, test) {
+    let Some(vm) = live_vm(test, config, &guest) else {
         return 0;
-    }
+    };
     let snaps = Snapshots::new();
     let options = LayerOptions::default();
     let mut taken = Vec::new();
@@ -151,14 +152,10 @@ fn pages_the_guest_writes_first_are_kept_from_the_pause() {
 #[test]
 fn no_revert_while_a_live_copy_runs() {
     let test = "no_revert_while_a_live_copy_runs";
-    if !kvm_available(test) {
-        return;
-    }
     let (config, guest) = small(1);
-    let vm = boot(config, &guest);
-    if !live_available(&vm, test) {
+    let Some(vm) = live_vm(test, config, &guest) else {
         return;
-    }
+    };
     let cut = pause_after(&vm, 3);
     let snaps = Snapshots::new();
     let saved = snaps.full(&vm);
@@ -190,14 +187,10 @@ fn no_revert_while_a_live_copy_runs() {
 #[test]
 fn vmm_writes_during_the_copy_do_not_reach_the_snapshot() {
     let test = "vmm_writes_during_the_copy_do_not_reach_the_snapshot";
-    if !kvm_available(test) {
-        return;
-    }
     let (config, guest) = small(1);
-    let vm = boot(config, &guest);
-    if !live_available(&vm, test) {
+    let Some(vm) = live_vm(test, config, &guest) else {
         return;
-    }
+    };
     assert!(vm.serial_output().wait_for_lines(2, TIMEOUT));
     let (held, hole) = (24u64 << 20, 28u64 << 20);
     vm.memory().write_at_offset(held, &[0x11; 4096]).unwrap();
