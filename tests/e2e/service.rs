@@ -95,12 +95,7 @@ async fn health_and_reflection_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_listener_and_one_daemon_per_directory() {
     let (daemon, _) = start("").await;
-    // A free port: bind, read it, release it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = snap_testkit::free_port();
     let mut tcp = Snapd::new(
         SNAPD,
         &[

@@ -10,6 +10,7 @@ use snap_api::v1 as pb;
 
 use super::common::*;
 use super::service::assert_stock_services;
+use snap_testkit::free_port;
 
 /// A directory of certificates: the CA, snapd's, an admin's, a read-only one's, one without a
 /// role, and one from another CA.
@@ -78,15 +79,6 @@ impl Certs {
             key: who.map(|w| self.path(&format!("{w}.key"))),
         }
     }
-}
-
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A daemon serving TCP with TLS on a free port, and its `https://` address.

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::free_port;
+
 /// The bucket every Garage of these tests has.
 pub const BUCKET: &str = "snapshots";
 /// The region Garage signs with.
@@ -38,14 +40,6 @@ fn garage_binary() -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join("garage"))
         .find(|p| p.is_file())
-}
-
-/// A free TCP port on loopback.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// One Garage server (a node of its own), with its bucket and key.

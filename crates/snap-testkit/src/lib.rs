@@ -15,6 +15,18 @@ pub mod vmm;
 
 use std::time::Duration;
 
+/// A free TCP port on loopback (bound, read, released).
+///
+/// # Panics
+/// If no port can be bound.
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// How long a test waits for a guest or the daemon before failing.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
