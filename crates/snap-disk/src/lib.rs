@@ -164,6 +164,7 @@
 
 mod build;
 mod check;
+mod copy;
 mod disk;
 mod error;
 mod format;
@@ -179,6 +180,7 @@ mod qcow2;
 mod space;
 
 pub use check::{CheckReport, check_layer};
+pub use copy::{LayerBlocks, build_sealed_layer};
 pub use disk::{Disk, MergeOutcome};
 pub use error::DiskError;
 pub use image::{create_layer, import_raw, import_raw_file, layer_info};
