@@ -23,7 +23,9 @@ const RAW: u8 = 0;
 const ZSTD: u8 = 1;
 
 /// A chunk's name: the BLAKE3 digest of its content.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ChunkId(pub [u8; 32]);
 
 impl ChunkId {

@@ -20,9 +20,11 @@
 #![forbid(unsafe_code)]
 
 pub mod chunk;
+pub mod manifest;
 #[cfg(feature = "store")]
 pub mod store;
 
 pub use chunk::{ChunkError, ChunkId};
+pub use manifest::{Manifest, ManifestError, ManifestId};
 #[cfg(feature = "store")]
 pub use store::{Credentials, Remote, RemoteError};
