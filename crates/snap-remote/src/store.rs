@@ -14,6 +14,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::chunk::{self, ChunkError, ChunkId};
+use crate::manifest::{self, Manifest, ManifestError, ManifestId, RawId};
 
 /// An access key and its secret.
 #[derive(Clone)]
@@ -81,6 +82,14 @@ pub enum RemoteError {
         /// What went wrong.
         message: String,
     },
+    /// A manifest failed its checks.
+    #[error("remote store {store}: {source}")]
+    Manifest {
+        /// The store's URL.
+        store: String,
+        /// The check that failed.
+        source: ManifestError,
+    },
     /// A chunk failed its checks.
     #[error("remote store {store}: {source}")]
     Chunk {
@@ -114,6 +123,46 @@ pub struct StoredChunk {
     pub size: u64,
     /// When it was last written, in Unix milliseconds.
     pub modified_ms: i64,
+}
+
+/// A manifest in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredManifest {
+    /// The snapshot it describes.
+    pub snapshot: RawId,
+    /// Its id.
+    pub id: ManifestId,
+    /// Bytes of its object.
+    pub size: u64,
+    /// When it was written, in Unix milliseconds.
+    pub modified_ms: i64,
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Chunks listed.
+    pub chunks: usize,
+    /// Manifests read.
+    pub manifests: usize,
+    /// Chunks removed.
+    pub removed: usize,
+    /// Their bytes.
+    pub removed_bytes: u64,
+    /// Chunks no manifest names, kept because they are younger than the grace period.
+    pub kept_young: usize,
+}
+
+/// A 32-hex-digit id.
+fn parse_raw_id(s: &str) -> Option<RawId> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 impl Remote {
@@ -203,28 +252,45 @@ impl Remote {
         }
     }
 
-    /// Stores `content` as a chunk unless a chunk of that content is there already; returns
-    /// its id and whether it was uploaded (false: deduplicated).
+    /// Stores `content` as a chunk unless a chunk of that content is there already, written
+    /// at or after `fresh_after_ms` (Unix milliseconds, the store's clock): an older one is
+    /// written again, which renews its age, so that a sweep cannot take it before the manifest
+    /// that is about to name it exists (see [`Remote::sweep`]). Returns its id and the bytes
+    /// sent (0: deduplicated).
     ///
     /// # Errors
     /// The store's error, or [`RemoteError::Chunk`] for content too large.
-    pub async fn put_chunk(&self, content: &[u8]) -> Result<(ChunkId, bool), RemoteError> {
-        let (id, object) = chunk::seal(content, 3).map_err(|source| RemoteError::Chunk {
-            store: self.url.clone(),
-            source,
-        })?;
+    pub async fn put_chunk(
+        &self,
+        content: &[u8],
+        fresh_after_ms: i64,
+    ) -> Result<(ChunkId, u64), RemoteError> {
+        if content.len() > chunk::MAX_CHUNK {
+            return Err(RemoteError::Chunk {
+                store: self.url.clone(),
+                source: ChunkError::TooLarge(content.len()),
+            });
+        }
+        let id = ChunkId::of(content);
         let key = id.key(&self.prefix);
         let path = ObjectPath::from(key.as_str());
         match self.store.head(&path).await {
-            Ok(_) => return Ok((id, false)),
-            Err(object_store::Error::NotFound { .. }) => {}
+            Ok(meta) if meta.last_modified.timestamp_millis() >= fresh_after_ms => {
+                return Ok((id, 0));
+            }
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(self.error(&key, e)),
         }
+        let (_, object) = chunk::seal(content, 3).map_err(|source| RemoteError::Chunk {
+            store: self.url.clone(),
+            source,
+        })?;
+        let sent = object.len() as u64;
         self.store
             .put(&path, PutPayload::from(object))
             .await
             .map_err(|e| self.error(&key, e))?;
-        Ok((id, true))
+        Ok((id, sent))
     }
 
     /// The content of chunk `id`, checked (see [`chunk::open`]).
@@ -258,6 +324,149 @@ impl Remote {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error(&key, e)),
         }
+    }
+
+    /// Stores `manifest` (after every chunk it names: the caller's order); returns its id and
+    /// the bytes of its object.
+    ///
+    /// # Errors
+    /// [`RemoteError::Unavailable`] for a manifest that does not encode, or the store's error.
+    pub async fn put_manifest(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<(ManifestId, u64), RemoteError> {
+        let (id, object) =
+            manifest::encode(manifest).map_err(|message| RemoteError::Unavailable {
+                store: self.url.clone(),
+                message: format!("encoding the manifest: {message}"),
+            })?;
+        let key = manifest.key(&self.prefix, &id);
+        let len = object.len() as u64;
+        self.store
+            .put(&ObjectPath::from(key.as_str()), PutPayload::from(object))
+            .await
+            .map_err(|e| self.error(&key, e))?;
+        Ok((id, len))
+    }
+
+    /// Manifest `id` of snapshot `snapshot`, checked (see [`manifest::decode`]).
+    ///
+    /// # Errors
+    /// [`RemoteError::Missing`], the store's error, or [`RemoteError::Manifest`].
+    pub async fn get_manifest(
+        &self,
+        snapshot: &RawId,
+        id: &ManifestId,
+    ) -> Result<Manifest, RemoteError> {
+        let key = format!("{}{id}", Manifest::snapshot_prefix(&self.prefix, snapshot));
+        let bytes = self
+            .store
+            .get(&ObjectPath::from(key.as_str()))
+            .await
+            .map_err(|e| self.error(&key, e))?
+            .bytes()
+            .await
+            .map_err(|e| self.error(&key, e))?;
+        manifest::decode(id, &bytes).map_err(|source| RemoteError::Manifest {
+            store: self.url.clone(),
+            source,
+        })
+    }
+
+    /// Every manifest in the store (from the listing alone: nothing is read).
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn list_manifests(&self) -> Result<Vec<StoredManifest>, RemoteError> {
+        let prefix = format!("{}/v1/snapshots", self.prefix);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&ObjectPath::from(prefix.as_str())))
+            .try_collect()
+            .await
+            .map_err(|e| self.error(&prefix, e))?;
+        let mut out: Vec<StoredManifest> = objects
+            .into_iter()
+            .filter_map(|m| {
+                let mut parts = m.location.parts().collect::<Vec<_>>().into_iter().rev();
+                let id = parts.next()?.as_ref().parse().ok()?;
+                let snapshot = parse_raw_id(parts.next()?.as_ref())?;
+                Some(StoredManifest {
+                    snapshot,
+                    id,
+                    size: m.size,
+                    modified_ms: m.last_modified.timestamp_millis(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.snapshot, a.id).cmp(&(b.snapshot, b.id)));
+        Ok(out)
+    }
+
+    /// Removes every manifest of snapshot `snapshot`; returns how many there were. Its chunks
+    /// stay until a sweep finds no manifest naming them.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn delete_manifests(&self, snapshot: &RawId) -> Result<usize, RemoteError> {
+        let prefix = Manifest::snapshot_prefix(&self.prefix, snapshot);
+        let found: Vec<_> = self
+            .store
+            .list(Some(&ObjectPath::from(prefix.trim_end_matches('/'))))
+            .try_collect()
+            .await
+            .map_err(|e| self.error(&prefix, e))?;
+        for m in &found {
+            match self.store.delete(&m.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.error(m.location.as_ref(), e)),
+            }
+        }
+        Ok(found.len())
+    }
+
+    /// Removes the chunks no manifest names that are older than `grace_ms` (by the store's
+    /// clock, as `now_ms` gives it).
+    ///
+    /// The protocol, safe while other hosts push (no conditional writes needed):
+    /// 1. the sweep lists the chunks first, then the manifests, and reads every manifest; one
+    ///    that cannot be read stops the sweep before anything is removed;
+    /// 2. a push reuses a chunk only if it was written less than `grace_ms / 2` before the push
+    ///    began ([`Remote::put_chunk`]'s `fresh_after_ms`), else writes it again, and gives up
+    ///    without writing its manifest once `grace_ms / 2` has passed since it began.
+    ///
+    /// So when a push writes its manifest, every chunk it names is younger than `grace_ms`; a
+    /// chunk the sweep removes was older than that when it was listed, so the pushing host's
+    /// manifest existed before the listing of manifests, which then named the chunk. Clocks
+    /// must agree to well within `grace_ms / 2`.
+    ///
+    /// # Errors
+    /// The store's error, or a manifest that cannot be read (nothing is removed then).
+    pub async fn sweep(&self, grace_ms: i64, now_ms: i64) -> Result<Swept, RemoteError> {
+        let chunks = self.list_chunks().await?;
+        let manifests = self.list_manifests().await?;
+        let mut named = std::collections::HashSet::new();
+        for m in &manifests {
+            named.extend(self.get_manifest(&m.snapshot, &m.id).await?.chunks());
+        }
+        let mut swept = Swept {
+            chunks: chunks.len(),
+            manifests: manifests.len(),
+            ..Swept::default()
+        };
+        for c in chunks {
+            if named.contains(&c.id) {
+                continue;
+            }
+            if now_ms - c.modified_ms < grace_ms {
+                swept.kept_young += 1;
+                continue;
+            }
+            self.delete_chunk(&c.id).await?;
+            swept.removed += 1;
+            swept.removed_bytes += c.size;
+        }
+        Ok(swept)
     }
 
     /// Every chunk in the store, with its size and age.
