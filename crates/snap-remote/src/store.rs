@@ -399,7 +399,7 @@ impl Remote {
                 })
             })
             .collect();
-        out.sort_by(|a, b| (a.snapshot, a.id).cmp(&(b.snapshot, b.id)));
+        out.sort_by_key(|m| (m.snapshot, m.id));
         Ok(out)
     }
 
