@@ -23,6 +23,8 @@ pub mod chunk;
 pub mod manifest;
 #[cfg(feature = "store")]
 pub mod store;
+#[cfg(feature = "store")]
+pub mod transfer;
 
 pub use chunk::{ChunkError, ChunkId};
 pub use manifest::{Manifest, ManifestError, ManifestId};
