@@ -11,6 +11,7 @@ mod failures;
 mod files;
 mod live;
 mod races;
+mod remote;
 mod scenario;
 mod service;
 mod tls;

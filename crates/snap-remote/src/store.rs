@@ -373,18 +373,31 @@ impl Remote {
         })
     }
 
-    /// Every manifest in the store (from the listing alone: nothing is read).
+    /// Every manifest in the store (from the listing alone: nothing is read), by snapshot.
     ///
     /// # Errors
     /// The store's error.
     pub async fn list_manifests(&self) -> Result<Vec<StoredManifest>, RemoteError> {
-        let prefix = format!("{}/v1/snapshots", self.prefix);
+        self.manifests_under(&format!("{}/v1/snapshots", self.prefix))
+            .await
+    }
+
+    /// The manifests of snapshot `snapshot`.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn manifests_of(&self, snapshot: &RawId) -> Result<Vec<StoredManifest>, RemoteError> {
+        let prefix = Manifest::snapshot_prefix(&self.prefix, snapshot);
+        self.manifests_under(prefix.trim_end_matches('/')).await
+    }
+
+    async fn manifests_under(&self, prefix: &str) -> Result<Vec<StoredManifest>, RemoteError> {
         let objects: Vec<_> = self
             .store
-            .list(Some(&ObjectPath::from(prefix.as_str())))
+            .list(Some(&ObjectPath::from(prefix)))
             .try_collect()
             .await
-            .map_err(|e| self.error(&prefix, e))?;
+            .map_err(|e| self.error(prefix, e))?;
         let mut out: Vec<StoredManifest> = objects
             .into_iter()
             .filter_map(|m| {

@@ -35,7 +35,8 @@ pub struct Transfer<'a> {
     pub handle: &'a Handle,
     /// The remote.
     pub remote: &'a Remote,
-    /// Called with the bytes of content each finished unit held; `false` stops the transfer.
+    /// Called with the bytes of content each finished unit held (and with 0 before each upload
+    /// starts); `false` stops the transfer.
     pub progress: &'a (dyn Fn(u64) -> bool + Sync),
     /// Chunk uploads or downloads running at once.
     pub in_flight: usize,
@@ -175,6 +176,8 @@ impl Uploads<'_> {
         while self.queue.len() >= self.t.in_flight.max(1) {
             self.finish_one()?;
         }
+        // A zero-byte report before each upload: the caller may stop the push here.
+        self.advance(0)?;
         let remote = self.t.remote.clone();
         let fresh = self.fresh_after_ms;
         let task = self

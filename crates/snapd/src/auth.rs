@@ -37,6 +37,7 @@ const READ_ONLY_METHODS: &[&str] = &[
     "GetSnapshot",
     "ListSnapshots",
     "GetSnapshotTree",
+    "ListRemoteSnapshots",
     "GetOperation",
     "ListOperations",
     "WaitOperation",

@@ -42,6 +42,8 @@ pub struct Config {
     pub images: ImagePolicy,
     /// How snapshots copy memory.
     pub copy_mode: crate::snapshot::CopyMode,
+    /// The remote stores snapshots are pushed to and pulled from.
+    pub remotes: crate::remote::Remotes,
 }
 
 /// The daemon.
@@ -58,6 +60,7 @@ pub struct Daemon {
     pub(crate) copy_before_resume: u64,
     pub(crate) images: ImagePolicy,
     pub(crate) copy_mode: crate::snapshot::CopyMode,
+    pub(crate) remotes: crate::remote::Remotes,
     stopping: AtomicBool,
     /// Held while VM states are reported or recorded at shutdown.
     reporting: std::sync::Mutex<()>,
@@ -86,6 +89,7 @@ impl Daemon {
             copy_before_resume: config.copy_before_resume,
             images: config.images,
             copy_mode: config.copy_mode,
+            remotes: config.remotes,
             stopping: AtomicBool::new(false),
             reporting: std::sync::Mutex::new(()),
         });

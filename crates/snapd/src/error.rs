@@ -150,6 +150,7 @@ impl From<CatalogError> for Error {
     fn from(e: CatalogError) -> Self {
         match e {
             CatalogError::NameTaken(m) => Self::exists(m),
+            CatalogError::Changed(m) => Self::conflict(m),
             e if is_disk_full(&e) => Self::disk_full(format!("writing the catalog: {e}")),
             e => Self::internal(e.to_string()),
         }

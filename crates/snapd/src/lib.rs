@@ -6,7 +6,8 @@
 //! - [`ops`]: which operations may run together ([`ops::scheduler`]), the runner of long
 //!   operations, events, request ids;
 //! - one module per operation: [`create_vm`], [`snapshot`], [`restore`], [`clone`], [`delete`]
-//!   (with [`delete_plan`]), [`lifecycle`] (start, pause, resume, stop);
+//!   (with [`delete_plan`]), [`lifecycle`] (start, pause, resume, stop), [`remote`] (push, pull,
+//!   delete and sweep of remote stores);
 //! - [`daemon`] (start, recovery, housekeeping), [`vms`] (the running instances),
 //!   [`store`] (the data directory), [`catalog`] (what exists), [`disks`], [`pool`].
 
@@ -26,6 +27,7 @@ pub mod images;
 pub mod lifecycle;
 pub mod ops;
 pub mod pool;
+pub mod remote;
 pub mod restore;
 pub mod snapshot;
 pub mod socket_h2;

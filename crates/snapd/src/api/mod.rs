@@ -4,6 +4,7 @@
 
 pub mod convert;
 mod operations;
+mod remote;
 mod snapshots;
 pub mod status;
 pub mod validate;
@@ -327,6 +328,32 @@ impl Snapd for Service {
         r: Request<pb::RestoreSnapshotRequest>,
     ) -> Answer<pb::Operation> {
         snapshots::restore(self, r.into_inner()).await
+    }
+
+    async fn push_snapshot(&self, r: Request<pb::PushSnapshotRequest>) -> Answer<pb::Operation> {
+        remote::push(self, r.into_inner()).await
+    }
+
+    async fn list_remote_snapshots(
+        &self,
+        r: Request<pb::ListRemoteSnapshotsRequest>,
+    ) -> Answer<pb::ListRemoteSnapshotsResponse> {
+        remote::list(self, r.into_inner()).await
+    }
+
+    async fn pull_snapshot(&self, r: Request<pb::PullSnapshotRequest>) -> Answer<pb::Operation> {
+        remote::pull(self, r.into_inner()).await
+    }
+
+    async fn delete_remote_snapshot(
+        &self,
+        r: Request<pb::DeleteRemoteSnapshotRequest>,
+    ) -> Answer<pb::Operation> {
+        remote::delete(self, r.into_inner()).await
+    }
+
+    async fn sweep_remote(&self, r: Request<pb::SweepRemoteRequest>) -> Answer<pb::Operation> {
+        remote::sweep(self, r.into_inner()).await
     }
 
     async fn clone_snapshot(&self, r: Request<pb::CloneSnapshotRequest>) -> Answer<pb::Operation> {

@@ -90,6 +90,21 @@ struct Args {
     /// Largest raw disk image imported, in GiB.
     #[arg(long, default_value_t = snapd::images::DEFAULT_MAX_IMAGE_BYTES >> 30)]
     max_image_gib: u64,
+    /// A remote store snapshots can be pushed to and pulled from (repeatable): NAME=URL with
+    /// URL `http(s)://HOST[:PORT]/BUCKET[/PREFIX][?region=REGION]` (an S3 endpoint, path
+    /// style). Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or from
+    /// --remote-credentials; never from the URL.
+    #[arg(long = "remote", value_name = "NAME=URL")]
+    remotes: Vec<String>,
+    /// A file with the remotes' credentials: lines AWS_ACCESS_KEY_ID=... and
+    /// AWS_SECRET_ACCESS_KEY=... (instead of the environment).
+    #[arg(long, value_name = "FILE", requires = "remotes")]
+    remote_credentials: Option<PathBuf>,
+    /// A remote's chunks that no manifest names are swept only once older than this (and a push
+    /// must finish within half of it). Every host pushing to a remote must use the same value,
+    /// and their clocks must agree to well within half of it.
+    #[arg(long, default_value_t = snapd::remote::DEFAULT_GRACE_MS as u64 / 1000)]
+    remote_grace_secs: u64,
 }
 
 fn main() {
@@ -140,6 +155,16 @@ fn run(args: Args) -> Result<(), String> {
         frame_size: args.frame_kib << 10,
         ..Default::default()
     };
+    let credentials = match &args.remote_credentials {
+        Some(file) => Some(snapd::remote::Remotes::credentials_file(file)?),
+        None if args.remotes.is_empty() => None,
+        None => Some(snap_remote::Credentials::from_env()?),
+    };
+    let remotes = snapd::remote::Remotes::new(
+        &args.remotes,
+        credentials.as_ref(),
+        i64::try_from(args.remote_grace_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+    )?;
     let daemon = Daemon::open(Config {
         data_dir: args.data_dir.clone(),
         layer_options,
@@ -152,6 +177,7 @@ fn run(args: Args) -> Result<(), String> {
         },
         images,
         copy_mode: args.snapshot_copy,
+        remotes,
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -41,6 +41,9 @@ pub enum CatalogError {
     /// Failure injected by a test (see `FailPoints`).
     #[error("injected failure: {0}")]
     Injected(&'static str),
+    /// What an operation checked before its transaction changed meanwhile: retry it.
+    #[error("{0}")]
+    Changed(String),
 }
 
 type Result<T> = std::result::Result<T, CatalogError>;

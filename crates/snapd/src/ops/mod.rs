@@ -261,6 +261,10 @@ impl OpSpec {
             pb::OperationKind::CloneSnapshot => "CloneSnapshot",
             pb::OperationKind::DeleteSnapshot => "DeleteSnapshot",
             pb::OperationKind::DeleteVm => "DeleteVm",
+            pb::OperationKind::PushSnapshot => "PushSnapshot",
+            pb::OperationKind::PullSnapshot => "PullSnapshot",
+            pb::OperationKind::DeleteRemoteSnapshot => "DeleteRemoteSnapshot",
+            pb::OperationKind::SweepRemote => "SweepRemote",
             pb::OperationKind::Unspecified => "an operation",
         };
         let what = match (self.vm, self.snapshot) {

@@ -8,8 +8,8 @@ use tonic::transport::Channel;
 
 use crate::error::{CliError, operation_error};
 use crate::{
-    Cli, Command, Mode, OpCommand, SnapshotCommand, VmCommand, WaitArgs, bench, labels, resolve,
-    show, wait,
+    Cli, Command, Mode, OpCommand, RemoteCommand, SnapshotCommand, VmCommand, WaitArgs, bench,
+    labels, resolve, show, wait,
 };
 
 type Client = SnapdClient<Channel>;
@@ -24,6 +24,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Vm(cmd) => vm(cli, &mut c, cmd).await,
         Command::Snapshot(cmd) => snapshot(cli, &mut c, cmd).await,
         Command::Op(cmd) => op(cli, &mut c, cmd).await,
+        Command::Remote(cmd) => remote(cli, &mut c, cmd).await,
         Command::Events { vm, after } => events(cli, &mut c, vm.as_deref(), *after).await,
         Command::Bench(_) => unreachable!("handled above"),
     }
@@ -243,6 +244,101 @@ async fn long(
         Some(e) => Err(e),
         None => Ok(op),
     }
+}
+
+async fn remote(cli: &Cli, c: &mut Client, cmd: &RemoteCommand) -> Result<(), CliError> {
+    match cmd {
+        RemoteCommand::Push {
+            snapshot,
+            remote,
+            wait,
+        } => {
+            let snapshot_id = resolve::snapshot_id(c, snapshot).await?;
+            let op = c
+                .push_snapshot(pb::PushSnapshotRequest {
+                    request_id: cli.request_id(),
+                    wait: cli.wait_busy,
+                    snapshot_id,
+                    remote: remote.clone(),
+                })
+                .await?
+                .into_inner();
+            long(cli, c, op, *wait).await?;
+        }
+        RemoteCommand::List { remote, snapshot } => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_remote_snapshots(pb::ListRemoteSnapshotsRequest {
+                        remote: remote.clone(),
+                        snapshot_id: snapshot.clone().unwrap_or_default(),
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.snapshots);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+            if cli.json {
+                for s in &all {
+                    show::json(s);
+                }
+            } else {
+                show::out(&show::remote_table(&all));
+            }
+        }
+        RemoteCommand::Pull {
+            snapshot,
+            remote,
+            manifest,
+            wait,
+        } => {
+            let op = c
+                .pull_snapshot(pb::PullSnapshotRequest {
+                    request_id: cli.request_id(),
+                    wait: cli.wait_busy,
+                    snapshot_id: snapshot.clone(),
+                    remote: remote.clone(),
+                    manifest_id: manifest.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            long(cli, c, op, *wait).await?;
+        }
+        RemoteCommand::Delete {
+            snapshot,
+            remote,
+            wait,
+        } => {
+            let op = c
+                .delete_remote_snapshot(pb::DeleteRemoteSnapshotRequest {
+                    request_id: cli.request_id(),
+                    wait: cli.wait_busy,
+                    snapshot_id: snapshot.clone(),
+                    remote: remote.clone(),
+                })
+                .await?
+                .into_inner();
+            long(cli, c, op, *wait).await?;
+        }
+        RemoteCommand::Sweep { remote, wait } => {
+            let op = c
+                .sweep_remote(pb::SweepRemoteRequest {
+                    request_id: cli.request_id(),
+                    wait: cli.wait_busy,
+                    remote: remote.clone(),
+                })
+                .await?
+                .into_inner();
+            long(cli, c, op, *wait).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<(), CliError> {

@@ -75,6 +75,9 @@ enum Command {
     /// Snapshots: take, inspect, list, show a VM's tree, restore, clone, delete, label.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Remote stores (snapd's --remote NAME=URL): push, list, pull, delete, sweep.
+    #[command(subcommand)]
+    Remote(RemoteCommand),
     /// Long operations: inspect, wait for, cancel, list.
     #[command(subcommand)]
     Op(OpCommand),
@@ -323,6 +326,60 @@ enum SnapshotCommand {
         /// Then remove label k (repeatable).
         #[arg(long = "remove", value_name = "K")]
         remove: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum RemoteCommand {
+    /// Push a snapshot (its whole chain) to a remote; chunks already there are not sent.
+    Push {
+        /// The snapshot: its id, or <vm>/<snapshot name>.
+        snapshot: String,
+        /// The remote's name.
+        #[arg(long)]
+        remote: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// List a remote's snapshots.
+    List {
+        /// The remote's name.
+        #[arg(long)]
+        remote: String,
+        /// Only this snapshot's manifests (its id).
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// Pull a remote snapshot into this host's catalog (then restore or clone it).
+    Pull {
+        /// The snapshot's id.
+        snapshot: String,
+        /// The remote's name.
+        #[arg(long)]
+        remote: String,
+        /// Which of its manifests (default: any).
+        #[arg(long)]
+        manifest: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Delete a snapshot's manifests from a remote (its chunks go at the next sweep).
+    Delete {
+        /// The snapshot's id.
+        snapshot: String,
+        /// The remote's name.
+        #[arg(long)]
+        remote: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove the chunks of a remote no manifest names, once older than the grace period.
+    Sweep {
+        /// The remote's name.
+        #[arg(long)]
+        remote: String,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
 }
 

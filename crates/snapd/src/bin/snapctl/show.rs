@@ -128,6 +128,10 @@ pub(crate) fn kind_word(k: pb::OperationKind) -> String {
         pb::OperationKind::CloneSnapshot => "clone-snapshot",
         pb::OperationKind::DeleteSnapshot => "delete-snapshot",
         pb::OperationKind::DeleteVm => "delete-vm",
+        pb::OperationKind::PushSnapshot => "push-snapshot",
+        pb::OperationKind::PullSnapshot => "pull-snapshot",
+        pb::OperationKind::DeleteRemoteSnapshot => "delete-remote-snapshot",
+        pb::OperationKind::SweepRemote => "sweep-remote",
     }
     .into()
 }
@@ -367,6 +371,9 @@ pub(crate) fn result(r: &pb::OperationResult) -> String {
     for v in &r.vms {
         let _ = writeln!(s, "VM {} {} {}", v.name, v.id, vm_state_word(v.state()));
     }
+    if let Some(t) = &r.remote {
+        let _ = write!(s, "{}", remote_transfer(t));
+    }
     if !r.deleted_snapshot_ids.is_empty() || r.freed_bytes > 0 {
         let _ = writeln!(
             s,
@@ -378,6 +385,77 @@ pub(crate) fn result(r: &pb::OperationResult) -> String {
                 format!(" ({})", r.deleted_snapshot_ids.join(", "))
             },
             bytes(r.freed_bytes)
+        );
+    }
+    s
+}
+
+/// What a remote operation moved.
+pub(crate) fn remote_transfer(t: &pb::RemoteTransfer) -> String {
+    let mut s = String::new();
+    if !t.manifest_id.is_empty() {
+        let _ = writeln!(
+            s,
+            "remote {}: manifest {}, {} chunks",
+            t.remote, t.manifest_id, t.chunks
+        );
+    }
+    if t.chunks_uploaded + t.chunks_deduplicated > 0 {
+        let _ = writeln!(
+            s,
+            "pushed {} of content: {} chunks sent ({}), {} already there",
+            bytes(t.content_bytes),
+            t.chunks_uploaded,
+            bytes(t.sent_bytes),
+            t.chunks_deduplicated
+        );
+    }
+    if t.stored_bytes > 0 || t.layers_shared > 0 {
+        let _ = writeln!(
+            s,
+            "pulled {} of content: {} stored here, {} layer(s) shared with ones already here",
+            bytes(t.content_bytes),
+            bytes(t.stored_bytes),
+            t.layers_shared
+        );
+    }
+    if t.manifests_deleted > 0 {
+        let _ = writeln!(
+            s,
+            "remote {}: {} manifest(s) deleted",
+            t.remote, t.manifests_deleted
+        );
+    }
+    if t.chunks_listed > 0 {
+        let _ = writeln!(
+            s,
+            "remote {}: {} chunks, {} swept ({}), {} unnamed kept as younger than the grace period",
+            t.remote,
+            t.chunks_listed,
+            t.chunks_swept,
+            bytes(t.bytes_swept),
+            t.chunks_kept_young
+        );
+    }
+    s
+}
+
+pub(crate) fn remote_table(snaps: &[pb::RemoteSnapshot]) -> String {
+    let mut s = format!(
+        "{:<32}  {:<16}  {:<16}  {:>10}  {:>7}  {:<19}  MANIFEST\n",
+        "SNAPSHOT", "NAME", "VM", "CONTENT", "CHUNKS", "PUSHED (UTC)"
+    );
+    for x in snaps {
+        let _ = writeln!(
+            s,
+            "{:<32}  {:<16}  {:<16}  {:>10}  {:>7}  {:<19}  {}",
+            x.snapshot_id,
+            x.name,
+            x.vm_name,
+            bytes(x.content_bytes),
+            x.chunks,
+            time(x.pushed_unix_ms),
+            &x.manifest_id[..16.min(x.manifest_id.len())]
         );
     }
     s

@@ -1,0 +1,383 @@
+//! Remote stores end to end: two daemons (two hosts, each its own data directory) share one
+//! real Garage bucket. Host A pushes a VM's snapshots; host B, which never saw them, pulls,
+//! restores and clones them, and every guest continues exactly as the uninterrupted run did;
+//! deletes and the sweep leave exactly what the remaining manifests name. And the failures:
+//! a push killed midway leaves no manifest and its retry sends only what is missing, a chunk
+//! overwritten in the bucket stops a pull naming it and changes nothing here, wrong credentials
+//! are told as such.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use object_store::ObjectStoreExt;
+use snap_api::v1 as pb;
+use snap_remote::{Credentials, Remote};
+use snap_testkit::garage::{BUCKET, Garage, REGION, garage_available};
+
+use crate::common::*;
+
+/// The sweep's grace period in these tests: short, so that a test can wait it out (a push
+/// here takes well under half of it).
+const GRACE_SECS: u64 = 6;
+
+/// A daemon configured with remote `fleet` on `garage` (credentials from a file).
+async fn host(garage: &Garage, dir: &std::path::Path, tag: &str, secret: &str) -> (Snapd, Client) {
+    let creds = dir.join(format!("{tag}.creds"));
+    std::fs::write(
+        &creds,
+        format!(
+            "# the remote's key\nAWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={secret}\n",
+            garage.access_key
+        ),
+    )
+    .unwrap();
+    let remote = format!("fleet={}", garage.url("fleet"));
+    let grace = GRACE_SECS.to_string();
+    start_with(
+        "",
+        &[
+            "--remote",
+            &remote,
+            "--remote-credentials",
+            creds.to_str().unwrap(),
+            "--remote-grace-secs",
+            &grace,
+        ],
+    )
+    .await
+}
+
+fn bucket(garage: &Garage) -> Remote {
+    Remote::new(
+        &garage.url("fleet"),
+        &Credentials {
+            access_key: garage.access_key.clone(),
+            secret_key: garage.secret_key.clone(),
+        },
+    )
+    .unwrap()
+}
+
+/// What the bucket holds: chunk ids, and the chunks its manifests name.
+async fn bucket_contents(
+    garage: &Garage,
+) -> (
+    BTreeSet<snap_remote::ChunkId>,
+    BTreeSet<snap_remote::ChunkId>,
+) {
+    let r = bucket(garage);
+    let chunks = r
+        .list_chunks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let mut named = BTreeSet::new();
+    for m in r.list_manifests().await.unwrap() {
+        named.extend(r.get_manifest(&m.snapshot, &m.id).await.unwrap().chunks());
+    }
+    (chunks, named)
+}
+
+pub async fn push(c: &mut Client, snapshot: &str) -> pb::RemoteTransfer {
+    let op = c
+        .push_snapshot(pb::PushSnapshotRequest {
+            request_id: rid("push"),
+            snapshot_id: snapshot.into(),
+            remote: "fleet".into(),
+            wait: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    succeeded(c, op).await.remote.unwrap()
+}
+
+pub async fn start_pull(c: &mut Client, snapshot: &str) -> pb::Operation {
+    c.pull_snapshot(pb::PullSnapshotRequest {
+        request_id: rid("pull"),
+        snapshot_id: snapshot.into(),
+        remote: "fleet".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Pulls `snapshot` and waits for the operation to end.
+async fn pull(c: &mut Client, snapshot: &str) -> pb::Operation {
+    let op = start_pull(c, snapshot).await;
+    wait_op(c, op).await
+}
+
+/// Pulls `snapshot`, which must succeed.
+async fn pulled(c: &mut Client, snapshot: &str) -> pb::OperationResult {
+    let op = start_pull(c, snapshot).await;
+    succeeded(c, op).await
+}
+
+async fn remote_op(c: &mut Client, delete: Option<&str>) -> pb::RemoteTransfer {
+    let op = match delete {
+        Some(s) => c
+            .delete_remote_snapshot(pb::DeleteRemoteSnapshotRequest {
+                request_id: rid("rdel"),
+                snapshot_id: s.into(),
+                remote: "fleet".into(),
+                wait: false,
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+        None => c
+            .sweep_remote(pb::SweepRemoteRequest {
+                request_id: rid("sweep"),
+                remote: "fleet".into(),
+                wait: false,
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    };
+    succeeded(c, op).await.remote.unwrap()
+}
+
+fn lazy() -> pb::MemoryRestoreMode {
+    pb::MemoryRestoreMode::Lazy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_chain_pushed_by_one_host_runs_on_another() {
+    let test = "a_snapshot_chain_pushed_by_one_host_runs_on_another";
+    if !kvm_available(test) || !garage_available(test) {
+        return;
+    }
+    let garage = Garage::single_node();
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, mut a) = host(&garage, dir.path(), "a", &garage.secret_key).await;
+    let (b_daemon, mut b) = host(&garage, dir.path(), "b", &garage.secret_key).await;
+    let program = long_guest();
+    let model = model(&program);
+
+    // Host A: a VM with a disk, a full snapshot and two diffs, each pushed.
+    let vm = create_vm_running(&mut a, "origin", true, program).await.id;
+    let mut snaps = Vec::new();
+    for (i, lines) in [15, 30, 45].into_iter().enumerate() {
+        wait_lines(&mut a, &vm, lines).await;
+        let (s, _) = snapshot_at(&mut a, &vm, &format!("s{i}"), &rid("snap")).await;
+        snaps.push(s);
+    }
+    stop(&mut a, &vm).await;
+    let first = push(&mut a, &snaps[0].id).await;
+    assert!(
+        first.chunks_uploaded > 0 && first.content_bytes > 0,
+        "{first:?}"
+    );
+    for s in &snaps[1..] {
+        let t = push(&mut a, &s.id).await;
+        assert!(
+            t.chunks_deduplicated > 0,
+            "a child's push reuses its parents' chunks: {t:?}"
+        );
+    }
+    let again = push(&mut a, &snaps[2].id).await;
+    assert_eq!(
+        (again.chunks_uploaded, again.chunks_deduplicated),
+        (0, again.chunks),
+        "a second push of the same snapshot sends nothing"
+    );
+
+    // Both hosts list the three snapshots.
+    let listed = b
+        .list_remote_snapshots(pb::ListRemoteSnapshotsRequest {
+            remote: "fleet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    let mut ids: Vec<&str> = listed.iter().map(|s| s.snapshot_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut want: Vec<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    assert!(listed.iter().all(|s| s.vm_name == "origin" && s.chunks > 0));
+
+    // Host B pulls the newest, restores it lazily and clones it five times: every guest
+    // continues exactly.
+    let newest = pulled(&mut b, &snaps[2].id).await;
+    let s2 = newest.snapshot.unwrap();
+    assert_eq!(
+        (s2.id.as_str(), s2.name.as_str()),
+        (snaps[2].id.as_str(), "s2")
+    );
+    assert_eq!(s2.vm_id, vm, "the snapshot keeps its VM's id");
+    assert!(newest.remote.unwrap().stored_bytes > 0);
+    let restored = restore_new(&mut b, &s2.id, "restored", lazy()).await;
+    let op = b
+        .clone_snapshot(pb::CloneSnapshotRequest {
+            request_id: rid("clone"),
+            snapshot_id: s2.id.clone(),
+            count: 5,
+            name_prefix: "clone".into(),
+            memory_mode: lazy() as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let clones = succeeded(&mut b, op).await.vms;
+    assert_eq!(clones.len(), 5);
+    // A pull again is answered with the snapshot already here.
+    let again = pulled(&mut b, &snaps[2].id).await;
+    assert_eq!(again.snapshot.unwrap().id, s2.id);
+
+    // A deletes its local snapshots and the remote copy of the oldest, then sweeps once the
+    // grace period has passed: B's VMs run on, and the bucket holds exactly what the remaining
+    // manifests name.
+    crate::common::delete_vm(&mut a, &vm, true).await;
+    assert_eq!(
+        remote_op(&mut a, Some(&snaps[0].id))
+            .await
+            .manifests_deleted,
+        1
+    );
+    tokio::time::sleep(Duration::from_secs(GRACE_SECS + 1)).await;
+    let swept = remote_op(&mut a, None).await;
+    let (chunks, named) = bucket_contents(&garage).await;
+    assert_eq!(
+        chunks, named,
+        "after the sweep: exactly the named chunks ({swept:?})"
+    );
+
+    continues_exactly(&mut b, &restored.id, &model, 80).await;
+    for v in &clones {
+        continues_exactly(&mut b, &v.id, &model, 80).await;
+    }
+
+    // The middle snapshot, still in the remote, pulls and restores on B after the sweep; it
+    // shares the layers B already holds.
+    let mid = pulled(&mut b, &snaps[1].id).await;
+    let t = mid.remote.unwrap();
+    assert!(t.layers_shared > 0, "layers B holds are shared: {t:?}");
+    let v = restore_new(&mut b, &snaps[1].id, "middle", lazy()).await;
+    continues_exactly(&mut b, &v.id, &model, 60).await;
+    b_daemon.assert_files_match_catalog("after pulls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_failures_change_nothing_and_say_what_failed() {
+    let test = "remote_failures_change_nothing_and_say_what_failed";
+    if !kvm_available(test) || !garage_available(test) {
+        return;
+    }
+    let garage = Garage::single_node();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a_daemon, mut a) = host(&garage, dir.path(), "a", &garage.secret_key).await;
+    let vm = create_vm(&mut a, "origin", true).await.id;
+    wait_lines(&mut a, &vm, 20).await;
+    let (snap, _) = snapshot_at(&mut a, &vm, "s", &rid("snap")).await;
+    stop(&mut a, &vm).await;
+
+    // kill -9 in the middle of a push: no manifest; the retry sends only what is missing.
+    a_daemon.restart("remote.push-chunk=sleep:150");
+    let mut a = a_daemon.client().await;
+    let op = a
+        .push_snapshot(pb::PushSnapshotRequest {
+            request_id: rid("push"),
+            snapshot_id: snap.id.clone(),
+            remote: "fleet".into(),
+            wait: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_phase(&mut a, &op, |p| p == "pushing").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    a_daemon.kill9();
+    // (An upload the server had whole when the daemon died may still land.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = bucket(&garage);
+    assert!(r.list_manifests().await.unwrap().is_empty(), "no manifest");
+    let stored_before = r.list_chunks().await.unwrap().len() as u64;
+    assert!(stored_before > 0, "some chunks were stored before the kill");
+    let mut a = respawn(&mut a_daemon, "").await;
+    let t = push(&mut a, &snap.id).await;
+    assert_eq!(
+        t.chunks_deduplicated, stored_before,
+        "the retry reuses every chunk stored before the kill: {t:?}"
+    );
+    assert_eq!(t.chunks_uploaded, t.chunks - stored_before);
+
+    // A chunk overwritten in the bucket with other bytes: the pull fails naming the chunk and
+    // the snapshot, and host B's catalog and files are unchanged.
+    let (b_daemon, mut b) = host(&garage, dir.path(), "b", &garage.secret_key).await;
+    let manifest = r
+        .get_manifest(
+            &r.list_manifests().await.unwrap()[0].snapshot,
+            &t.manifest_id.parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let frames: Vec<_> = manifest.memory[0]
+        .frames
+        .iter()
+        .filter_map(|f| f.chunk)
+        .collect();
+    let (victim, other) = (frames[0], frames[1]);
+    let raw = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&garage.endpoint)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_bucket_name(BUCKET)
+        .with_region(REGION)
+        .with_access_key_id(&garage.access_key)
+        .with_secret_access_key(&garage.secret_key)
+        .build()
+        .unwrap();
+    let key = |c: snap_remote::ChunkId| object_store::path::Path::from(c.key("fleet").as_str());
+    let bytes = raw.get(&key(other)).await.unwrap().bytes().await.unwrap();
+    raw.put(&key(victim), bytes.into()).await.unwrap();
+    let ended = pull(&mut b, &snap.id).await;
+    assert_eq!(ended.state(), pb::OperationState::Failed);
+    let e = ended.error.unwrap();
+    assert_eq!(e.code, Code::FailedPrecondition as i32, "{}", e.message);
+    assert!(
+        e.message.contains(&victim.to_string()) && e.message.contains(&snap.id),
+        "names the chunk and the snapshot: {}",
+        e.message
+    );
+    assert_eq!(snapshot_count(&mut b).await, 0, "nothing was recorded");
+    b_daemon.assert_files_match_catalog("after a failed pull");
+    assert!(b_daemon.layer_files().is_empty(), "no file is left");
+
+    // Unknown snapshots and remotes, and wrong credentials, are told as such.
+    let e = pull(&mut b, &"0".repeat(32)).await.error.unwrap();
+    assert_eq!(e.code, Code::NotFound as i32, "{}", e.message);
+    let e = b
+        .pull_snapshot(pb::PullSnapshotRequest {
+            request_id: rid("pull"),
+            snapshot_id: snap.id.clone(),
+            remote: "elsewhere".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("fleet"), "lists the remotes: {e}");
+    let (_c_daemon, mut c) = host(&garage, dir.path(), "c", &"0".repeat(64)).await;
+    let e = c
+        .list_remote_snapshots(pb::ListRemoteSnapshotsRequest {
+            remote: "fleet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message().contains("credentials were refused") && e.message().contains(&garage.endpoint),
+        "{e}"
+    );
+}
