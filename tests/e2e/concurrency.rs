@@ -1,5 +1,6 @@
 //! Many clients at once, for a bounded time, over a few VMs, with a random mix of snapshot,
-//! restore, revert, clone, delete (merging and not) and VM delete; then every listed snapshot is
+//! restore, revert, clone, delete (merging and not), VM delete, and push to and pull from a
+//! remote store (a real Garage, when one is installed); then every listed snapshot is
 //! restored and its guest checked against the model. Errors must be races lost (ABORTED,
 //! NOT_FOUND) or preconditions the request had (a stopped or running VM), never INTERNAL or a
 //! damaged file; no file is left that the catalog does not name. The same with kill -9 at random
@@ -38,6 +39,10 @@ struct World {
     deleting: BTreeSet<String>,
     /// The daemon was killed: what fails now says nothing.
     killed: bool,
+    /// Snapshots whose push to the remote was acknowledged.
+    pushed: Vec<String>,
+    /// Pulls acknowledged.
+    pulls: usize,
     /// Clones started but not seen to end: name prefix, count, and the operation once known.
     clones: Vec<(String, u32, Option<String>)>,
     /// Calls made, by outcome.
@@ -84,16 +89,23 @@ fn judge(world: &Mutex<World>, what: &str, code: Code, message: &str) {
 }
 
 /// One client: random calls until `until` (or until the daemon is gone).
-async fn client(mut c: Client, world: Arc<Mutex<World>>, id: usize, seed: u64, until: Instant) {
+async fn client(
+    mut c: Client,
+    world: Arc<Mutex<World>>,
+    id: usize,
+    seed: u64,
+    until: Instant,
+    remote: bool,
+) {
     let mut rng = Rng(seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut n = 0;
     while Instant::now() < until {
         n += 1;
         // Unique across runs on one daemon: the seed differs per run.
         let name = format!("c{id}-{}-{n}", seed % 1000);
-        let (vms, snaps) = {
+        let (vms, snaps, pushed) = {
             let w = world.lock().unwrap();
-            (w.vms.clone(), w.snapshots.clone())
+            (w.vms.clone(), w.snapshots.clone(), w.pushed.clone())
         };
         let roll = rng.below(100);
         let started: Result<pb::Operation, tonic::Status>;
@@ -151,6 +163,37 @@ async fn client(mut c: Client, world: Arc<Mutex<World>>, id: usize, seed: u64, u
                         clone.2 = Some(op.id.clone());
                     }
                 }
+            }
+            80..=84 if remote => {
+                what = "push";
+                let Some(s) = pick(&mut rng, &snaps) else {
+                    continue;
+                };
+                started = c
+                    .push_snapshot(pb::PushSnapshotRequest {
+                        request_id: rid("push"),
+                        snapshot_id: s,
+                        remote: "fleet".into(),
+                        wait: false,
+                    })
+                    .await
+                    .map(tonic::Response::into_inner);
+            }
+            85..=89 if remote => {
+                what = "pull";
+                // Often a snapshot deleted here since: the pull brings it back.
+                let Some(s) = pick(&mut rng, &pushed) else {
+                    continue;
+                };
+                started = c
+                    .pull_snapshot(pb::PullSnapshotRequest {
+                        request_id: rid("pull"),
+                        snapshot_id: s,
+                        remote: "fleet".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(tonic::Response::into_inner);
             }
             60..=89 => {
                 what = "delete snapshot";
@@ -271,6 +314,12 @@ fn record(world: &Mutex<World>, what: &str, op: &pb::Operation, ended: &pb::Oper
     if op.kind() == pb::OperationKind::DeleteVm {
         w.vms.retain(|v| *v != op.vm_id);
     }
+    if op.kind() == pb::OperationKind::PushSnapshot {
+        w.pushed.push(op.snapshot_id.clone());
+    }
+    if op.kind() == pb::OperationKind::PullSnapshot {
+        w.pulls += 1;
+    }
     if op.kind() == pb::OperationKind::CloneSnapshot {
         let prefix = r
             .vms
@@ -280,21 +329,58 @@ fn record(world: &Mutex<World>, what: &str, op: &pb::Operation, ended: &pb::Oper
     }
 }
 
-/// Starts `clients` clients running until `duration` has passed.
+/// Starts `clients` clients running until `duration` has passed (pushing and pulling if the
+/// daemon has remote `fleet`).
 async fn spawn_mix(
     daemon: &Snapd,
     world: &Arc<Mutex<World>>,
     clients: usize,
     seed: u64,
     duration: Duration,
+    remote: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let until = Instant::now() + duration;
     let mut tasks = Vec::new();
     for i in 0..clients {
         let c = daemon.client().await;
-        tasks.push(tokio::spawn(client(c, Arc::clone(world), i, seed, until)));
+        tasks.push(tokio::spawn(client(
+            c,
+            Arc::clone(world),
+            i,
+            seed,
+            until,
+            remote,
+        )));
     }
     tasks
+}
+
+/// A Garage for the mix's remote, if Garage is installed (required where
+/// `SNAP_REQUIRE_GARAGE=1`), and the daemon arguments that name it as remote `fleet`.
+fn mix_remote(
+    test: &str,
+    dir: &std::path::Path,
+) -> (Option<snap_testkit::garage::Garage>, Vec<String>) {
+    if !snap_testkit::garage::garage_available(test) {
+        return (None, Vec::new());
+    }
+    let garage = snap_testkit::garage::Garage::single_node();
+    let creds = dir.join("remote.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            garage.access_key, garage.secret_key
+        ),
+    )
+    .unwrap();
+    let args = vec![
+        "--remote".to_string(),
+        format!("fleet={}", garage.url("mix")),
+        "--remote-credentials".to_string(),
+        creds.display().to_string(),
+    ];
+    (Some(garage), args)
 }
 
 /// Waits until no operation runs.
@@ -350,8 +436,10 @@ async fn verify_snapshots(c: &mut Client, tag: &str) -> usize {
 fn report(world: &Mutex<World>, what: &str) {
     let w = world.lock().unwrap();
     println!(
-        "{what}: {} calls succeeded, {} lost a race or a precondition; {} snapshots listed",
+        "{what}: {} calls succeeded ({} pushes, {} pulls), {} lost a race or a precondition; {} snapshots listed",
         w.ok,
+        w.pushed.len(),
+        w.pulls,
         w.lost,
         w.snapshots.len()
     );
@@ -377,9 +465,22 @@ async fn mix(test: &str, clients: usize) {
         return;
     }
     let seed = seed();
-    let (daemon, mut c) = start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (garage, args) = mix_remote(test, dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (daemon, mut c) = start_with("", &args).await;
     let world = Arc::new(Mutex::new(World::default()));
-    for t in spawn_mix(&daemon, &world, clients, seed, Duration::from_secs(12)).await {
+    let remote = garage.is_some();
+    for t in spawn_mix(
+        &daemon,
+        &world,
+        clients,
+        seed,
+        Duration::from_secs(12),
+        remote,
+    )
+    .await
+    {
         t.await.unwrap();
     }
     quiet(&mut c).await;
@@ -411,11 +512,23 @@ async fn kill_9_at_random_moments() {
     }
     let seed = seed();
     let mut rng = Rng(seed | 1);
-    let (mut daemon, _) = start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (garage, args) = mix_remote(test, dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut daemon, _) = start_with("", &args).await;
     let world = Arc::new(Mutex::new(World::default()));
+    let remote = garage.is_some();
     for round in 0..5 {
         let run = Duration::from_millis(800 + rng.below(2500) as u64);
-        let tasks = spawn_mix(&daemon, &world, 6, seed + round, Duration::from_secs(60)).await;
+        let tasks = spawn_mix(
+            &daemon,
+            &world,
+            6,
+            seed + round,
+            Duration::from_secs(60),
+            remote,
+        )
+        .await;
         tokio::time::sleep(run).await;
         world.lock().unwrap().killed = true;
         daemon.kill9();

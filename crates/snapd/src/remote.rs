@@ -384,7 +384,6 @@ impl Daemon {
             sent_bytes = stats.sent_bytes, "pushed a snapshot"
         );
         Ok(pb::OperationResult {
-            snapshot: Some(convert::snapshot(snap)),
             remote: Some(pb::RemoteTransfer {
                 remote: name.to_string(),
                 manifest_id: stats.manifest.to_string(),
