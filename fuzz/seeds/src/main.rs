@@ -78,6 +78,73 @@ fn remote_chunks(out: &Out) -> Result {
     Ok(())
 }
 
+/// Manifests as snap-remote encodes them: a two-layer memory chain (one frame with zero
+/// entries), a disk, a state and a working set.
+fn remote_manifests(out: &Out) -> Result {
+    use snap_remote::manifest::{
+        Blob, DiskChain, DiskLayer, Manifest, MemoryFrame, MemoryLayer, SnapshotInfo,
+    };
+    let c = |b: u8| snap_remote::ChunkId([b; 32]);
+    let frame = |region, present: u64, data: u64, chunk| MemoryFrame {
+        region,
+        present: vec![present],
+        data: vec![data],
+        chunk,
+    };
+    let layer = |id: u8, frames| MemoryLayer {
+        id: [id; 16],
+        digest: [id; 32],
+        frame_size: 256 << 10,
+        zstd_level: 1,
+        frames,
+    };
+    let m = Manifest {
+        snapshot: SnapshotInfo {
+            id: [1; 16],
+            name: "warm".into(),
+            vm_id: [2; 16],
+            vm_name: "web".into(),
+            parent_id: Some([3; 16]),
+            labels: [("tier".to_string(), "gold".to_string())].into(),
+            memory_bytes: 1 << 20,
+            vcpus: 1,
+            ..SnapshotInfo::default()
+        },
+        memory: vec![
+            layer(
+                4,
+                vec![frame(0, 5, 5, Some(c(1))), frame(2, 1, 1, Some(c(2)))],
+            ),
+            layer(
+                5,
+                vec![frame(1, 3, 0, None), frame(3, u64::MAX, 1, Some(c(3)))],
+            ),
+        ],
+        disks: vec![DiskChain {
+            name: "root".into(),
+            size_bytes: 1 << 20,
+            block_size: 65536,
+            layers: vec![DiskLayer {
+                id: [6; 16],
+                digest: [6; 32],
+                blocks: vec![0, 15],
+                chunks: vec![c(4), c(1)],
+            }],
+        }],
+        state: Blob {
+            len: 100,
+            chunks: vec![c(7)],
+        },
+        working_set: Some(Blob {
+            len: 10,
+            chunks: vec![c(8)],
+        }),
+    };
+    let (_, object) = snap_remote::manifest::encode(&m)?;
+    out.seed("remote_manifest", "chain", &object)?;
+    Ok(())
+}
+
 /// Memory of `pages` pages where page `i` holds data if `data(i)`.
 fn memory(pages: usize, data: impl Fn(usize) -> bool) -> Vec<u8> {
     let mut m = vec![0u8; pages * PAGE];
@@ -343,7 +410,8 @@ fn main() -> Result {
         mem_layers(&out)?;
         disk_layers(&out)?;
         vm_states(&out)?;
-        remote_chunks(&out)
+        remote_chunks(&out)?;
+        remote_manifests(&out)
     })();
     fs::remove_dir_all(&out.scratch)?;
     result
