@@ -19,8 +19,12 @@
 //! own digest) and the sweep of chunks no manifest names come with the push and delete calls.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "store")]
+pub mod cache;
 pub mod chunk;
 pub mod manifest;
+#[cfg(feature = "store")]
+pub mod source;
 #[cfg(feature = "store")]
 pub mod store;
 #[cfg(feature = "store")]

@@ -278,3 +278,91 @@ fn a_chain_pushed_from_one_host_is_pulled_whole_on_another() {
     let e = pull_all(&t2, &manifest, c.path()).unwrap_err();
     assert!(matches!(e, TransferError::Cancelled), "{e}");
 }
+
+#[test]
+fn memory_restores_lazily_straight_from_the_remote() {
+    if !garage_available("memory_restores_lazily_straight_from_the_remote") {
+        return;
+    }
+    use snap_mem::lazy::PageServer;
+    use snap_remote::cache::ChunkCache;
+    use snap_remote::source::RemoteMemory;
+    use std::sync::Arc;
+
+    let garage = Garage::single_node();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let handle = runtime.handle();
+    let remote = remote(&garage);
+    let progress = |_| true;
+    let t = transfer(handle, &remote, &progress);
+    let mut a = Host::new();
+    let pages = MEMORY / 4096;
+    // A diff that overwrites some pages and zeroes others: the chain decides per page.
+    let changed: Vec<u64> = (0..pages).filter(|p| p % 7 == 1).collect();
+    for &p in &changed {
+        if p % 2 == 0 {
+            a.memory.write_at_offset(p * 4096, &[0u8; 4096]).unwrap();
+        } else {
+            scribble(&a.memory, p, 9);
+        }
+    }
+    a.snapshot(changed.iter().copied());
+    let pushed = push(&t, &a.source(), 3_600_000).unwrap();
+    let manifest = handle
+        .block_on(remote.get_manifest(&a.source().info.id, &pushed.manifest))
+        .unwrap();
+
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(cache_dir.path(), 64 << 20).unwrap());
+    for round in 0..2 {
+        let source = Arc::new(RemoteMemory::new(
+            handle.clone(),
+            remote.clone(),
+            Arc::clone(&cache),
+            &manifest,
+            "snapshot s1".into(),
+        ));
+        let memory = GuestMemory::new(MEMORY).unwrap();
+        let server = PageServer::start(&memory, SharedSource(Arc::clone(&source))).unwrap();
+        // A touch in the middle is served on fault; the rest arrives in the background.
+        let mut page = [0u8; 4096];
+        memory.read(1001 * 4096, &mut page).unwrap();
+        server.wait().unwrap();
+        assert!(
+            memory.to_vec() == a.memory.to_vec(),
+            "round {round}: memory is exact"
+        );
+        let s = source.stats();
+        if round == 0 {
+            assert!(s.fetched > 0, "{s:?}");
+        } else {
+            assert_eq!(
+                s.fetched, 0,
+                "the second restore is served by the cache: {s:?}"
+            );
+            assert!(s.cache_hits > 0);
+        }
+    }
+}
+
+/// A shared remote memory source, so the test can read its counters while the server owns it.
+struct SharedSource(std::sync::Arc<snap_remote::source::RemoteMemory>);
+
+impl snap_mem::lazy::WindowSource for SharedSource {
+    fn memory_bytes(&self) -> u64 {
+        self.0.memory_bytes()
+    }
+    fn window_pages(&self) -> u64 {
+        self.0.window_pages()
+    }
+    fn read_window(
+        &self,
+        window: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        self.0.read_window(window, buf)
+    }
+    fn windows_with_data(&self) -> Option<Vec<u64>> {
+        self.0.windows_with_data()
+    }
+}

@@ -27,7 +27,7 @@ use snap_mem::dirty::{
     DirtyLog, DirtyTracker, DirtyTracking, KvmDirtyBitmap, KvmDirtyRing, PageBitmap,
 };
 use snap_mem::layer::{LayerChain, Restore};
-use snap_mem::lazy::{CompleteHook, FailureHook, LazyOptions, LazyStats, PageServer};
+use snap_mem::lazy::{CompleteHook, FailureHook, LazyOptions, LazyStats, PageServer, WindowSource};
 use snap_mem::working_set::WorkingSet;
 
 /// How long a recording lazy restore waits without faults before it fills the rest of memory.
@@ -459,10 +459,35 @@ impl Vm {
         prefetch: Option<WorkingSet>,
         on_complete: Option<CompleteHook>,
     ) -> Result<Self, VmError> {
-        prepared.check(state)?;
         check_chain_size(&memory, &state.config)?;
-        let unit_bytes = prepared.options.restore_unit_bytes;
         let base = memory.newest().info().id;
+        Self::restore_lazy_source(prepared, state, memory, Some(base), prefetch, on_complete)
+    }
+
+    /// As [`Vm::restore_lazy_prepared`], with memory from any [`WindowSource`] (a remote store,
+    /// say). `base` is the layer the restored memory is (the parent of the VM's next diff
+    /// snapshot); `None` when no local layer is (the next snapshot is then a full one).
+    ///
+    /// # Errors
+    /// As [`Vm::restore_lazy_prepared`].
+    pub fn restore_lazy_source(
+        prepared: PreparedVm,
+        state: &VmState,
+        memory: impl WindowSource + 'static,
+        base: Option<Id>,
+        prefetch: Option<WorkingSet>,
+        on_complete: Option<CompleteHook>,
+    ) -> Result<Self, VmError> {
+        prepared.check(state)?;
+        if memory.memory_bytes() != state.config.memory_bytes {
+            return Err(StateError::Inconsistent(format!(
+                "the memory source describes {} bytes of memory, the VM has {}",
+                memory.memory_bytes(),
+                state.config.memory_bytes
+            ))
+            .into());
+        }
+        let unit_bytes = prepared.options.restore_unit_bytes;
         let vm = Self::start_restored(prepared, state)?;
         let shared = Arc::downgrade(&vm.shared);
         let hook: FailureHook = Box::new(move |error: &str| {
@@ -481,7 +506,7 @@ impl Vm {
         };
         let server = PageServer::start_with(&vm.shared.memory, memory, lazy)?;
         *vm.page_server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
-        vm.set_memory_base(Some(base));
+        vm.set_memory_base(base);
         Ok(vm)
     }
 
