@@ -381,3 +381,108 @@ async fn remote_failures_change_nothing_and_say_what_failed() {
         "{e}"
     );
 }
+
+/// Restores a remote snapshot into a new VM without pulling it.
+async fn restore_remote(
+    c: &mut Client,
+    snapshot: &str,
+    name: &str,
+    mode: pb::MemoryRestoreMode,
+) -> pb::Operation {
+    let op = c
+        .restore_snapshot(pb::RestoreSnapshotRequest {
+            request_id: rid("rrestore"),
+            snapshot_id: snapshot.into(),
+            target: Some(pb::restore_snapshot_request::Target::NewVm(pb::NewVm {
+                name: name.into(),
+                ..Default::default()
+            })),
+            memory_mode: mode as i32,
+            remote: "fleet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_op(c, op).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_restores_and_clones_straight_from_the_remote() {
+    let test = "a_host_restores_and_clones_straight_from_the_remote";
+    if !kvm_available(test) || !garage_available(test) {
+        return;
+    }
+    let mut garage = Garage::single_node();
+    let dir = tempfile::tempdir().unwrap();
+    let (a_daemon, mut a) = host(&garage, dir.path(), "a", &garage.secret_key).await;
+    let (b_daemon, mut b) = host(&garage, dir.path(), "b", &garage.secret_key).await;
+    let program = long_guest();
+    let model = model(&program);
+    let vm = create_vm_running(&mut a, "origin", true, program).await.id;
+    wait_lines(&mut a, &vm, 20).await;
+    let (snap, _) = snapshot_at(&mut a, &vm, "warm", &rid("snap")).await;
+    stop(&mut a, &vm).await;
+    // A prefetch restore on A records the snapshot's working set, which the push carries.
+    let warm = restore_new(&mut a, &snap.id, "warm-a", pb::MemoryRestoreMode::Prefetch).await;
+    let wset = a_daemon.data().join(format!("states/{}.wset", snap.id));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !wset.exists() {
+        assert!(std::time::Instant::now() < deadline, "no working set was recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(&mut a, &warm.id).await;
+    push(&mut a, &snap.id).await;
+
+    // B restores it in each mode and clones it, never pulling it: every guest is exact.
+    let mut made = Vec::new();
+    for (name, mode) in [
+        ("lazy", pb::MemoryRestoreMode::Lazy),
+        ("prefetch", pb::MemoryRestoreMode::Prefetch),
+        ("eager", pb::MemoryRestoreMode::Eager),
+    ] {
+        let op = restore_remote(&mut b, &snap.id, name, mode).await;
+        assert_eq!(op.state(), pb::OperationState::Succeeded, "{name}: {:?}", op.error);
+        made.push(op.result.unwrap().vms.remove(0));
+    }
+    let op = b
+        .clone_snapshot(pb::CloneSnapshotRequest {
+            request_id: rid("rclone"),
+            snapshot_id: snap.id.clone(),
+            count: 3,
+            name_prefix: "rclone".into(),
+            memory_mode: lazy() as i32,
+            remote: "fleet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    made.extend(succeeded(&mut b, op).await.vms);
+    assert_eq!(snapshot_count(&mut b).await, 0, "nothing was pulled");
+    let restored = made[0].id.clone();
+    for v in &made[1..] {
+        continues_exactly(&mut b, &v.id, &model, 60).await;
+    }
+    // The lazily restored VM snapshots (a full snapshot: no local layer is its base) and that
+    // snapshot restores exactly.
+    wait_lines(&mut b, &restored, 30).await;
+    let (local, _) = snapshot_at(&mut b, &restored, "local", &rid("snap")).await;
+    let again = restore_new(&mut b, &local.id, "again", lazy()).await;
+    continues_exactly(&mut b, &again.id, &model, 40).await;
+    continues_exactly(&mut b, &restored, &model, 60).await;
+    b_daemon.assert_files_match_catalog("after restores from the remote");
+
+    // The store gone: an eager restore fails UNAVAILABLE naming it; nothing is made here.
+    let vms_before = list_vms(&mut b).await.len();
+    let files_before = b_daemon.layer_files();
+    let endpoint = garage.endpoint.clone();
+    garage.kill();
+    let op = restore_remote(&mut b, &snap.id, "unreachable", pb::MemoryRestoreMode::Eager).await;
+    assert_eq!(op.state(), pb::OperationState::Failed);
+    let e = op.error.unwrap();
+    assert_eq!(e.code, Code::Unavailable as i32, "{}", e.message);
+    assert!(e.message.contains(&endpoint), "names the store: {}", e.message);
+    assert_eq!(list_vms(&mut b).await.len(), vms_before, "no VM was made");
+    assert_eq!(b_daemon.layer_files(), files_before, "no file was left");
+}

@@ -94,6 +94,29 @@ pub trait WindowSource: Send + Sync {
     }
 }
 
+/// A shared source (its owner keeps a handle to read its counters).
+impl<T: WindowSource + ?Sized> WindowSource for std::sync::Arc<T> {
+    fn memory_bytes(&self) -> u64 {
+        (**self).memory_bytes()
+    }
+
+    fn window_pages(&self) -> u64 {
+        (**self).window_pages()
+    }
+
+    fn read_window(
+        &self,
+        window: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        (**self).read_window(window, buf)
+    }
+
+    fn windows_with_data(&self) -> Option<Vec<u64>> {
+        (**self).windows_with_data()
+    }
+}
+
 impl WindowSource for LayerChain {
     fn memory_bytes(&self) -> u64 {
         LayerChain::memory_bytes(self)

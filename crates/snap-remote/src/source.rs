@@ -20,7 +20,9 @@ use crate::chunk::ChunkId;
 use crate::manifest::{Manifest, MemoryFrame};
 use crate::store::Remote;
 
-type Fetch = Shared<BoxFuture<'static, Result<Arc<Vec<u8>>, Arc<String>>>>;
+/// A fetch's outcome: the content, or the error's message and whether the store was
+/// unreachable.
+type Fetch = Shared<BoxFuture<'static, Result<Arc<Vec<u8>>, Arc<(String, bool)>>>>;
 
 /// Windows whose chunks a fetch starts fetching ahead.
 const READ_AHEAD: usize = 16;
@@ -64,6 +66,8 @@ pub struct RemoteMemory {
     fetched_bytes: Arc<AtomicU64>,
     cache_hits: AtomicU64,
     joined: AtomicU64,
+    /// Set when a fetch failed because the store could not be reached (not a bad chunk).
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RemoteMemory {
@@ -127,6 +131,7 @@ impl RemoteMemory {
             fetched_bytes: Arc::default(),
             cache_hits: AtomicU64::new(0),
             joined: AtomicU64::new(0),
+            unreachable: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -142,7 +147,14 @@ impl RemoteMemory {
         }
     }
 
-    /// The frames with data of window `window`: (layer, frame) pairs.
+    /// Whether a fetch failed because the store could not be reached (rather than a chunk that
+    /// failed its checks).
+    #[must_use]
+    pub fn store_unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
+    }
+
+    /// The chunks window `window` needs.
     fn chunks_of(&self, window: u64) -> Vec<ChunkId> {
         let mut out = Vec::new();
         for l in &self.layers {
@@ -182,7 +194,10 @@ impl RemoteMemory {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&id);
-            result.map(Arc::new).map_err(|e| Arc::new(e.to_string()))
+            result.map(Arc::new).map_err(|e| {
+                let unreachable = matches!(e, crate::store::RemoteError::Unavailable { .. });
+                Arc::new((e.to_string(), unreachable))
+            })
         }
         .boxed();
         let shared = fut.shared();
@@ -200,9 +215,12 @@ impl RemoteMemory {
         if joined {
             self.joined.fetch_add(1, Ordering::Relaxed);
         }
-        self.handle
-            .block_on(fetch)
-            .map_err(|e| format!("{}: {e}", self.what))
+        self.handle.block_on(fetch).map_err(|e| {
+            if e.1 {
+                self.unreachable.store(true, Ordering::Relaxed);
+            }
+            format!("{}: {}", self.what, e.0)
+        })
     }
 
     /// Starts fetching the chunks of the windows with data after `window`.

@@ -323,7 +323,7 @@ fn memory_restores_lazily_straight_from_the_remote() {
             "snapshot s1".into(),
         ));
         let memory = GuestMemory::new(MEMORY).unwrap();
-        let server = PageServer::start(&memory, SharedSource(Arc::clone(&source))).unwrap();
+        let server = PageServer::start(&memory, Arc::clone(&source)).unwrap();
         // A touch in the middle is served on fault; the rest arrives in the background.
         let mut page = [0u8; 4096];
         memory.read(1001 * 4096, &mut page).unwrap();
@@ -342,27 +342,5 @@ fn memory_restores_lazily_straight_from_the_remote() {
             );
             assert!(s.cache_hits > 0);
         }
-    }
-}
-
-/// A shared remote memory source, so the test can read its counters while the server owns it.
-struct SharedSource(std::sync::Arc<snap_remote::source::RemoteMemory>);
-
-impl snap_mem::lazy::WindowSource for SharedSource {
-    fn memory_bytes(&self) -> u64 {
-        self.0.memory_bytes()
-    }
-    fn window_pages(&self) -> u64 {
-        self.0.window_pages()
-    }
-    fn read_window(
-        &self,
-        window: u64,
-        buf: &mut [u8],
-    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
-        self.0.read_window(window, buf)
-    }
-    fn windows_with_data(&self) -> Option<Vec<u64>> {
-        self.0.windows_with_data()
     }
 }

@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use snap_api::v1 as pb;
 use snap_core::Id;
+use snap_remote::cache::ChunkCache;
 use snap_remote::manifest::{Guest, ManifestId, SnapshotInfo};
+use snap_remote::source::RemoteMemory;
 use snap_remote::store::StoredManifest;
 use snap_remote::transfer::{self, DiskSource, PushSource, Transfer, TransferError};
 use snap_remote::{Credentials, Manifest, Remote, RemoteError};
@@ -49,6 +51,8 @@ pub struct Remotes {
     runtime: Option<tokio::runtime::Runtime>,
     stores: BTreeMap<String, Remote>,
     grace_ms: i64,
+    /// The host's chunk cache, for restores straight from a remote.
+    cache: Option<Arc<ChunkCache>>,
 }
 
 impl std::fmt::Debug for Remotes {
@@ -75,6 +79,7 @@ impl Default for Remotes {
             runtime: None,
             stores: BTreeMap::new(),
             grace_ms: DEFAULT_GRACE_MS,
+            cache: None,
         }
     }
 }
@@ -131,7 +136,24 @@ impl Remotes {
             runtime,
             stores,
             grace_ms,
+            cache: None,
         })
+    }
+
+    /// Gives the remotes the host's chunk cache in `dir`, of at most `bytes` (only if a remote
+    /// is configured).
+    ///
+    /// # Errors
+    /// The cache directory's error.
+    pub fn with_cache(
+        mut self,
+        dir: &std::path::Path,
+        bytes: u64,
+    ) -> std::result::Result<Self, String> {
+        if !self.stores.is_empty() {
+            self.cache = Some(Arc::new(ChunkCache::open(dir, bytes)?));
+        }
+        Ok(self)
     }
 
     /// Reads credentials from `path`: lines `AWS_ACCESS_KEY_ID=...` and
@@ -291,6 +313,36 @@ impl Meter<'_> {
         }
         remote_error(remote, e)
     }
+}
+
+/// A restore or clone straight from a remote.
+#[derive(Debug, Clone)]
+pub struct RemoteRestore {
+    /// The remote's name.
+    pub remote: String,
+    /// The snapshot there.
+    pub snapshot: SnapshotId,
+    /// RestoreSnapshot or CloneSnapshot.
+    pub kind: pb::OperationKind,
+    /// The new VMs' names.
+    pub names: Vec<String>,
+    /// Their labels.
+    pub labels: BTreeMap<String, String>,
+    /// How their memory is installed.
+    pub mode: snap_vmm::MemoryRestore,
+    /// Leave them paused.
+    pub leave_paused: bool,
+    /// Wait for conflicting operations.
+    pub wait: bool,
+}
+
+/// The window of a manifest's memory (its largest frame), in pages.
+fn source_window_pages(m: &Manifest) -> u64 {
+    m.memory
+        .iter()
+        .map(|l| u64::from(l.frame_size / 4096))
+        .max()
+        .unwrap_or(64)
 }
 
 /// What a pull decided for one layer.
@@ -482,25 +534,7 @@ impl Daemon {
             });
         }
         op.phase("reading the manifest", 0, 0);
-        let listed = handle
-            .block_on(remote.manifests_of(&raw(id.0)))
-            .map_err(|e| from_remote(name, e))?;
-        let stored = match want {
-            Some(m) => listed.iter().find(|s| s.id == m),
-            None => listed.first(),
-        }
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                match want {
-                    Some(m) => format!("remote {name:?} has no manifest {m} of snapshot {id}"),
-                    None => format!("remote {name:?} has no snapshot {id}"),
-                },
-            )
-        })?;
-        let manifest = handle
-            .block_on(remote.get_manifest(&stored.snapshot, &stored.id))
-            .map_err(|e| from_remote(name, e))?;
+        let (stored, manifest) = self.fetch_manifest(name, id, want)?;
         let info = &manifest.snapshot;
         let vm_id = VmId(Id(info.vm_id));
         if let Some(other) = self
@@ -512,89 +546,7 @@ impl Daemon {
                 info.name, other.id
             )));
         }
-
-        // Which layers are here already: a prefix of each chain, same id, digest and parent.
-        let known: HashMap<LayerId, LayerRecord> = self
-            .catalog
-            .read(|tx| tx.layers())?
-            .into_iter()
-            .map(|l| (l.id, l))
-            .collect();
-        let fresh_id = |raw_id: [u8; 16]| {
-            let want = LayerId(Id(raw_id));
-            if known.contains_key(&want) {
-                LayerId::random()
-            } else {
-                want
-            }
-        };
-        let mut memory: Vec<PulledLayer> = Vec::new();
-        let mut parent: Option<snap_core::ParentRef> = None;
-        let mut sharing = true;
-        for l in &manifest.memory {
-            let here = known
-                .get(&LayerId(Id(l.id)))
-                .filter(|r| sharing && r.kind == LayerKind::Memory)
-                .and_then(|r| {
-                    let info = snap_mem::layer::Layer::open(self.store.path(&r.file)).ok()?;
-                    let i = info.info();
-                    (i.digest.0 == l.digest && i.parent == parent).then(|| (r.clone(), *i))
-                });
-            match here {
-                Some((r, i)) => {
-                    parent = Some(i.as_parent());
-                    memory.push(PulledLayer {
-                        id: r.id,
-                        file: r.file,
-                        shared: true,
-                    });
-                }
-                None => {
-                    sharing = false;
-                    memory.push(PulledLayer {
-                        id: fresh_id(l.id),
-                        file: Store::merged_layer_file(),
-                        shared: false,
-                    });
-                }
-            }
-        }
-        let mut disks: Vec<Vec<PulledLayer>> = Vec::new();
-        for d in &manifest.disks {
-            let mut chain = Vec::new();
-            let mut parent: Option<snap_disk::ParentRef> = None;
-            let mut sharing = true;
-            for l in &d.layers {
-                let here = known
-                    .get(&LayerId(Id(l.id)))
-                    .filter(|r| sharing && r.kind == LayerKind::Disk)
-                    .and_then(|r| {
-                        let i = snap_disk::layer_info(&self.store.path(&r.file)).ok()?;
-                        (i.digest.map(|g| g.0) == Some(l.digest) && i.parent == parent)
-                            .then(|| (r.clone(), i))
-                    });
-                match here {
-                    Some((r, i)) => {
-                        parent = i.as_parent();
-                        chain.push(PulledLayer {
-                            id: r.id,
-                            file: r.file,
-                            shared: true,
-                        });
-                    }
-                    None => {
-                        sharing = false;
-                        chain.push(PulledLayer {
-                            id: fresh_id(l.id),
-                            file: Store::disk_layer_file(),
-                            shared: false,
-                        });
-                    }
-                }
-            }
-            disks.push(chain);
-        }
-
+        let (memory, disks) = self.plan_layers(&manifest, true)?;
         let state_file = Store::state_file(id);
         let wset_file = Store::working_set_file(id);
         let mut files: Vec<String> = memory
@@ -661,19 +613,7 @@ impl Daemon {
             };
             parent = Some(info.as_parent());
         }
-        for (d, pulled) in manifest.disks.iter().zip(&disks) {
-            let mut parent = None;
-            for (l, p) in d.layers.iter().zip(pulled) {
-                let path = self.store.path(&p.file);
-                let info = if p.shared {
-                    snap_disk::layer_info(&path)
-                        .map_err(|e| crate::error::disk_error("opening a shared layer", &e))?
-                } else {
-                    transfer::pull_disk_layer(&t, d, l, p.id.0, parent, &path).map_err(failed)?
-                };
-                parent = info.as_parent();
-            }
-        }
+        self.fetch_disks(&t, &manifest, &disks, &failed)?;
         transfer::pull_blob(&t, &manifest.state, &self.store.path(&state_file)).map_err(failed)?;
         if let Some(w) = &manifest.working_set {
             transfer::pull_blob(&t, w, &self.store.path(&wset_file)).map_err(failed)?;
@@ -732,33 +672,18 @@ impl Daemon {
             }),
             ..Default::default()
         };
-        let kinds = memory
+        let kinds: Vec<(&PulledLayer, LayerKind)> = memory
             .iter()
             .map(|l| (l, LayerKind::Memory))
-            .chain(disks.iter().flatten().map(|l| (l, LayerKind::Disk)));
+            .chain(disks.iter().flatten().map(|l| (l, LayerKind::Disk)))
+            .collect();
         self.catalog.write(|tx| {
             if tx.snapshot(id)?.is_some() {
                 return Err(crate::catalog::CatalogError::Changed(format!(
                     "snapshot {id} appeared here while it was pulled"
                 )));
             }
-            for (l, kind) in kinds {
-                if l.shared {
-                    if tx.layer(l.id)?.is_none_or(|now| now.file != l.file) {
-                        return Err(crate::catalog::CatalogError::Changed(format!(
-                            "layer {} changed while snapshot {id} was pulled (a delete merged or freed it): pull again",
-                            l.id
-                        )));
-                    }
-                } else {
-                    tx.insert_layer(&LayerRecord {
-                        id: l.id,
-                        kind,
-                        file: l.file.clone(),
-                        bytes: self.store.file_len(&l.file),
-                    })?;
-                }
-            }
+            self.record_layers(tx, &kinds, id)?;
             record.parent_id = info
                 .parent_id
                 .map(|p| SnapshotId(Id(p)))
@@ -772,6 +697,415 @@ impl Daemon {
             .emit(pb::event::Kind::SnapshotCreated(convert::snapshot(&record)));
         tracing::info!(snapshot = %id, remote = name, manifest = %stored.id, shared, stored_bytes, "pulled a snapshot");
         Ok(result(&record))
+    }
+
+    /// Snapshot `id`'s manifest `want` (or any of its manifests) from remote `name`.
+    fn fetch_manifest(
+        &self,
+        name: &str,
+        id: SnapshotId,
+        want: Option<ManifestId>,
+    ) -> Result<(StoredManifest, Manifest)> {
+        let (remote, handle) = self.remotes.get(name)?;
+        let listed = handle
+            .block_on(remote.manifests_of(&raw(id.0)))
+            .map_err(|e| from_remote(name, e))?;
+        let stored = match want {
+            Some(m) => listed.into_iter().find(|s| s.id == m),
+            None => listed.into_iter().next(),
+        }
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                match want {
+                    Some(m) => format!("remote {name:?} has no manifest {m} of snapshot {id}"),
+                    None => format!("remote {name:?} has no snapshot {id}"),
+                },
+            )
+        })?;
+        let manifest = handle
+            .block_on(remote.get_manifest(&stored.snapshot, &stored.id))
+            .map_err(|e| from_remote(name, e))?;
+        Ok((stored, manifest))
+    }
+
+    /// Which of `manifest`'s layers are here already (a prefix of each chain with the same id,
+    /// digest and parent: shared) and where the others go. Memory layers only if `memory`.
+    fn plan_layers(
+        &self,
+        manifest: &Manifest,
+        memory: bool,
+    ) -> Result<(Vec<PulledLayer>, Vec<Vec<PulledLayer>>)> {
+        let known: HashMap<LayerId, LayerRecord> = self
+            .catalog
+            .read(|tx| tx.layers())?
+            .into_iter()
+            .map(|l| (l.id, l))
+            .collect();
+        let fresh_id = |raw_id: [u8; 16]| {
+            let want = LayerId(Id(raw_id));
+            if known.contains_key(&want) {
+                LayerId::random()
+            } else {
+                want
+            }
+        };
+        let mut mem: Vec<PulledLayer> = Vec::new();
+        let mut parent: Option<snap_core::ParentRef> = None;
+        let mut sharing = true;
+        for l in manifest.memory.iter().filter(|_| memory) {
+            let here = known
+                .get(&LayerId(Id(l.id)))
+                .filter(|r| sharing && r.kind == LayerKind::Memory)
+                .and_then(|r| {
+                    let info = snap_mem::layer::Layer::open(self.store.path(&r.file)).ok()?;
+                    let i = info.info();
+                    (i.digest.0 == l.digest && i.parent == parent).then(|| (r.clone(), *i))
+                });
+            match here {
+                Some((r, i)) => {
+                    parent = Some(i.as_parent());
+                    mem.push(PulledLayer {
+                        id: r.id,
+                        file: r.file,
+                        shared: true,
+                    });
+                }
+                None => {
+                    sharing = false;
+                    mem.push(PulledLayer {
+                        id: fresh_id(l.id),
+                        file: Store::merged_layer_file(),
+                        shared: false,
+                    });
+                }
+            }
+        }
+        let mut disks: Vec<Vec<PulledLayer>> = Vec::new();
+        for d in &manifest.disks {
+            let mut chain = Vec::new();
+            let mut parent: Option<snap_disk::ParentRef> = None;
+            let mut sharing = true;
+            for l in &d.layers {
+                let here = known
+                    .get(&LayerId(Id(l.id)))
+                    .filter(|r| sharing && r.kind == LayerKind::Disk)
+                    .and_then(|r| {
+                        let i = snap_disk::layer_info(&self.store.path(&r.file)).ok()?;
+                        (i.digest.map(|g| g.0) == Some(l.digest) && i.parent == parent)
+                            .then(|| (r.clone(), i))
+                    });
+                match here {
+                    Some((r, i)) => {
+                        parent = i.as_parent();
+                        chain.push(PulledLayer {
+                            id: r.id,
+                            file: r.file,
+                            shared: true,
+                        });
+                    }
+                    None => {
+                        sharing = false;
+                        chain.push(PulledLayer {
+                            id: fresh_id(l.id),
+                            file: Store::disk_layer_file(),
+                            shared: false,
+                        });
+                    }
+                }
+            }
+            disks.push(chain);
+        }
+        Ok((mem, disks))
+    }
+
+    /// Bytes of content the disk layers of `disks` not shared hold.
+    fn disk_bytes(manifest: &Manifest, disks: &[Vec<PulledLayer>]) -> u64 {
+        let mut total = 0;
+        for (d, chain) in manifest.disks.iter().zip(disks) {
+            let g = snap_disk::Geometry {
+                disk_bytes: d.size_bytes,
+                block_size: d.block_size,
+            };
+            for (l, p) in d.layers.iter().zip(chain) {
+                if !p.shared {
+                    total += l.blocks.iter().map(|&b| g.block_len(b) as u64).sum::<u64>();
+                }
+            }
+        }
+        total
+    }
+
+    /// Fetches the disk layers of `disks` not shared.
+    fn fetch_disks(
+        &self,
+        t: &Transfer<'_>,
+        manifest: &Manifest,
+        disks: &[Vec<PulledLayer>],
+        failed: &dyn Fn(TransferError) -> Error,
+    ) -> Result<()> {
+        for (d, pulled) in manifest.disks.iter().zip(disks) {
+            let mut parent = None;
+            for (l, p) in d.layers.iter().zip(pulled) {
+                let path = self.store.path(&p.file);
+                let info = if p.shared {
+                    snap_disk::layer_info(&path)
+                        .map_err(|e| crate::error::disk_error("opening a shared layer", &e))?
+                } else {
+                    transfer::pull_disk_layer(t, d, l, p.id.0, parent, &path).map_err(failed)?
+                };
+                parent = info.as_parent();
+            }
+        }
+        Ok(())
+    }
+
+    /// Inside the transaction that publishes what a pull or restore fetched: checks that every
+    /// shared layer is still what it was, and records the fetched ones.
+    fn record_layers(
+        &self,
+        tx: &crate::catalog::Tx<'_>,
+        layers: &[(&PulledLayer, LayerKind)],
+        id: SnapshotId,
+    ) -> std::result::Result<(), crate::catalog::CatalogError> {
+        for (l, kind) in layers {
+            if l.shared {
+                if tx.layer(l.id)?.is_none_or(|now| now.file != l.file) {
+                    return Err(crate::catalog::CatalogError::Changed(format!(
+                        "layer {} changed while snapshot {id} was fetched (a delete merged or freed it): try again",
+                        l.id
+                    )));
+                }
+            } else {
+                tx.insert_layer(&LayerRecord {
+                    id: l.id,
+                    kind: *kind,
+                    file: l.file.clone(),
+                    bytes: self.store.file_len(&l.file),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a restore (or clone) of remote `remote`'s snapshot `snapshot` into new VMs
+    /// `names`, without pulling it (see `RestoreSnapshotRequest.remote`).
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for an unknown remote, ALREADY_EXISTS for a taken name.
+    pub fn restore_from_remote(
+        self: &Arc<Self>,
+        spec: RemoteRestore,
+        ctx: &RequestCtx,
+    ) -> Result<pb::Operation> {
+        self.remotes.get(&spec.remote)?;
+        self.check_new_names(&spec.names)?;
+        let op = OpSpec {
+            kind: spec.kind,
+            vm: None,
+            snapshot: Some(spec.snapshot),
+            wait: spec.wait,
+            frees_space: false,
+        };
+        let plan = |_: &Daemon| Ok((Footprint::default(), ()));
+        self.launch(op, ctx, plan, move |d, op, ()| {
+            d.restore_from_remote_work(op, &spec)
+        })
+    }
+
+    fn restore_from_remote_work(
+        &self,
+        op: &Progress<'_>,
+        spec: &RemoteRestore,
+    ) -> Result<pb::OperationResult> {
+        let name = spec.remote.as_str();
+        let id = spec.snapshot;
+        let (remote, handle) = self.remotes.get(name)?;
+        let cache = self
+            .remotes
+            .cache
+            .clone()
+            .ok_or_else(|| Error::internal("the remotes have no chunk cache"))?;
+        op.phase("reading the manifest", 0, 0);
+        let (_, manifest) = self.fetch_manifest(name, id, None)?;
+        let (_, disks) = self.plan_layers(&manifest, false)?;
+        // The state and working set are only read here: temporary files, removed at the end.
+        let scratch = SnapshotId::random();
+        let (state_file, wset_file) =
+            (Store::state_file(scratch), Store::working_set_file(scratch));
+        let scratch_claim = self
+            .store
+            .claim(vec![state_file.clone(), wset_file.clone()]);
+        let layer_claim = self.store.claim(
+            disks
+                .iter()
+                .flatten()
+                .filter(|l| !l.shared)
+                .map(|l| l.file.clone())
+                .collect(),
+        );
+        let total = Self::disk_bytes(&manifest, &disks)
+            + manifest.state.len
+            + manifest.working_set.as_ref().map_or(0, |b| b.len);
+        op.phase("fetching disks and state", 0, total);
+        let meter = Meter {
+            op,
+            daemon: self,
+            point: "remote.pull-chunk",
+            done: AtomicU64::new(0),
+            total,
+            injected: AtomicBool::new(false),
+        };
+        let progress = |n| meter.tick(n);
+        let t = Transfer {
+            handle,
+            remote,
+            progress: &progress,
+            in_flight: IN_FLIGHT,
+        };
+        let failed = |e| {
+            meter
+                .error(name, e)
+                .context(format!("restoring snapshot {id} from remote {name:?}"))
+        };
+        self.fetch_disks(&t, &manifest, &disks, &failed)?;
+        transfer::pull_blob(&t, &manifest.state, &self.store.path(&state_file)).map_err(failed)?;
+        if let Some(w) = &manifest.working_set {
+            transfer::pull_blob(&t, w, &self.store.path(&wset_file)).map_err(failed)?;
+        }
+        let state = snap_vmm::VmState::read_file(&self.store.path(&state_file))
+            .map_err(|e| Error::precondition(format!("snapshot {id} in remote {name:?}: {e}")))?;
+        let what = format!("snapshot {id} in remote {name:?}");
+        let memory_error = |source: &RemoteMemory, e: String| {
+            let kind = if source.store_unreachable() {
+                ErrorKind::Unavailable
+            } else {
+                ErrorKind::FailedPrecondition
+            };
+            Error::new(kind, format!("restoring {what}: {e}"))
+        };
+        let g = manifest.snapshot.guest;
+        let count = spec.names.len() as u64;
+        let mut made = Vec::new();
+        for (i, vm_name) in spec.names.iter().enumerate() {
+            op.check_cancel()?;
+            op.phase(&format!("restoring {vm_name}"), i as u64, count);
+            let mut set = crate::disks::DiskSet::new(&self.store);
+            for (d, chain) in manifest.disks.iter().zip(&disks) {
+                let sealed = chain
+                    .iter()
+                    .map(|l| (self.store.path(&l.file), l.id))
+                    .collect();
+                set.add(&self.store, &d.name, d.size_bytes, sealed)?;
+            }
+            let mut prepared = self.pool.take(state.config)?;
+            prepared.set_disks(set.backends())?;
+            let source = Arc::new(RemoteMemory::new(
+                handle.clone(),
+                remote.clone(),
+                Arc::clone(&cache),
+                &manifest,
+                what.clone(),
+            ));
+            // The store must answer before anything is published: the first window with data
+            // (it warms the cache for the guest too).
+            {
+                use snap_mem::lazy::WindowSource;
+                if let Some(&first) = source.windows_with_data().unwrap_or_default().first() {
+                    let mut buf = vec![0u8; source.window_pages() as usize * 4096];
+                    source
+                        .read_window(first, &mut buf)
+                        .map_err(|e| memory_error(&source, e.to_string()))?;
+                }
+            }
+            let prefetch = match spec.mode {
+                snap_vmm::MemoryRestore::Prefetch if manifest.working_set.is_some() => {
+                    let unit = prepared
+                        .options()
+                        .restore_unit_bytes
+                        .map_or(source_window_pages(&manifest), |b| b / 4096);
+                    let tag = manifest.memory.last().map_or([0; 32], |l| l.digest);
+                    snap_vmm::snapshot::read_working_set(
+                        &self.store.path(&wset_file),
+                        unit,
+                        manifest.snapshot.memory_bytes,
+                        tag,
+                    )
+                }
+                _ => None,
+            };
+            let vm = snap_vmm::Vm::restore_lazy_source(
+                prepared,
+                &state,
+                Arc::clone(&source),
+                None,
+                prefetch,
+                None,
+            )?;
+            if spec.mode == snap_vmm::MemoryRestore::Eager {
+                vm.wait_memory_resident()
+                    .map_err(|e| memory_error(&source, e.to_string()))?;
+            }
+            let rec = crate::catalog::VmRecord {
+                id: VmId::random(),
+                name: vm_name.clone(),
+                memory_bytes: manifest.snapshot.memory_bytes,
+                vcpus: manifest.snapshot.vcpus,
+                guest: GuestSpec {
+                    seed: g.seed,
+                    working_set_pages: g.working_set_pages,
+                    mutations_per_tick: g.mutations_per_tick,
+                    ticks: g.ticks,
+                    disk_sectors_per_tick: g.disk_sectors_per_tick,
+                },
+                labels: spec.labels.clone(),
+                state: if spec.leave_paused {
+                    crate::catalog::VmStatus::Paused
+                } else {
+                    crate::catalog::VmStatus::Running
+                },
+                current_snapshot: None,
+                mem_chain: Vec::new(),
+                disks: set.records.clone(),
+                created_ms: crate::now_ms(),
+                failure: None,
+            };
+            made.push((rec, vm, set));
+        }
+        op.no_return()?;
+        self.failpoints.pass("restore.before-publish")?;
+        let answer = pb::OperationResult {
+            vms: made
+                .iter()
+                .map(|(rec, _, _)| convert::vm(rec, rec.state, None))
+                .collect(),
+            ..Default::default()
+        };
+        let kinds: Vec<(&PulledLayer, LayerKind)> = disks
+            .iter()
+            .flatten()
+            .map(|l| (l, LayerKind::Disk))
+            .collect();
+        self.catalog.write(|tx| {
+            self.record_layers(tx, &kinds, id)?;
+            for (rec, _, set) in &made {
+                set.insert_layers(tx)?;
+                tx.insert_vm(rec)?;
+            }
+            op.succeeded_in(tx, &answer)
+        })?;
+        layer_claim.publish();
+        drop(scratch_claim);
+        let mut out = Vec::new();
+        for (rec, vm, set) in made {
+            self.add_instance(rec.id, vm, set, !spec.leave_paused, false);
+            out.push(self.vm_to_pb(&rec));
+        }
+        op.phase("done", count, count);
+        Ok(pb::OperationResult {
+            vms: out,
+            ..Default::default()
+        })
     }
 
     /// Starts a delete of snapshot `snapshot`'s manifests from remote `remote`.

@@ -7,6 +7,7 @@ use super::{Answer, Service, canonical_labels, convert, fingerprint, has_labels,
 use crate::clone::CloneSpec;
 use crate::error::Error;
 use crate::ids::{SnapshotId, VmId};
+use crate::remote::RemoteRestore;
 use crate::restore::{RestoreSpec, RestoreTarget};
 use crate::snapshot::SnapshotSpec;
 
@@ -131,6 +132,33 @@ pub(super) async fn restore(s: &Service, r: pb::RestoreSnapshotRequest) -> Answe
             .into());
         }
     };
+    if !r.remote.is_empty() {
+        check_name("remote", &r.remote)?;
+        let RestoreTarget::NewVm(name, labels) = target else {
+            return Err(Error::invalid(
+                "remote",
+                "a restore from a remote goes into a new VM: set new_vm, not vm_id",
+            )
+            .into());
+        };
+        let spec = RemoteRestore {
+            remote: r.remote.clone(),
+            snapshot,
+            kind: pb::OperationKind::RestoreSnapshot,
+            names: vec![name],
+            labels,
+            mode: convert::memory_mode(r.memory_mode()),
+            leave_paused: r.leave_paused,
+            wait: r.wait,
+        };
+        let fp = fingerprint!(r);
+        return s
+            .once("RestoreSnapshot", &r.request_id, &fp, move |d, ctx| {
+                d.restore_from_remote(spec, &ctx)
+            })
+            .await
+            .map(|op| s.fresh(op));
+    }
     let spec = RestoreSpec {
         snapshot,
         target,
@@ -153,6 +181,28 @@ pub(super) async fn clone(s: &Service, r: pb::CloneSnapshotRequest) -> Answer<pb
     }
     check_name("name_prefix", &r.name_prefix)?;
     check_name("name_prefix", &format!("{}-{}", r.name_prefix, r.count - 1))?;
+    if !r.remote.is_empty() {
+        check_name("remote", &r.remote)?;
+        let spec = RemoteRestore {
+            remote: r.remote.clone(),
+            snapshot,
+            kind: pb::OperationKind::CloneSnapshot,
+            names: (0..r.count)
+                .map(|i| format!("{}-{i}", r.name_prefix))
+                .collect(),
+            labels: check_labels("labels", &r.labels)?,
+            mode: convert::memory_mode(r.memory_mode()),
+            leave_paused: r.leave_paused,
+            wait: r.wait,
+        };
+        let fp = fingerprint!(r);
+        return s
+            .once("CloneSnapshot", &r.request_id, &fp, move |d, ctx| {
+                d.restore_from_remote(spec, &ctx)
+            })
+            .await
+            .map(|op| s.fresh(op));
+    }
     let spec = CloneSpec {
         snapshot,
         count: r.count,

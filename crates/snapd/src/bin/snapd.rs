@@ -105,6 +105,10 @@ struct Args {
     /// and their clocks must agree to well within half of it.
     #[arg(long, default_value_t = snapd::remote::DEFAULT_GRACE_MS as u64 / 1000)]
     remote_grace_secs: u64,
+    /// The host's cache of chunks fetched for restores straight from a remote (shared by every
+    /// VM; least recently used first out), in GiB. It lives in <data-dir>/cache/chunks.
+    #[arg(long, default_value_t = 16)]
+    remote_cache_gib: u64,
 }
 
 fn main() {
@@ -164,6 +168,10 @@ fn run(args: Args) -> Result<(), String> {
         &args.remotes,
         credentials.as_ref(),
         i64::try_from(args.remote_grace_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+    )?
+    .with_cache(
+        &args.data_dir.join("cache").join("chunks"),
+        args.remote_cache_gib << 30,
     )?;
     let daemon = Daemon::open(Config {
         data_dir: args.data_dir.clone(),

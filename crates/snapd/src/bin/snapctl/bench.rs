@@ -227,6 +227,7 @@ impl Client {
         let r = self
             .c
             .restore_snapshot(pb::RestoreSnapshotRequest {
+                remote: String::new(),
                 wait: false,
                 request_id: crate::fresh_request_id(),
                 snapshot_id,

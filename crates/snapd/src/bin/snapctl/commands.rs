@@ -426,9 +426,13 @@ async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<()
             labels: l,
             mode,
             leave_paused,
+            remote,
             wait,
         } => {
-            let snapshot_id = resolve::snapshot_id(c, snapshot).await?;
+            let snapshot_id = match remote {
+                Some(_) => snapshot.clone(),
+                None => resolve::snapshot_id(c, snapshot).await?,
+            };
             let target = match (into, new) {
                 (Some(vm), _) => {
                     pb::restore_snapshot_request::Target::VmId(resolve::vm_id(c, vm).await?)
@@ -447,6 +451,7 @@ async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<()
                     target: Some(target),
                     memory_mode: Mode::to_pb(*mode) as i32,
                     leave_paused: *leave_paused,
+                    remote: remote.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -459,9 +464,13 @@ async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<()
             mode,
             labels: l,
             leave_paused,
+            remote,
             wait,
         } => {
-            let snapshot_id = resolve::snapshot_id(c, snapshot).await?;
+            let snapshot_id = match remote {
+                Some(_) => snapshot.clone(),
+                None => resolve::snapshot_id(c, snapshot).await?,
+            };
             let op = c
                 .clone_snapshot(pb::CloneSnapshotRequest {
                     request_id: cli.request_id(),
@@ -472,6 +481,7 @@ async fn snapshot(cli: &Cli, c: &mut Client, cmd: &SnapshotCommand) -> Result<()
                     memory_mode: Mode::to_pb(*mode) as i32,
                     leave_paused: *leave_paused,
                     labels: labels(l),
+                    remote: remote.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

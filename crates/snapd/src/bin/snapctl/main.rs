@@ -281,6 +281,10 @@ enum SnapshotCommand {
         /// Leave the restored VM paused.
         #[arg(long)]
         leave_paused: bool,
+        /// Restore straight from this remote's snapshot (give its id), without pulling it; only
+        /// with --new.
+        #[arg(long, requires = "new")]
+        remote: Option<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -303,6 +307,9 @@ enum SnapshotCommand {
         /// Leave the new VMs paused.
         #[arg(long)]
         leave_paused: bool,
+        /// Clone straight from this remote's snapshot (give its id), without pulling it.
+        #[arg(long)]
+        remote: Option<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },
