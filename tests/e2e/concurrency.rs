@@ -179,6 +179,31 @@ async fn client(
                     .await
                     .map(tonic::Response::into_inner);
             }
+            85..=86 if remote && vms.len() < 8 => {
+                what = "restore from the remote";
+                let Some(s) = pick(&mut rng, &pushed) else {
+                    continue;
+                };
+                let mode = [
+                    pb::MemoryRestoreMode::Eager,
+                    pb::MemoryRestoreMode::Lazy,
+                    pb::MemoryRestoreMode::Prefetch,
+                ][rng.below(3)];
+                started = c
+                    .restore_snapshot(pb::RestoreSnapshotRequest {
+                        request_id: rid("rrestore"),
+                        snapshot_id: s,
+                        target: Some(pb::restore_snapshot_request::Target::NewVm(pb::NewVm {
+                            name: name.clone(),
+                            ..Default::default()
+                        })),
+                        memory_mode: mode as i32,
+                        remote: "fleet".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(tonic::Response::into_inner);
+            }
             85..=89 if remote => {
                 what = "pull";
                 // Often a snapshot deleted here since: the pull brings it back.

@@ -428,7 +428,10 @@ async fn a_host_restores_and_clones_straight_from_the_remote() {
     let wset = a_daemon.data().join(format!("states/{}.wset", snap.id));
     let deadline = std::time::Instant::now() + TIMEOUT;
     while !wset.exists() {
-        assert!(std::time::Instant::now() < deadline, "no working set was recorded");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no working set was recorded"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop(&mut a, &warm.id).await;
@@ -442,7 +445,12 @@ async fn a_host_restores_and_clones_straight_from_the_remote() {
         ("eager", pb::MemoryRestoreMode::Eager),
     ] {
         let op = restore_remote(&mut b, &snap.id, name, mode).await;
-        assert_eq!(op.state(), pb::OperationState::Succeeded, "{name}: {:?}", op.error);
+        assert_eq!(
+            op.state(),
+            pb::OperationState::Succeeded,
+            "{name}: {:?}",
+            op.error
+        );
         made.push(op.result.unwrap().vms.remove(0));
     }
     let op = b
@@ -478,11 +486,21 @@ async fn a_host_restores_and_clones_straight_from_the_remote() {
     let files_before = b_daemon.layer_files();
     let endpoint = garage.endpoint.clone();
     garage.kill();
-    let op = restore_remote(&mut b, &snap.id, "unreachable", pb::MemoryRestoreMode::Eager).await;
+    let op = restore_remote(
+        &mut b,
+        &snap.id,
+        "unreachable",
+        pb::MemoryRestoreMode::Eager,
+    )
+    .await;
     assert_eq!(op.state(), pb::OperationState::Failed);
     let e = op.error.unwrap();
     assert_eq!(e.code, Code::Unavailable as i32, "{}", e.message);
-    assert!(e.message.contains(&endpoint), "names the store: {}", e.message);
+    assert!(
+        e.message.contains(&endpoint),
+        "names the store: {}",
+        e.message
+    );
     assert_eq!(list_vms(&mut b).await.len(), vms_before, "no VM was made");
     assert_eq!(b_daemon.layer_files(), files_before, "no file was left");
 }

@@ -350,8 +350,15 @@ struct PulledLayer {
     id: LayerId,
     /// The catalog's file for it (shared layers: as it was when checked).
     file: String,
-    /// Shared with a layer already here.
-    shared: bool,
+    /// Shared with a layer already here: its reference as a parent, read when it was checked
+    /// (its file is not opened again: the transaction checks it is still the same).
+    own: Option<snap_core::ParentRef>,
+}
+
+impl PulledLayer {
+    fn shared(&self) -> bool {
+        self.own.is_some()
+    }
 }
 
 impl Daemon {
@@ -552,7 +559,7 @@ impl Daemon {
         let mut files: Vec<String> = memory
             .iter()
             .chain(disks.iter().flatten())
-            .filter(|l| !l.shared)
+            .filter(|l| !l.shared())
             .map(|l| l.file.clone())
             .collect();
         files.push(state_file.clone());
@@ -564,7 +571,7 @@ impl Daemon {
         // The bytes to fetch: what the shared layers hold is not fetched.
         let mut total = manifest.state.len + manifest.working_set.as_ref().map_or(0, |b| b.len);
         for (l, p) in manifest.memory.iter().zip(&memory) {
-            if !p.shared {
+            if !p.shared() {
                 total += l.frames.iter().map(|f| f.data_pages() * 4096).sum::<u64>();
             }
         }
@@ -574,7 +581,7 @@ impl Daemon {
                 block_size: d.block_size,
             };
             for (l, p) in d.layers.iter().zip(chain) {
-                if !p.shared {
+                if !p.shared() {
                     total += l.blocks.iter().map(|&b| g.block_len(b) as u64).sum::<u64>();
                 }
             }
@@ -602,16 +609,21 @@ impl Daemon {
         };
         let mut parent = None;
         for (l, p) in manifest.memory.iter().zip(&memory) {
-            let path = self.store.path(&p.file);
-            let info = if p.shared {
-                *snap_mem::layer::Layer::open(&path)
-                    .map_err(|e| Error::io("opening a shared layer", &e))?
-                    .info()
-            } else {
-                transfer::pull_memory_layer(&t, l, info.memory_bytes, p.id.0, parent, &path)
+            parent = match p.own {
+                Some(own) => Some(own),
+                None => Some(
+                    transfer::pull_memory_layer(
+                        &t,
+                        l,
+                        info.memory_bytes,
+                        p.id.0,
+                        parent,
+                        &self.store.path(&p.file),
+                    )
                     .map_err(failed)?
+                    .as_parent(),
+                ),
             };
-            parent = Some(info.as_parent());
         }
         self.fetch_disks(&t, &manifest, &disks, &failed)?;
         transfer::pull_blob(&t, &manifest.state, &self.store.path(&state_file)).map_err(failed)?;
@@ -657,7 +669,7 @@ impl Daemon {
         let shared = memory
             .iter()
             .chain(disks.iter().flatten())
-            .filter(|l| l.shared)
+            .filter(|l| l.shared())
             .count() as u64;
         let result = |record: &SnapshotRecord| pb::OperationResult {
             snapshot: Some(convert::snapshot(record)),
@@ -730,12 +742,16 @@ impl Daemon {
     }
 
     /// Which of `manifest`'s layers are here already (a prefix of each chain with the same id,
-    /// digest and parent: shared) and where the others go. Memory layers only if `memory`.
+    /// digest and parent: shared) and where the others go. A pull (`pull`) keeps the layers'
+    /// ids where they are free here, so that later pulls share them; a restore gives them new
+    /// ids, so that restores of one snapshot running together do not collide. Memory layers
+    /// only for a pull.
     fn plan_layers(
         &self,
         manifest: &Manifest,
-        memory: bool,
+        pull: bool,
     ) -> Result<(Vec<PulledLayer>, Vec<Vec<PulledLayer>>)> {
+        let memory = pull;
         let known: HashMap<LayerId, LayerRecord> = self
             .catalog
             .read(|tx| tx.layers())?
@@ -744,7 +760,7 @@ impl Daemon {
             .collect();
         let fresh_id = |raw_id: [u8; 16]| {
             let want = LayerId(Id(raw_id));
-            if known.contains_key(&want) {
+            if !pull || known.contains_key(&want) {
                 LayerId::random()
             } else {
                 want
@@ -768,7 +784,7 @@ impl Daemon {
                     mem.push(PulledLayer {
                         id: r.id,
                         file: r.file,
-                        shared: true,
+                        own: Some(i.as_parent()),
                     });
                 }
                 None => {
@@ -776,7 +792,7 @@ impl Daemon {
                     mem.push(PulledLayer {
                         id: fresh_id(l.id),
                         file: Store::merged_layer_file(),
-                        shared: false,
+                        own: None,
                     });
                 }
             }
@@ -801,7 +817,7 @@ impl Daemon {
                         chain.push(PulledLayer {
                             id: r.id,
                             file: r.file,
-                            shared: true,
+                            own: i.as_parent(),
                         });
                     }
                     None => {
@@ -809,7 +825,7 @@ impl Daemon {
                         chain.push(PulledLayer {
                             id: fresh_id(l.id),
                             file: Store::disk_layer_file(),
-                            shared: false,
+                            own: None,
                         });
                     }
                 }
@@ -828,7 +844,7 @@ impl Daemon {
                 block_size: d.block_size,
             };
             for (l, p) in d.layers.iter().zip(chain) {
-                if !p.shared {
+                if !p.shared() {
                     total += l.blocks.iter().map(|&b| g.block_len(b) as u64).sum::<u64>();
                 }
             }
@@ -847,14 +863,19 @@ impl Daemon {
         for (d, pulled) in manifest.disks.iter().zip(disks) {
             let mut parent = None;
             for (l, p) in d.layers.iter().zip(pulled) {
-                let path = self.store.path(&p.file);
-                let info = if p.shared {
-                    snap_disk::layer_info(&path)
-                        .map_err(|e| crate::error::disk_error("opening a shared layer", &e))?
-                } else {
-                    transfer::pull_disk_layer(t, d, l, p.id.0, parent, &path).map_err(failed)?
+                parent = match p.own {
+                    Some(own) => Some(own),
+                    None => transfer::pull_disk_layer(
+                        t,
+                        d,
+                        l,
+                        p.id.0,
+                        parent,
+                        &self.store.path(&p.file),
+                    )
+                    .map_err(failed)?
+                    .as_parent(),
                 };
-                parent = info.as_parent();
             }
         }
         Ok(())
@@ -869,13 +890,18 @@ impl Daemon {
         id: SnapshotId,
     ) -> std::result::Result<(), crate::catalog::CatalogError> {
         for (l, kind) in layers {
-            if l.shared {
+            if l.shared() {
                 if tx.layer(l.id)?.is_none_or(|now| now.file != l.file) {
                     return Err(crate::catalog::CatalogError::Changed(format!(
                         "layer {} changed while snapshot {id} was fetched (a delete merged or freed it): try again",
                         l.id
                     )));
                 }
+            } else if tx.layer(l.id)?.is_some() {
+                return Err(crate::catalog::CatalogError::Changed(format!(
+                    "layer {} was recorded here by another operation while snapshot {id} was fetched: try again (it is then shared)",
+                    l.id
+                )));
             } else {
                 tx.insert_layer(&LayerRecord {
                     id: l.id,
@@ -940,7 +966,7 @@ impl Daemon {
             disks
                 .iter()
                 .flatten()
-                .filter(|l| !l.shared)
+                .filter(|l| !l.shared())
                 .map(|l| l.file.clone())
                 .collect(),
         );
