@@ -12,7 +12,7 @@ use std::time::Duration;
 use object_store::ObjectStoreExt;
 use snap_api::v1 as pb;
 use snap_remote::{Credentials, Remote};
-use snap_testkit::garage::{BUCKET, Garage, REGION, garage_available};
+use snap_testkit::garage::{BUCKET, Garage, GarageCluster, REGION, garage_available};
 
 use crate::common::*;
 
@@ -22,16 +22,26 @@ const GRACE_SECS: u64 = 6;
 
 /// A daemon configured with remote `fleet` on `garage` (credentials from a file).
 async fn host(garage: &Garage, dir: &std::path::Path, tag: &str, secret: &str) -> (Snapd, Client) {
+    host_at(&garage.url("fleet"), &garage.access_key, dir, tag, secret).await
+}
+
+/// A daemon configured with remote `fleet` at `url`.
+async fn host_at(
+    url: &str,
+    access_key: &str,
+    dir: &std::path::Path,
+    tag: &str,
+    secret: &str,
+) -> (Snapd, Client) {
     let creds = dir.join(format!("{tag}.creds"));
     std::fs::write(
         &creds,
         format!(
-            "# the remote's key\nAWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={secret}\n",
-            garage.access_key
+            "# the remote's key\nAWS_ACCESS_KEY_ID={access_key}\nAWS_SECRET_ACCESS_KEY={secret}\n"
         ),
     )
     .unwrap();
-    let remote = format!("fleet={}", garage.url("fleet"));
+    let remote = format!("fleet={url}");
     let grace = GRACE_SECS.to_string();
     start_with(
         "",
@@ -503,4 +513,80 @@ async fn a_host_restores_and_clones_straight_from_the_remote() {
     );
     assert_eq!(list_vms(&mut b).await.len(), vms_before, "no VM was made");
     assert_eq!(b_daemon.layer_files(), files_before, "no file was left");
+}
+
+/// Against a three-node Garage cluster (replication factor 3): with one node killed during a
+/// lazy restore straight from the remote, the restore completes and the guest is exact; with two
+/// killed, a restore fails UNAVAILABLE naming the store, no VM runs, and nothing changes here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_survive_one_of_three_nodes_and_fail_cleanly_without_two() {
+    let test = "restores_survive_one_of_three_nodes_and_fail_cleanly_without_two";
+    if !kvm_available(test) || !garage_available(test) {
+        return;
+    }
+    let mut cluster = GarageCluster::three_nodes();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, key, secret) = (
+        cluster.url("fleet"),
+        cluster.nodes[0].access_key.clone(),
+        cluster.nodes[0].secret_key.clone(),
+    );
+    let (_a_daemon, mut a) = host_at(&url, &key, dir.path(), "a", &secret).await;
+    let (b_daemon, mut b) = host_at(&url, &key, dir.path(), "b", &secret).await;
+    let program = long_guest();
+    let model = model(&program);
+    let vm = create_vm_running(&mut a, "origin", true, program).await.id;
+    wait_lines(&mut a, &vm, 20).await;
+    let (snap, _) = snapshot_at(&mut a, &vm, "s", &rid("snap")).await;
+    stop(&mut a, &vm).await;
+    push(&mut a, &snap.id).await;
+
+    // One node down right as the lazy restore starts: the guest's memory still arrives whole.
+    let op = b
+        .restore_snapshot(pb::RestoreSnapshotRequest {
+            request_id: rid("rrestore"),
+            snapshot_id: snap.id.clone(),
+            target: Some(pb::restore_snapshot_request::Target::NewVm(pb::NewVm {
+                name: "survivor".into(),
+                ..Default::default()
+            })),
+            memory_mode: lazy() as i32,
+            remote: "fleet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    cluster.nodes[2].kill();
+    let made = succeeded(&mut b, op).await.vms.remove(0);
+    continues_exactly(&mut b, &made.id, &model, 60).await;
+    // A pull with one node down works too.
+    let pulled = pulled(&mut b, &snap.id).await;
+    assert!(pulled.snapshot.is_some());
+
+    // Two nodes down: no quorum. The restore fails UNAVAILABLE naming the store; no VM runs on
+    // partial memory and the catalog is as it was.
+    cluster.nodes[1].kill();
+    let vms_before = list_vms(&mut b).await.len();
+    let snaps_before = snapshot_count(&mut b).await;
+    let files_before = b_daemon.layer_files();
+    let started = std::time::Instant::now();
+    let op = restore_remote(&mut b, &snap.id, "partial", pb::MemoryRestoreMode::Lazy).await;
+    assert_eq!(op.state(), pb::OperationState::Failed, "{op:?}");
+    let e = op.error.unwrap();
+    assert_eq!(e.code, Code::Unavailable as i32, "{}", e.message);
+    assert!(
+        e.message.contains(&cluster.nodes[0].endpoint),
+        "names the store: {}",
+        e.message
+    );
+    println!(
+        "two of three nodes down: failed in {:?}: {}",
+        started.elapsed(),
+        e.message
+    );
+    assert_eq!(list_vms(&mut b).await.len(), vms_before, "no VM was made");
+    assert_eq!(snapshot_count(&mut b).await, snaps_before);
+    assert_eq!(b_daemon.layer_files(), files_before, "no file was left");
+    b_daemon.assert_files_match_catalog("after the failed restore");
 }

@@ -201,12 +201,24 @@ impl Remote {
         }
         let store = AmazonS3Builder::new()
             .with_endpoint(format!("{scheme}://{host}"))
-            .with_allow_http(scheme == "http")
             .with_virtual_hosted_style_request(false)
             .with_bucket_name(bucket)
             .with_region(region)
             .with_access_key_id(&credentials.access_key)
             .with_secret_access_key(&credentials.secret_key)
+            // A store that cannot answer is told as such within about half a minute, not the
+            // client's default three minutes: a restore is waiting on it.
+            .with_retry(object_store::RetryConfig {
+                backoff: object_store::BackoffConfig::default(),
+                max_retries: 4,
+                retry_timeout: std::time::Duration::from_secs(20),
+            })
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_allow_http(scheme == "http")
+                    .with_connect_timeout(std::time::Duration::from_secs(5))
+                    .with_timeout(std::time::Duration::from_secs(60)),
+            )
             .build()
             .map_err(|e| bad(&e.to_string()))?;
         Ok(Self {
