@@ -590,3 +590,87 @@ async fn restores_survive_one_of_three_nodes_and_fail_cleanly_without_two() {
     assert_eq!(b_daemon.layer_files(), files_before, "no file was left");
     b_daemon.assert_files_match_catalog("after the failed restore");
 }
+
+/// Ten VMs created from one disk image, each snapshotted and pushed: the image's bytes are
+/// stored in the bucket once (each later VM adds about what is its own: the memory its guest
+/// wrote, its disk writes), measured as bytes in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_vms_from_one_image_store_the_image_once() {
+    let test = "ten_vms_from_one_image_store_the_image_once";
+    if !kvm_available(test) || !garage_available(test) {
+        return;
+    }
+    let garage = Garage::single_node();
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    // 8 MiB that do not compress: the image dominates what a VM pushes.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let image: Vec<u8> = (0..8 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(images.join("base.img"), &image).unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            garage.access_key, garage.secret_key
+        ),
+    )
+    .unwrap();
+    let remote = format!("fleet={}", garage.url("fleet"));
+    let (_d, mut c) = start_with(
+        "",
+        &[
+            "--image-dir",
+            images.to_str().unwrap(),
+            "--remote",
+            &remote,
+            "--remote-credentials",
+            creds.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let bucket_bytes = || async {
+        bucket(&garage)
+            .list_chunks()
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.size)
+            .sum::<u64>()
+    };
+    let mut after = Vec::new();
+    let mut content = 0;
+    for i in 0..10 {
+        let mut request = vm_request(&format!("vm{i}"), true, long_guest());
+        request.disks[0].size_bytes = 0;
+        request.disks[0].image_path = images.join("base.img").display().to_string();
+        let vm = c.create_vm(request).await.unwrap().into_inner().id;
+        wait_lines(&mut c, &vm, 10).await;
+        let s = take_snapshot(&mut c, &vm, "s").await;
+        stop(&mut c, &vm).await;
+        content += push(&mut c, &s.id).await.content_bytes;
+        after.push(bucket_bytes().await);
+    }
+    let (first, all) = (after[0], after[9]);
+    let own = first.saturating_sub(image.len() as u64);
+    println!(
+        "10 VMs from one {} MiB image: {content} bytes of content pushed; the bucket holds {first} bytes after the first, {all} after all ten ({:.2}x one VM, {:.1}% of the content)",
+        image.len() >> 20,
+        all as f64 / first as f64,
+        100.0 * all as f64 / content as f64
+    );
+    assert!(first >= image.len() as u64, "the image is in the bucket");
+    assert!(
+        all - first <= 9 * own + first / 10,
+        "each later VM adds only its own bytes: {after:?}"
+    );
+    assert!(all < 2 * first, "the image is stored once: {after:?}");
+}
