@@ -125,31 +125,59 @@ pub fn seal(content: &[u8], level: i32) -> Result<(ChunkId, Vec<u8>), ChunkError
     Ok((id, CHUNK.encode(&payload)))
 }
 
+/// Makes the chunk object of `content` from `zstd`, one zstd frame that decompresses to it (a
+/// memory layer's frame, as its layer stores it: nothing is compressed again). The caller
+/// vouches for the frame; a reader checks it all the same ([`open`]). Stored as zstd even if
+/// no smaller (incompressible data costs a few bytes per 128 KiB), so that a pull can write it
+/// back as the layer's frame unchanged.
+///
+/// # Errors
+/// [`ChunkError::TooLarge`].
+pub fn seal_compressed(content: &[u8], zstd: &[u8]) -> Result<(ChunkId, Vec<u8>), ChunkError> {
+    if content.len() > MAX_CHUNK {
+        return Err(ChunkError::TooLarge(content.len()));
+    }
+    let mut payload = Vec::with_capacity(zstd.len() + 1);
+    payload.push(ZSTD);
+    payload.extend_from_slice(zstd);
+    Ok((ChunkId::of(content), CHUNK.encode(&payload)))
+}
+
 /// The content of chunk `id` from its stored `object`, after every check: the format and its
 /// CRC, the codec, the size bound, and the content's digest against the name.
 ///
 /// # Errors
 /// [`ChunkError::Damaged`] or [`ChunkError::WrongContent`], naming the chunk.
 pub fn open(id: &ChunkId, object: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    open_parts(id, object).map(|(content, _)| content)
+}
+
+/// As [`open`], with the zstd frame the content was stored as (`None` if stored as is): it
+/// decompresses to the content, which was checked against the name.
+///
+/// # Errors
+/// As [`open`].
+pub fn open_parts(id: &ChunkId, object: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>), ChunkError> {
     let damaged = |problem: String| ChunkError::Damaged { id: *id, problem };
     let decoded = CHUNK.decode(object).map_err(|e| damaged(e.to_string()))?;
     let (codec, body) = decoded
         .payload
         .split_first()
         .ok_or_else(|| damaged("empty payload".into()))?;
-    let content = match *codec {
-        RAW if body.len() <= MAX_CHUNK => body.to_vec(),
+    let (content, zstd) = match *codec {
+        RAW if body.len() <= MAX_CHUNK => (body.to_vec(), None),
         RAW => return Err(damaged(format!("{} bytes stored: too large", body.len()))),
-        ZSTD => {
-            zstd::bulk::decompress(body, MAX_CHUNK).map_err(|e| damaged(format!("zstd: {e}")))?
-        }
+        ZSTD => (
+            zstd::bulk::decompress(body, MAX_CHUNK).map_err(|e| damaged(format!("zstd: {e}")))?,
+            Some(body.to_vec()),
+        ),
         other => return Err(damaged(format!("unknown codec {other}"))),
     };
     let found = ChunkId::of(&content);
     if found != *id {
         return Err(ChunkError::WrongContent { id: *id, found });
     }
-    Ok(content)
+    Ok((content, zstd))
 }
 
 #[cfg(test)]
@@ -211,6 +239,23 @@ mod tests {
         let e = open(&id, &CHUNK.encode(&payload)).unwrap_err();
         assert!(matches!(e, ChunkError::Damaged { .. }), "{e}");
         assert!("zz".parse::<ChunkId>().is_err());
+    }
+
+    #[test]
+    fn a_layers_own_zstd_frame_is_stored_and_given_back_as_it_is() {
+        let content = vec![5u8; 64 << 10];
+        let frame = zstd::bulk::compress(&content, 1).unwrap();
+        let (id, object) = seal_compressed(&content, &frame).unwrap();
+        assert_eq!(id, ChunkId::of(&content));
+        let (back, zstd) = open_parts(&id, &object).unwrap();
+        assert_eq!((back, zstd), (content, Some(frame)));
+        // A frame of other bytes is refused by the content's digest.
+        let (_, lie) =
+            seal_compressed(b"claimed", &zstd::bulk::compress(b"actual", 1).unwrap()).unwrap();
+        assert!(matches!(
+            open(&ChunkId::of(b"claimed"), &lie).unwrap_err(),
+            ChunkError::WrongContent { .. }
+        ));
     }
 
     proptest! {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use snap_core::Id;
 use snap_disk::LayerBlocks;
-use snap_mem::layer::{FrameLayout, Layer, LayerOptions};
+use snap_mem::layer::{FrameData, FrameLayout, Layer, LayerOptions};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
@@ -164,8 +164,9 @@ struct Uploads<'a> {
 }
 
 impl Uploads<'_> {
-    /// Queues `content` (unless this push already has it) and returns its id.
-    fn put(&mut self, content: Vec<u8>) -> Result<ChunkId, TransferError> {
+    /// Queues `content` (unless this push already has it) and returns its id; `zstd` is its
+    /// compressed form as a layer stores it, if there is one.
+    fn put(&mut self, content: Vec<u8>, zstd: Option<Vec<u8>>) -> Result<ChunkId, TransferError> {
         let id = ChunkId::of(&content);
         let len = content.len() as u64;
         self.stats.content_bytes += len;
@@ -180,10 +181,11 @@ impl Uploads<'_> {
         self.advance(0)?;
         let remote = self.t.remote.clone();
         let fresh = self.fresh_after_ms;
-        let task = self
-            .t
-            .handle
-            .spawn(async move { remote.put_chunk(&content, fresh).await });
+        let task = self.t.handle.spawn(async move {
+            remote
+                .put_chunk_with(&content, zstd.as_deref(), fresh)
+                .await
+        });
         self.queue.push_back((len, task));
         Ok(id)
     }
@@ -225,7 +227,7 @@ impl Uploads<'_> {
         let bytes = std::fs::read(path).map_err(|e| local(format!("{}: {e}", path.display())))?;
         let mut chunks = Vec::new();
         for piece in bytes.chunks(MAX_CHUNK) {
-            chunks.push(self.put(piece.to_vec())?);
+            chunks.push(self.put(piece.to_vec(), None)?);
         }
         Ok(Blob {
             len: bytes.len() as u64,
@@ -282,7 +284,9 @@ pub fn push(
                 data,
             } = layer.frame_layout(f);
             let chunk = if data.iter().any(|&w| w != 0) {
-                Some(up.put(layer.read_frame(f).map_err(local)?)?)
+                // The frame's own zstd bytes become the chunk's: nothing is compressed again.
+                let (pages, zstd) = layer.read_frame_with_compressed(f).map_err(local)?;
+                Some(up.put(pages, Some(zstd))?)
             } else {
                 None
             };
@@ -317,7 +321,7 @@ pub fn push(
                 (info.geometry.disk_bytes, info.geometry.block_size);
             let mut chunks = Vec::with_capacity(layer.blocks().len());
             for &b in layer.blocks() {
-                chunks.push(up.put(layer.read_block(b).map_err(local)?)?);
+                chunks.push(up.put(layer.read_block(b).map_err(local)?, None)?);
             }
             chain.layers.push(DiskLayer {
                 id: info.id.0,
@@ -356,6 +360,9 @@ pub fn push(
     Ok(stats)
 }
 
+/// A chunk's content and the zstd frame it was stored as, if it was.
+type Parts = (Vec<u8>, Option<Vec<u8>>);
+
 /// Chunks fetched ahead of their consumer, in the order it will ask for them.
 struct Prefetch<'a> {
     t: &'a Transfer<'a>,
@@ -369,7 +376,7 @@ struct Prefetch<'a> {
 #[derive(Default)]
 struct PrefetchState {
     next: usize,
-    tasks: HashMap<usize, JoinHandle<Result<Vec<u8>, RemoteError>>>,
+    tasks: HashMap<usize, JoinHandle<Result<Parts, RemoteError>>>,
 }
 
 impl<'a> Prefetch<'a> {
@@ -383,16 +390,21 @@ impl<'a> Prefetch<'a> {
         }
     }
 
-    fn spawn(&self, i: usize) -> JoinHandle<Result<Vec<u8>, RemoteError>> {
+    fn spawn(&self, i: usize) -> JoinHandle<Result<Parts, RemoteError>> {
         let remote = self.t.remote.clone();
         let id = self.ids[i];
         self.t
             .handle
-            .spawn(async move { remote.get_chunk(&id).await })
+            .spawn(async move { remote.get_chunk_parts(&id).await })
     }
 
     /// Chunk `i`'s content.
     fn get(&self, i: usize) -> std::io::Result<Vec<u8>> {
+        self.get_parts(i).map(|(content, _)| content)
+    }
+
+    /// Chunk `i`'s content and the zstd frame it was stored as, if it was.
+    fn get_parts(&self, i: usize) -> std::io::Result<Parts> {
         let task = {
             let mut st = self
                 .state
@@ -414,12 +426,12 @@ impl<'a> Prefetch<'a> {
             .block_on(task)
             .map_err(|e| std::io::Error::other(format!("a download task failed: {e}")))?;
         match result {
-            Ok(content) => {
-                if !(self.t.progress)(content.len() as u64) {
+            Ok(parts) => {
+                if !(self.t.progress)(parts.0.len() as u64) {
                     self.cancelled.store(true, Ordering::Relaxed);
                     return Err(std::io::Error::other("the transfer was cancelled"));
                 }
-                Ok(content)
+                Ok(parts)
             }
             Err(e) => {
                 let message = e.to_string();
@@ -504,9 +516,17 @@ pub fn pull_memory_layer(
         parent,
         memory_bytes,
     };
+    // A chunk stored as a zstd frame (pushed from a layer's frame) is written back as the
+    // frame, unchanged: nothing is compressed again, and the copy keeps the layer's digest.
     snap_mem::layer::write_layer_frames(out, &new, &options, &frames, |i, _| match slot[i] {
-        Some(c) => fetch.get(c),
-        None => Ok(Vec::new()),
+        Some(c) => fetch.get_parts(c).map(|(content, zstd)| match zstd {
+            Some(bytes) => FrameData::Compressed {
+                bytes,
+                pages_len: content.len(),
+            },
+            None => FrameData::Pages(content),
+        }),
+        None => Ok(FrameData::Pages(Vec::new())),
     })
     .map_err(|e| fetch.explain(e))
 }

@@ -8,7 +8,7 @@ use super::error::LayerError;
 use super::mask::PageMask;
 use super::meta::{LayerInfo, LayerOptions, NewLayer, PAGE};
 use super::reader::Layer;
-use super::writer::{Compress, check_new, finish_frame, write_frames};
+use super::writer::{Compress, FrameOut, check_new, finish_frame, write_frames};
 
 /// Where one frame of a layer sits and which of its region's pages it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +30,23 @@ impl FrameLayout {
     }
 }
 
+/// A frame's data as a copy gives it to [`write_layer_frames`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameData {
+    /// The data pages, in page order: the writer compresses them.
+    Pages(Vec<u8>),
+    /// One zstd frame holding the data pages, as a layer stores it (see
+    /// [`Layer::read_frame_with_compressed`]), written as it is. The caller vouches that it
+    /// decompresses to `pages_len` bytes (it has checked that, e.g. by the content's digest);
+    /// the writer checks the length against the frame's bitmap.
+    Compressed {
+        /// The zstd frame.
+        bytes: Vec<u8>,
+        /// The length of the data pages it holds.
+        pages_len: usize,
+    },
+}
+
 impl Layer {
     /// The layout of frame `frame` (see [`FrameLayout`]); its data is
     /// [`read_frame`](Self::read_frame).
@@ -49,8 +66,8 @@ impl Layer {
 }
 
 /// Writes the layer file `path` holding `frames` (regions strictly increasing), each one's
-/// data pages (`data_pages() * 4096` bytes, in page order) from `fetch`, called on the writer's
-/// threads. Written with the same id, parent, options and frames as a layer they were read
+/// data pages (`data_pages() * 4096` bytes, in page order, or already compressed: see
+/// [`FrameData`]) from `fetch`, called on the writer's threads. Written with the same id, parent, options and frames as a layer they were read
 /// from, the file has that layer's digest (zstd gives the same bytes for the same input and
 /// level), so copies of a chain link like the original.
 ///
@@ -65,7 +82,7 @@ pub fn write_layer_frames(
     layer: &NewLayer,
     options: &LayerOptions,
     frames: &[FrameLayout],
-    fetch: impl Fn(usize, &FrameLayout) -> std::io::Result<Vec<u8>> + Sync,
+    fetch: impl Fn(usize, &FrameLayout) -> std::io::Result<FrameData> + Sync,
 ) -> Result<LayerInfo, LayerError> {
     check_new(layer, options)?;
     let ppf = options.frame_size as usize / PAGE;
@@ -114,20 +131,32 @@ pub fn write_layer_frames(
         |compress, &(i, present, data)| {
             let f = &frames[i];
             let pages = (f.region * ppf as u64)..((f.region + 1) * ppf as u64);
-            let bytes = fetch(i, f).map_err(|error| LayerError::Source {
+            let got = fetch(i, f).map_err(|error| LayerError::Source {
                 path: path.to_path_buf(),
                 pages: pages.clone(),
                 error,
             })?;
-            if bytes.len() != data.count() * PAGE {
+            let len = match &got {
+                FrameData::Pages(p) => p.len(),
+                FrameData::Compressed { pages_len, .. } => *pages_len,
+            };
+            if len != data.count() * PAGE {
                 return Err(bad(format!(
-                    "frame {i} (region {}): {} bytes of data for {} pages",
+                    "frame {i} (region {}): {len} bytes of data for {} pages",
                     f.region,
-                    bytes.len(),
                     data.count()
                 )));
             }
-            finish_frame(path, compress, f.region, present, data, &bytes)
+            match got {
+                FrameData::Pages(p) => finish_frame(path, compress, f.region, present, data, &p),
+                FrameData::Compressed { bytes, .. } => Ok(Some(FrameOut {
+                    region: f.region,
+                    present,
+                    data,
+                    crc: snap_core::crc32c(&bytes),
+                    bytes: if data.is_empty() { Vec::new() } else { bytes },
+                })),
+            }
         },
     )
 }
@@ -192,12 +221,24 @@ mod tests {
                 memory_bytes: size,
             };
             let out = dir.path().join(format!("copy{i}"));
+            // Frames given as pages (recompressed) and as the layer's own compressed bytes make
+            // the same layer.
             let made = write_layer_frames(&out, &new, &options, &frames, |f, layout| {
                 let data = src.read_frame(f).unwrap();
                 assert_eq!(data.len(), layout.data_pages() * PAGE);
-                Ok(data)
+                Ok(FrameData::Pages(data))
             })
             .unwrap();
+            let as_stored = dir.path().join(format!("stored{i}"));
+            let same = write_layer_frames(&as_stored, &new, &options, &frames, |f, _| {
+                let (data, bytes) = src.read_frame_with_compressed(f).unwrap();
+                Ok(FrameData::Compressed {
+                    bytes,
+                    pages_len: data.len(),
+                })
+            })
+            .unwrap();
+            assert_eq!(same.digest, made.digest);
             assert_eq!(made.digest, info.digest);
             assert_eq!(
                 (made.pages_present, made.pages_stored),
@@ -229,7 +270,8 @@ mod tests {
             present: vec![present],
             data: vec![data],
         };
-        let page = |_: usize, f: &FrameLayout| Ok(vec![1u8; f.data_pages() * PAGE]);
+        let page =
+            |_: usize, f: &FrameLayout| Ok(FrameData::Pages(vec![1u8; f.data_pages() * PAGE]));
         let cases = [
             (vec![frame(1, 1, 1), frame(0, 1, 1)], "must increase"),
             (vec![frame(4, 1, 1)], "outside"),
@@ -250,7 +292,7 @@ mod tests {
             assert!(e.to_string().contains(want), "{want}: {e}");
         }
         let e = write_layer_frames(&out, &new, &options, &[frame(0, 1, 1)], |_, _| {
-            Ok(vec![1; 10])
+            Ok(FrameData::Pages(vec![1; 10]))
         })
         .unwrap_err();
         assert!(e.to_string().contains("10 bytes"), "{e}");

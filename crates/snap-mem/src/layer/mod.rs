@@ -106,7 +106,7 @@ mod table;
 mod writer;
 
 pub use chain::LayerChain;
-pub use copy::{FrameLayout, write_layer_frames};
+pub use copy::{FrameData, FrameLayout, write_layer_frames};
 pub use error::{FrameProblem, LayerError};
 pub use materialize::{Restore, RestoreStats, WindowScratch};
 pub use merge::{merge_into_child, relink_parent};

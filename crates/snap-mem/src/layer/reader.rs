@@ -213,6 +213,23 @@ impl Layer {
         Ok(scratch.data)
     }
 
+    /// As [`read_frame`](Self::read_frame), with the frame's compressed bytes as stored (one
+    /// zstd frame; empty when the frame stores no data), both checked.
+    ///
+    /// # Errors
+    /// As [`read_frame`](Self::read_frame).
+    ///
+    /// # Panics
+    /// If `frame >= frame_count()`.
+    pub fn read_frame_with_compressed(
+        &self,
+        frame: usize,
+    ) -> Result<(Vec<u8>, Vec<u8>), LayerError> {
+        let mut scratch = FrameScratch::default();
+        self.load_frame(frame, &mut scratch)?;
+        Ok((scratch.data, scratch.compressed))
+    }
+
     /// Reads every frame: CRC, decompression and length. Uses every core.
     ///
     /// # Errors
