@@ -2,8 +2,10 @@
 //! snap-mem's lazy restore. A window (the chain's largest frame) is composed as a layer chain
 //! composes it: each page from the newest layer that holds it (its data, or zero for a zero
 //! entry), zero where none does. The chunks it needs come from the host's [`ChunkCache`], else
-//! from the remote; a fetch also starts fetching the chunks of the next windows with data, so a
-//! filler walking memory in order finds them arriving. Every chunk is checked against its name
+//! from the remote. A read that follows the one before it in memory's order (the background
+//! filler's walk) also starts fetching the chunks of the next windows with data, so the filler
+//! finds them arriving; a fault elsewhere fetches only what it needs. A fetched chunk goes into
+//! the cache off the reader's path. Every chunk is checked against its name
 //! before a byte of it is installed: the guest never runs on memory the store changed.
 
 use std::collections::HashMap;
@@ -66,6 +68,8 @@ pub struct RemoteMemory {
     fetched_bytes: Arc<AtomicU64>,
     cache_hits: AtomicU64,
     joined: AtomicU64,
+    /// The last window read, to tell a walk through memory (read ahead) from faults (not).
+    last_window: AtomicU64,
     /// Set when a fetch failed because the store could not be reached (not a bad chunk).
     unreachable: std::sync::atomic::AtomicBool,
 }
@@ -132,6 +136,7 @@ impl RemoteMemory {
             cache_hits: AtomicU64::new(0),
             joined: AtomicU64::new(0),
             unreachable: std::sync::atomic::AtomicBool::new(false),
+            last_window: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -183,21 +188,32 @@ impl RemoteMemory {
         let (fetched, bytes) = (Arc::clone(&self.fetched), Arc::clone(&self.fetched_bytes));
         let registry = Arc::clone(&self.inflight);
         let fut: BoxFuture<'static, _> = async move {
-            let result = remote.get_chunk(&id).await;
-            if let Ok(content) = &result {
-                fetched.fetch_add(1, Ordering::Relaxed);
-                bytes.fetch_add(content.len() as u64, Ordering::Relaxed);
-                cache.put(&id, content);
+            let forget = move || {
+                registry
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
+            };
+            match remote.get_chunk(&id).await {
+                Ok(content) => {
+                    fetched.fetch_add(1, Ordering::Relaxed);
+                    bytes.fetch_add(content.len() as u64, Ordering::Relaxed);
+                    let content = Arc::new(content);
+                    // Into the cache off the reader's path; under way until it is there.
+                    let keep = Arc::clone(&content);
+                    tokio::task::spawn_blocking(move || {
+                        cache.put(&id, &keep);
+                        forget();
+                    });
+                    Ok(content)
+                }
+                Err(e) => {
+                    // A later read tries again.
+                    forget();
+                    let unreachable = matches!(e, crate::store::RemoteError::Unavailable { .. });
+                    Err(Arc::new((e.to_string(), unreachable)))
+                }
             }
-            // Cached (or failed: a later read tries again): no longer under way.
-            registry
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&id);
-            result.map(Arc::new).map_err(|e| {
-                let unreachable = matches!(e, crate::store::RemoteError::Unavailable { .. });
-                Arc::new((e.to_string(), unreachable))
-            })
         }
         .boxed();
         let shared = fut.shared();
@@ -259,7 +275,14 @@ impl WindowSource for RemoteMemory {
         // Pages of the window a newer layer already decided.
         let mut decided = vec![false; pages];
         let mut any = false;
-        self.read_ahead(window);
+        // Read ahead only along a walk through memory (the background filler, which reads the
+        // windows with data in order): a fault does not wait behind fetches it did not need.
+        let last = self.last_window.swap(window, Ordering::Relaxed);
+        let next = self.with_data.partition_point(|&w| w <= last);
+        let starts = last == u64::MAX && self.with_data.first() == Some(&window);
+        if starts || self.with_data.get(next) == Some(&window) {
+            self.read_ahead(window);
+        }
         for l in &self.layers {
             let per = self.window_pages / l.pages_per_frame;
             let start = l.regions.partition_point(|&r| r < window * per);

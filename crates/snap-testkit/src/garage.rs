@@ -76,7 +76,7 @@ fn write_config(dir: &Path, replication: u32, rpc_secret: &str) -> NodeConfig {
     let config = format!(
         "metadata_dir = \"{meta}\"\n\
          data_dir = \"{data}\"\n\
-         db_engine = \"sqlite\"\n\
+         db_engine = \"lmdb\"\n\
          replication_factor = {replication}\n\
          rpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
          rpc_public_addr = \"127.0.0.1:{rpc}\"\n\

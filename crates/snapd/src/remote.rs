@@ -736,7 +736,16 @@ impl Daemon {
             )
         })?;
         let manifest = handle
-            .block_on(remote.get_manifest(&stored.snapshot, &stored.id))
+            .block_on(async {
+                match &self.remotes.cache {
+                    Some(cache) => {
+                        remote
+                            .get_manifest_cached(&stored.snapshot, &stored.id, cache)
+                            .await
+                    }
+                    None => remote.get_manifest(&stored.snapshot, &stored.id).await,
+                }
+            })
             .map_err(|e| from_remote(name, e))?;
         Ok((stored, manifest))
     }
