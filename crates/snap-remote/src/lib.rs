@@ -15,8 +15,21 @@
 //!   a bound on the size, and compares the content's digest with the name: a chunk damaged or
 //!   overwritten with other bytes is refused, naming it ([`chunk::open`]).
 //!
-//! Manifests (one per snapshot, written only after every chunk it names exists, named by their
-//! own digest) and the sweep of chunks no manifest names come with the push and delete calls.
+//! - `<prefix>/v1/snapshots/<snapshot id>/<manifest digest>`: a **manifest**, one per pushed
+//!   snapshot ([`manifest`]): the snapshot's shape, guest and labels, its memory chain's frame
+//!   tables and its disks' block maps as lists of chunks, and its state and working set. Written
+//!   only after every chunk it names is stored; its digest is the snapshot's remote identity.
+//!
+//! Chunks no manifest names are removed by [`Remote::sweep`], which is safe while other hosts
+//! push without conditional writes (a grace period; the protocol is in its docs).
+//!
+//! # Modules
+//!
+//! - [`chunk`], [`manifest`]: the formats, checked on every read (no I/O; fuzzed);
+//! - [`store`]: the S3 client (`object_store`): chunks, manifests, the sweep;
+//! - [`transfer`]: push a snapshot's layer files, pull them back layer by layer;
+//! - [`source`]: guest memory straight from a manifest, for the lazy restore;
+//! - [`cache`]: the host's bounded on-disk chunk cache.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "store")]
