@@ -12,7 +12,7 @@ use std::time::Duration;
 use object_store::ObjectStoreExt;
 use snap_api::v1 as pb;
 use snap_remote::{Credentials, Remote};
-use snap_testkit::garage::{BUCKET, Garage, GarageCluster, REGION, garage_available};
+use snap_testkit::garage::{Garage, GarageCluster, garage_available};
 
 use crate::common::*;
 
@@ -337,16 +337,7 @@ async fn remote_failures_change_nothing_and_say_what_failed() {
         .filter_map(|f| f.chunk)
         .collect();
     let (victim, other) = (frames[0], frames[1]);
-    let raw = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&garage.endpoint)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .with_bucket_name(BUCKET)
-        .with_region(REGION)
-        .with_access_key_id(&garage.access_key)
-        .with_secret_access_key(&garage.secret_key)
-        .build()
-        .unwrap();
+    let raw = garage.raw_store();
     let key = |c: snap_remote::ChunkId| object_store::path::Path::from(c.key("fleet").as_str());
     let bytes = raw.get(&key(other)).await.unwrap().bytes().await.unwrap();
     raw.put(&key(victim), bytes.into()).await.unwrap();

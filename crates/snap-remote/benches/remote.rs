@@ -20,7 +20,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use snap_core::Id;
@@ -33,7 +32,7 @@ use snap_remote::manifest::SnapshotInfo;
 use snap_remote::source::RemoteMemory;
 use snap_remote::transfer::{PushSource, Transfer, pull_memory_layer, push};
 use snap_remote::{Credentials, Remote};
-use snap_testkit::garage::{BUCKET, Garage, REGION};
+use snap_testkit::garage::Garage;
 
 const MIB: u64 = 1 << 20;
 
@@ -191,18 +190,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let raw: Arc<dyn ObjectStore> = Arc::new(
-        AmazonS3Builder::new()
-            .with_endpoint(&garage.endpoint)
-            .with_allow_http(true)
-            .with_virtual_hosted_style_request(false)
-            .with_bucket_name(BUCKET)
-            .with_region(REGION)
-            .with_access_key_id(&garage.access_key)
-            .with_secret_access_key(&garage.secret_key)
-            .build()
-            .expect("raw client"),
-    );
+    let raw: Arc<dyn ObjectStore> = Arc::new(garage.raw_store());
     let b = Bench {
         garage,
         runtime,

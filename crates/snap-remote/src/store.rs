@@ -401,6 +401,15 @@ impl Remote {
         snapshot: &RawId,
         id: &ManifestId,
     ) -> Result<Manifest, RemoteError> {
+        let bytes = self.manifest_object(snapshot, id).await?;
+        self.decode_manifest(id, &bytes)
+    }
+
+    async fn manifest_object(
+        &self,
+        snapshot: &RawId,
+        id: &ManifestId,
+    ) -> Result<Vec<u8>, RemoteError> {
         let key = format!("{}{id}", Manifest::snapshot_prefix(&self.prefix, snapshot));
         let bytes = self
             .store
@@ -410,7 +419,11 @@ impl Remote {
             .bytes()
             .await
             .map_err(|e| self.error(&key, e))?;
-        manifest::decode(id, &bytes).map_err(|source| RemoteError::Manifest {
+        Ok(bytes.to_vec())
+    }
+
+    fn decode_manifest(&self, id: &ManifestId, bytes: &[u8]) -> Result<Manifest, RemoteError> {
+        manifest::decode(id, bytes).map_err(|source| RemoteError::Manifest {
             store: self.url.clone(),
             source,
         })
@@ -434,19 +447,8 @@ impl Remote {
                 return Ok(m);
             }
         }
-        let key = format!("{}{id}", Manifest::snapshot_prefix(&self.prefix, snapshot));
-        let bytes = self
-            .store
-            .get(&ObjectPath::from(key.as_str()))
-            .await
-            .map_err(|e| self.error(&key, e))?
-            .bytes()
-            .await
-            .map_err(|e| self.error(&key, e))?;
-        let m = manifest::decode(id, &bytes).map_err(|source| RemoteError::Manifest {
-            store: self.url.clone(),
-            source,
-        })?;
+        let bytes = self.manifest_object(snapshot, id).await?;
+        let m = self.decode_manifest(id, &bytes)?;
         cache.put(&as_chunk, &bytes);
         Ok(m)
     }

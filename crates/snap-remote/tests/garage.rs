@@ -2,13 +2,12 @@
 //! refused when overwritten with other bytes, listed and deleted; wrong credentials get a clear
 //! error.
 
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutPayload};
 use snap_remote::chunk;
 use snap_remote::manifest::{Blob, MemoryFrame, MemoryLayer, SnapshotInfo};
 use snap_remote::{Credentials, Manifest, Remote, RemoteError};
-use snap_testkit::garage::{BUCKET, Garage, REGION, garage_available};
+use snap_testkit::garage::{Garage, garage_available};
 
 fn credentials(g: &Garage) -> Credentials {
     Credentials {
@@ -51,16 +50,7 @@ async fn chunks_are_stored_once_and_checked_on_every_read() {
 
     // Another chunk's bytes written under a's name (straight into the bucket) are refused by
     // their digest, naming the chunk.
-    let raw = AmazonS3Builder::new()
-        .with_endpoint(&garage.endpoint)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .with_bucket_name(BUCKET)
-        .with_region(REGION)
-        .with_access_key_id(&garage.access_key)
-        .with_secret_access_key(&garage.secret_key)
-        .build()
-        .unwrap();
+    let raw = garage.raw_store();
     let (_, b_object) = chunk::seal(&b, 3).unwrap();
     raw.put(
         &ObjectPath::from(ida.key("fleet").as_str()),
@@ -196,16 +186,7 @@ async fn manifests_are_listed_and_the_sweep_keeps_what_they_name() {
 
     // A damaged manifest stops the sweep before anything is removed.
     let raw_key = format!("fleet/v1/snapshots/{}/{}", "0b".repeat(16), b);
-    let raw = AmazonS3Builder::new()
-        .with_endpoint(&garage.endpoint)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .with_bucket_name(BUCKET)
-        .with_region(REGION)
-        .with_access_key_id(&garage.access_key)
-        .with_secret_access_key(&garage.secret_key)
-        .build()
-        .unwrap();
+    let raw = garage.raw_store();
     raw.put(
         &ObjectPath::from(raw_key.as_str()),
         PutPayload::from(vec![0u8; 100]),

@@ -16,7 +16,7 @@ use snap_remote::transfer::{
     pull_memory_layer, push, push_bytes,
 };
 use snap_remote::{Credentials, Remote};
-use snap_testkit::garage::{BUCKET, Garage, REGION, garage_available};
+use snap_testkit::garage::{Garage, garage_available};
 
 const MEMORY: u64 = 8 << 20;
 
@@ -249,16 +249,7 @@ fn a_chain_pushed_from_one_host_is_pulled_whole_on_another() {
     // is left where the layer was being written.
     let victim = manifest.memory[1].frames[0].chunk.unwrap();
     let other = manifest.memory[0].frames[0].chunk.unwrap();
-    let raw = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(&garage.endpoint)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .with_bucket_name(BUCKET)
-        .with_region(REGION)
-        .with_access_key_id(&garage.access_key)
-        .with_secret_access_key(&garage.secret_key)
-        .build()
-        .unwrap();
+    let raw = garage.raw_store();
     let key = |c: snap_remote::ChunkId| object_store::path::Path::from(c.key("fleet").as_str());
     handle.block_on(async {
         let bytes = raw.get(&key(other)).await.unwrap().bytes().await.unwrap();

@@ -195,6 +195,25 @@ impl Garage {
         format!("{}/{BUCKET}/{prefix}?region={REGION}", self.endpoint)
     }
 
+    /// A plain S3 client of its bucket (for tests that write into the bucket behind snapd's
+    /// back, and for baselines).
+    ///
+    /// # Panics
+    /// If the client cannot be built.
+    #[must_use]
+    pub fn raw_store(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .with_bucket_name(BUCKET)
+            .with_region(REGION)
+            .with_access_key_id(&self.access_key)
+            .with_secret_access_key(&self.secret_key)
+            .build()
+            .expect("an S3 client")
+    }
+
     /// Kills the server with SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -307,16 +326,7 @@ impl GarageCluster {
             .build()
             .expect("a runtime");
         let g = &self.nodes[0];
-        let store = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(&g.endpoint)
-            .with_allow_http(true)
-            .with_virtual_hosted_style_request(false)
-            .with_bucket_name(BUCKET)
-            .with_region(REGION)
-            .with_access_key_id(&g.access_key)
-            .with_secret_access_key(&g.secret_key)
-            .build()
-            .expect("an S3 client");
+        let store = g.raw_store();
         loop {
             use object_store::ObjectStoreExt;
             let put = runtime.block_on(store.put(

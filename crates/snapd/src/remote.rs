@@ -263,6 +263,17 @@ fn snapshot_info(s: &SnapshotRecord, vm_name: String) -> SnapshotInfo {
     }
 }
 
+/// The catalog's form of a manifest's guest program.
+fn guest_spec(g: Guest) -> GuestSpec {
+    GuestSpec {
+        seed: g.seed,
+        working_set_pages: g.working_set_pages,
+        mutations_per_tick: g.mutations_per_tick,
+        ticks: g.ticks,
+        disk_sectors_per_tick: g.disk_sectors_per_tick,
+    }
+}
+
 /// The API's view of a manifest.
 fn remote_snapshot(remote: &str, stored: &StoredManifest, m: &Manifest) -> pb::RemoteSnapshot {
     let s = &m.snapshot;
@@ -295,7 +306,18 @@ struct Meter<'a> {
     injected: AtomicBool,
 }
 
-impl Meter<'_> {
+impl<'a> Meter<'a> {
+    fn new(op: &'a Progress<'a>, daemon: &'a Daemon, point: &'static str, total: u64) -> Self {
+        Self {
+            op,
+            daemon,
+            point,
+            done: AtomicU64::new(0),
+            total,
+            injected: AtomicBool::new(false),
+        }
+    }
+
     fn tick(&self, n: u64) -> bool {
         let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
         self.op.advance(done, self.total);
@@ -420,14 +442,7 @@ impl Daemon {
         };
         let total = transfer::push_bytes(&source).map_err(|e| remote_error(name, e))?;
         op.phase("pushing", 0, total);
-        let meter = Meter {
-            op,
-            daemon: self,
-            point: "remote.push-chunk",
-            done: AtomicU64::new(0),
-            total,
-            injected: AtomicBool::new(false),
-        };
+        let meter = Meter::new(op, self, "remote.push-chunk", total);
         let progress = |n| meter.tick(n);
         let t = Transfer {
             handle,
@@ -575,26 +590,9 @@ impl Daemon {
                 total += l.frames.iter().map(|f| f.data_pages() * 4096).sum::<u64>();
             }
         }
-        for (d, chain) in manifest.disks.iter().zip(&disks) {
-            let g = snap_disk::Geometry {
-                disk_bytes: d.size_bytes,
-                block_size: d.block_size,
-            };
-            for (l, p) in d.layers.iter().zip(chain) {
-                if !p.shared() {
-                    total += l.blocks.iter().map(|&b| g.block_len(b) as u64).sum::<u64>();
-                }
-            }
-        }
+        total += Self::disk_bytes(&manifest, &disks);
         op.phase("pulling", 0, total);
-        let meter = Meter {
-            op,
-            daemon: self,
-            point: "remote.pull-chunk",
-            done: AtomicU64::new(0),
-            total,
-            injected: AtomicBool::new(false),
-        };
+        let meter = Meter::new(op, self, "remote.pull-chunk", total);
         let progress = |n| meter.tick(n);
         let t = Transfer {
             handle,
@@ -626,10 +624,7 @@ impl Daemon {
             };
         }
         self.fetch_disks(&t, &manifest, &disks, &failed)?;
-        transfer::pull_blob(&t, &manifest.state, &self.store.path(&state_file)).map_err(failed)?;
-        if let Some(w) = &manifest.working_set {
-            transfer::pull_blob(&t, w, &self.store.path(&wset_file)).map_err(failed)?;
-        }
+        self.fetch_state(&t, &manifest, &state_file, &wset_file, &failed)?;
         self.failpoints.pass("remote.pull-before-publish")?;
         op.no_return()?;
         op.phase("publishing", total, total);
@@ -645,13 +640,7 @@ impl Daemon {
             created_ms: info.created_ms,
             memory_bytes: info.memory_bytes,
             vcpus: info.vcpus,
-            guest: GuestSpec {
-                seed: g.seed,
-                working_set_pages: g.working_set_pages,
-                mutations_per_tick: g.mutations_per_tick,
-                ticks: g.ticks,
-                disk_sectors_per_tick: g.disk_sectors_per_tick,
-            },
+            guest: guest_spec(g),
             stored_bytes,
             pause_us: info.pause_us,
             mem_chain: memory.iter().map(|l| l.id).collect(),
@@ -890,6 +879,23 @@ impl Daemon {
         Ok(())
     }
 
+    /// Fetches `manifest`'s state into `state_file` and its working set, if it has one, into
+    /// `wset_file`.
+    fn fetch_state(
+        &self,
+        t: &Transfer<'_>,
+        manifest: &Manifest,
+        state_file: &str,
+        wset_file: &str,
+        failed: &dyn Fn(TransferError) -> Error,
+    ) -> Result<()> {
+        transfer::pull_blob(t, &manifest.state, &self.store.path(state_file)).map_err(failed)?;
+        if let Some(w) = &manifest.working_set {
+            transfer::pull_blob(t, w, &self.store.path(wset_file)).map_err(failed)?;
+        }
+        Ok(())
+    }
+
     /// Inside the transaction that publishes what a pull or restore fetched: checks that every
     /// shared layer is still what it was, and records the fetched ones.
     fn record_layers(
@@ -983,14 +989,7 @@ impl Daemon {
             + manifest.state.len
             + manifest.working_set.as_ref().map_or(0, |b| b.len);
         op.phase("fetching disks and state", 0, total);
-        let meter = Meter {
-            op,
-            daemon: self,
-            point: "remote.pull-chunk",
-            done: AtomicU64::new(0),
-            total,
-            injected: AtomicBool::new(false),
-        };
+        let meter = Meter::new(op, self, "remote.pull-chunk", total);
         let progress = |n| meter.tick(n);
         let t = Transfer {
             handle,
@@ -1004,10 +1003,7 @@ impl Daemon {
                 .context(format!("restoring snapshot {id} from remote {name:?}"))
         };
         self.fetch_disks(&t, &manifest, &disks, &failed)?;
-        transfer::pull_blob(&t, &manifest.state, &self.store.path(&state_file)).map_err(failed)?;
-        if let Some(w) = &manifest.working_set {
-            transfer::pull_blob(&t, w, &self.store.path(&wset_file)).map_err(failed)?;
-        }
+        self.fetch_state(&t, &manifest, &state_file, &wset_file, &failed)?;
         let state = snap_vmm::VmState::read_file(&self.store.path(&state_file))
             .map_err(|e| Error::precondition(format!("snapshot {id} in remote {name:?}: {e}")))?;
         let what = format!("snapshot {id} in remote {name:?}");
@@ -1086,13 +1082,7 @@ impl Daemon {
                 name: vm_name.clone(),
                 memory_bytes: manifest.snapshot.memory_bytes,
                 vcpus: manifest.snapshot.vcpus,
-                guest: GuestSpec {
-                    seed: g.seed,
-                    working_set_pages: g.working_set_pages,
-                    mutations_per_tick: g.mutations_per_tick,
-                    ticks: g.ticks,
-                    disk_sectors_per_tick: g.disk_sectors_per_tick,
-                },
+                guest: guest_spec(g),
                 labels: spec.labels.clone(),
                 state: if spec.leave_paused {
                     crate::catalog::VmStatus::Paused
