@@ -91,7 +91,7 @@ struct Args {
     #[arg(long, default_value_t = snapd::images::DEFAULT_MAX_IMAGE_BYTES >> 30)]
     max_image_gib: u64,
     /// A remote store snapshots can be pushed to and pulled from (repeatable): NAME=URL with
-    /// URL `http(s)://HOST[:PORT]/BUCKET[/PREFIX][?region=REGION]` (an S3 endpoint, path
+    /// URL `http(s)://HOST[:PORT]/BUCKET[/PREFIX][?region=REGION][&keepalive=BOOL]` (an S3 endpoint, path
     /// style). Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or from
     /// --remote-credentials; never from the URL.
     #[arg(long = "remote", value_name = "NAME=URL")]
