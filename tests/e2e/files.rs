@@ -1,6 +1,6 @@
-//! Files do not pile up while the daemon runs: what an operation frees goes when it ends (or at
-//! the next sweep, a few seconds later, for what finishes after it, like a working set recorded
-//! by a restore of a snapshot deleted meanwhile), never only at the next start.
+//! Files do not pile up while the daemon runs: what an operation frees goes when it ends, and a
+//! working set recorded by a restore of a snapshot deleted meanwhile goes as its recording ends;
+//! never only at the next start.
 
 use std::time::{Duration, Instant};
 

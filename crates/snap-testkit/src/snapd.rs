@@ -246,17 +246,25 @@ impl Snapd {
             self.catalog_state_files(),
             "{what}: state files differ from the catalog's snapshots"
         );
-        let snapshots = self.query("SELECT id FROM snapshots");
-        for f in done(self.state_files())
-            .iter()
-            .filter(|f| f.ends_with(".wset"))
-        {
-            let stem = f.trim_end_matches(".wset");
-            assert!(
-                snapshots.iter().any(|s| s == stem),
-                "{what}: working set {f} of a snapshot that does not exist"
-            );
+        // A recording that ends as its snapshot is deleted removes its file right after writing
+        // it (see `snapshot::WorkingSetFile`): such a file may be seen for that instant.
+        let stray = || {
+            let snapshots = self.query("SELECT id FROM snapshots");
+            done(self.state_files())
+                .into_iter()
+                .filter(|f| f.ends_with(".wset"))
+                .filter(|f| !snapshots.iter().any(|s| s == f.trim_end_matches(".wset")))
+                .collect::<Vec<_>>()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !stray().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        let left = stray();
+        assert!(
+            left.is_empty(),
+            "{what}: working sets of snapshots that do not exist: {left:?}"
+        );
     }
 
     /// The file of layer `id` as the catalog names it.

@@ -274,7 +274,7 @@ impl Saved {
         snapshot::restore_from(
             &state,
             chain,
-            &self.working_set,
+            self.working_set_file(),
             prepared,
             options.memory_restore,
         )
@@ -286,7 +286,14 @@ impl Saved {
     /// As [`Saved::open`] and [`snapshot::restore_from`].
     pub fn restore_into(&self, prepared: PreparedVm, mode: MemoryRestore) -> Result<Vm, VmError> {
         let (state, chain) = self.open()?;
-        snapshot::restore_from(&state, chain, &self.working_set, prepared, mode)
+        snapshot::restore_from(&state, chain, self.working_set_file(), prepared, mode)
+    }
+
+    fn working_set_file(&self) -> snapshot::WorkingSetFile<'_> {
+        snapshot::WorkingSetFile {
+            path: &self.working_set,
+            owner: &self.state,
+        }
     }
 
     /// Reverts a paused VM to it; the VM stays paused.

@@ -651,17 +651,31 @@ impl Drop for PendingSnapshot<'_> {
     }
 }
 
+/// Where a snapshot's recorded working set lives (see [`snap_mem::working_set`] and
+/// [`restore_from`]).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkingSetFile<'a> {
+    /// The working set file.
+    pub path: &'a Path,
+    /// A file that exists exactly as long as the snapshot does (its state file). A recording
+    /// ends long after the restore returns (once memory is complete), maybe after the snapshot
+    /// was deleted: it then finds `owner` gone and removes what it wrote. So a delete that
+    /// removes `owner` before `path` never leaves a working set behind, whenever the recording
+    /// ends.
+    pub owner: &'a Path,
+}
+
 /// Restores `state` and the memory of `chain` into `prepared`, installing memory as `mode` says.
-/// `working_set` is the file the caller keeps for the snapshot's recorded working set (see
-/// [`snap_mem::working_set`]): a prefetch restore uses the one recorded there if it is usable
-/// (see [`read_working_set`]), and records one there otherwise; other modes ignore it.
+/// `working_set` is where the caller keeps the snapshot's recorded working set: a prefetch
+/// restore uses the one recorded there if it is usable (see [`read_working_set`]), and records
+/// one there otherwise; other modes ignore it.
 ///
 /// # Errors
 /// As [`Vm::restore_prepared`] and [`Vm::restore_lazy_prepared`].
 pub fn restore_from(
     state: &VmState,
     chain: LayerChain,
-    working_set: &Path,
+    working_set: WorkingSetFile<'_>,
     prepared: PreparedVm,
     mode: MemoryRestore,
 ) -> Result<Vm, VmError> {
@@ -669,7 +683,8 @@ pub fn restore_from(
         MemoryRestore::Eager => Vm::restore_prepared(prepared, state, &chain),
         MemoryRestore::Lazy => Vm::restore_lazy_prepared(prepared, state, chain, None, None),
         MemoryRestore::Prefetch => {
-            let path = working_set.to_path_buf();
+            let path = working_set.path.to_path_buf();
+            let owner = working_set.owner.to_path_buf();
             let unit_pages = prepared
                 .options()
                 .restore_unit_bytes
@@ -678,14 +693,28 @@ pub fn restore_from(
             match read_working_set(&path, unit_pages, chain.memory_bytes(), tag) {
                 Some(set) => Vm::restore_lazy_prepared(prepared, state, chain, Some(set), None),
                 None => {
-                    let record: CompleteHook =
-                        Box::new(move |units: &[u64], source: &dyn WindowSource| {
+                    let deleted = move || {
+                        std::fs::symlink_metadata(&owner)
+                            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                    };
+                    let record: CompleteHook = Box::new(
+                        move |units: &[u64], source: &dyn WindowSource| {
+                            if deleted() {
+                                return;
+                            }
                             if let Err(e) =
                                 WorkingSet::record(&path, unit_pages, units, source, tag)
                             {
                                 tracing::warn!(error = %e, "cannot store the recorded working set");
+                            } else if deleted() {
+                                // The snapshot was deleted while this was written: its delete
+                                // may have looked for this file before it existed.
+                                if let Err(e) = std::fs::remove_file(&path) {
+                                    tracing::warn!(error = %e, path = %path.display(), "cannot remove the working set of a deleted snapshot");
+                                }
                             }
-                        });
+                        },
+                    );
                     Vm::restore_lazy_prepared(prepared, state, chain, None, Some(record))
                 }
             }

@@ -183,6 +183,39 @@ fn prefetch_records_the_working_set_then_installs_it_first() {
     assert_same_memory(&second.memory().to_vec(), &first.memory().to_vec());
 }
 
+/// A recording that ends after its snapshot was deleted (its state file gone) removes what it
+/// wrote: the delete looked for the working set before it existed.
+#[test]
+fn a_working_set_recorded_after_its_snapshot_was_deleted_is_removed() {
+    if !kvm_available("a_working_set_recorded_after_its_snapshot_was_deleted_is_removed") {
+        return;
+    }
+    let (config, guest) = small(1);
+    let model = guest.model(1).output;
+    let vm = boot(config, &guest);
+    let snaps = Snapshots::new();
+    let cut = pause_after(&vm, 4);
+    let saved = snaps.full(&vm);
+    drop(vm);
+    let prefetch = VmOptions {
+        memory_restore: MemoryRestore::Prefetch,
+        ..VmOptions::default()
+    };
+    let restored = saved.restore(&prefetch).unwrap();
+    // The snapshot is deleted while the restored guest runs and records.
+    std::fs::remove_file(&saved.state).unwrap();
+    assert!(!saved.working_set.exists());
+    run_to_end(&restored);
+    assert_eq!(restored.serial_output().text(), model[cut..]);
+    // The recording ends before memory counts as complete.
+    restored.wait_memory_resident().unwrap();
+    assert!(restored.lazy_stats().unwrap().faults > 0);
+    assert!(
+        !saved.working_set.exists(),
+        "a working set was left for a deleted snapshot"
+    );
+}
+
 /// The restore unit is configurable down to one page: a lazy restore with 4 KiB units (pages
 /// served one at a time out of a frame read once) continues exactly too; a unit that is not a
 /// power of two is refused.

@@ -170,6 +170,8 @@ impl Daemon {
             freed += self.store.remove(&l.file);
         }
         for id in &deleted {
+            // The state file first: a prefetch restore still recording the working set removes
+            // it once it finds the state file gone (see `snapshot::WorkingSetFile`).
             freed += self.store.remove(&Store::state_file(*id));
             freed += self.store.remove(&Store::working_set_file(*id));
             self.events

@@ -189,12 +189,20 @@ impl Daemon {
         let disks = self.disks_over(s)?;
         let mut prepared = self.pool.take(state.config)?;
         prepared.set_disks(disks.backends())?;
-        let wset = self.store.path(&Store::working_set_file(s.id));
-        let vm =
-            snapshot::restore_from(&state, chain, &wset, prepared, mode).map_err(|e| match e {
+        let (wset, owner) = (
+            self.store.path(&Store::working_set_file(s.id)),
+            self.store.path(&Store::state_file(s.id)),
+        );
+        let working_set = snapshot::WorkingSetFile {
+            path: &wset,
+            owner: &owner,
+        };
+        let vm = snapshot::restore_from(&state, chain, working_set, prepared, mode).map_err(
+            |e| match e {
                 snap_vmm::VmError::Layer(e) => unusable(s, &e),
                 e => e.into(),
-            })?;
+            },
+        )?;
         Ok((vm, disks))
     }
 
