@@ -1,7 +1,10 @@
 //! Many clients at once, for a bounded time, over a few VMs, with a random mix of snapshot,
-//! restore, revert, clone, delete (merging and not), VM delete, and push to and pull from a
-//! remote store (a real Garage, when one is installed); then every listed snapshot is
-//! restored and its guest checked against the model. Errors must be races lost (ABORTED,
+//! restore, revert, clone, delete (merging and not), VM delete, and push to, pull from,
+//! restore from, delete from and sweep a remote store (a real Garage, when one is installed,
+//! with a grace period of seconds so that sweeps remove chunks while pushes run); then every
+//! listed snapshot is restored and its guest checked against the model, and every remote
+//! snapshot whose push was acknowledged (and whose remote delete was not asked) is listed in the
+//! bucket with every chunk its manifest names. Errors must be races lost (ABORTED,
 //! NOT_FOUND) or preconditions the request had (a stopped or running VM), never INTERNAL or a
 //! damaged file; no file is left that the catalog does not name. The same with kill -9 at random
 //! moments and a restart: every acknowledged snapshot is there and restores exactly, and no
@@ -43,6 +46,11 @@ struct World {
     pushed: Vec<String>,
     /// Pulls acknowledged.
     pulls: usize,
+    /// Snapshots a remote delete was started for (they may be gone from the remote).
+    remote_deleting: BTreeSet<String>,
+    /// Remote deletes and sweeps acknowledged.
+    remote_deletes: usize,
+    sweeps: usize,
     /// Clones started but not seen to end: name prefix, count, and the operation once known.
     clones: Vec<(String, u32, Option<String>)>,
     /// Calls made, by outcome.
@@ -75,6 +83,8 @@ fn judge(world: &Mutex<World>, what: &str, code: Code, message: &str) {
         Code::FailedPrecondition => ["is stopped", "is running", "has stopped"]
             .iter()
             .any(|m| message.contains(m)),
+        // A push slower than half the mix's short grace period is told to push again.
+        Code::Unavailable => message.contains("over half the remote's grace period"),
         _ => false,
     };
     let mut w = world.lock().unwrap();
@@ -220,6 +230,33 @@ async fn client(
                     .await
                     .map(tonic::Response::into_inner);
             }
+            77 if remote => {
+                what = "delete from the remote";
+                let Some(s) = pick(&mut rng, &pushed) else {
+                    continue;
+                };
+                world.lock().unwrap().remote_deleting.insert(s.clone());
+                started = c
+                    .delete_remote_snapshot(pb::DeleteRemoteSnapshotRequest {
+                        request_id: rid("rdelete"),
+                        snapshot_id: s,
+                        remote: "fleet".into(),
+                        wait: false,
+                    })
+                    .await
+                    .map(tonic::Response::into_inner);
+            }
+            78..=79 if remote => {
+                what = "sweep";
+                started = c
+                    .sweep_remote(pb::SweepRemoteRequest {
+                        request_id: rid("sweep"),
+                        remote: "fleet".into(),
+                        wait: false,
+                    })
+                    .await
+                    .map(tonic::Response::into_inner);
+            }
             60..=89 => {
                 what = "delete snapshot";
                 let Some(s) = pick(&mut rng, &snaps) else {
@@ -345,6 +382,13 @@ fn record(world: &Mutex<World>, what: &str, op: &pb::Operation, ended: &pb::Oper
     if op.kind() == pb::OperationKind::PullSnapshot {
         w.pulls += 1;
     }
+    if op.kind() == pb::OperationKind::DeleteRemoteSnapshot {
+        w.pushed.retain(|s| *s != op.snapshot_id);
+        w.remote_deletes += 1;
+    }
+    if op.kind() == pb::OperationKind::SweepRemote {
+        w.sweeps += 1;
+    }
     if op.kind() == pb::OperationKind::CloneSnapshot {
         let prefix = r
             .vms
@@ -380,6 +424,9 @@ async fn spawn_mix(
     tasks
 }
 
+/// The grace period of the mix's remote: short, so that sweeps remove chunks during the mix.
+const MIX_GRACE_SECS: u64 = 8;
+
 /// A Garage for the mix's remote, if Garage is installed (required where
 /// `SNAP_REQUIRE_GARAGE=1`), and the daemon arguments that name it as remote `fleet`.
 fn mix_remote(
@@ -404,8 +451,35 @@ fn mix_remote(
         format!("fleet={}", garage.url("mix")),
         "--remote-credentials".to_string(),
         creds.display().to_string(),
+        "--remote-grace-secs".to_string(),
+        MIX_GRACE_SECS.to_string(),
     ];
     (Some(garage), args)
+}
+
+/// Checks the bucket: every snapshot whose push was acknowledged, unless a remote delete was
+/// asked for it, has a manifest, and every chunk a manifest names is there (a sweep running
+/// beside pushes removed none of them).
+async fn check_bucket(garage: &snap_testkit::garage::Garage, world: &Mutex<World>, what: &str) {
+    let (chunks, named, listed) = super::remote::bucket_contents(garage, "mix").await;
+    let missing: Vec<_> = named.difference(&chunks).collect();
+    assert!(
+        missing.is_empty(),
+        "{what}: chunks named by manifests are gone from the bucket: {missing:?}"
+    );
+    let w = world.lock().unwrap();
+    for s in &w.pushed {
+        assert!(
+            w.remote_deleting.contains(s) || listed.contains(s),
+            "{what}: snapshot {s} was pushed and is not in the bucket"
+        );
+    }
+    println!(
+        "{what}: the bucket holds {} manifests naming {} chunks, {} chunks in all",
+        listed.len(),
+        named.len(),
+        chunks.len()
+    );
 }
 
 /// Waits until no operation runs.
@@ -461,10 +535,12 @@ async fn verify_snapshots(c: &mut Client, tag: &str) -> usize {
 fn report(world: &Mutex<World>, what: &str) {
     let w = world.lock().unwrap();
     println!(
-        "{what}: {} calls succeeded ({} pushes, {} pulls), {} lost a race or a precondition; {} snapshots listed",
+        "{what}: {} calls succeeded ({} pushes kept, {} pulls, {} remote deletes, {} sweeps), {} lost a race or a precondition; {} snapshots listed",
         w.ok,
         w.pushed.len(),
         w.pulls,
+        w.remote_deletes,
+        w.sweeps,
         w.lost,
         w.snapshots.len()
     );
@@ -511,6 +587,9 @@ async fn mix(test: &str, clients: usize) {
     quiet(&mut c).await;
     report(&world, test);
     daemon.assert_files_match_catalog(test);
+    if let Some(g) = &garage {
+        check_bucket(g, &world, test).await;
+    }
     let checked = verify_snapshots(&mut c, "end").await;
     println!("{test}: {checked} snapshots restored and checked");
 }
@@ -566,6 +645,9 @@ async fn kill_9_at_random_moments() {
         let mut c = respawn(&mut daemon, "").await;
         quiet(&mut c).await;
         daemon.assert_files_match_catalog(&format!("round {round}, after the restart"));
+        if let Some(g) = &garage {
+            check_bucket(g, &world, &format!("round {round}, after the restart")).await;
+        }
         let listed: BTreeSet<String> = list_snapshots(&mut c)
             .await
             .into_iter()

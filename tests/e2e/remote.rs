@@ -58,8 +58,12 @@ async fn host_at(
 }
 
 fn bucket(garage: &Garage) -> Remote {
+    bucket_at(garage, "fleet")
+}
+
+fn bucket_at(garage: &Garage, prefix: &str) -> Remote {
     Remote::new(
-        &garage.url("fleet"),
+        &garage.url(prefix),
         &Credentials {
             access_key: garage.access_key.clone(),
             secret_key: garage.secret_key.clone(),
@@ -68,14 +72,17 @@ fn bucket(garage: &Garage) -> Remote {
     .unwrap()
 }
 
-/// What the bucket holds: chunk ids, and the chunks its manifests name.
-async fn bucket_contents(
+/// What the bucket holds under `prefix`: chunk ids, the chunks its manifests name, and the
+/// snapshots with a manifest.
+pub async fn bucket_contents(
     garage: &Garage,
+    prefix: &str,
 ) -> (
     BTreeSet<snap_remote::ChunkId>,
     BTreeSet<snap_remote::ChunkId>,
+    BTreeSet<String>,
 ) {
-    let r = bucket(garage);
+    let r = bucket_at(garage, prefix);
     let chunks = r
         .list_chunks()
         .await
@@ -84,10 +91,12 @@ async fn bucket_contents(
         .map(|c| c.id)
         .collect();
     let mut named = BTreeSet::new();
+    let mut snapshots = BTreeSet::new();
     for m in r.list_manifests().await.unwrap() {
         named.extend(r.get_manifest(&m.snapshot, &m.id).await.unwrap().chunks());
+        snapshots.insert(snap_core::Id(m.snapshot).to_string());
     }
-    (chunks, named)
+    (chunks, named, snapshots)
 }
 
 pub async fn push(c: &mut Client, snapshot: &str) -> pb::RemoteTransfer {
@@ -256,7 +265,7 @@ async fn a_snapshot_chain_pushed_by_one_host_runs_on_another() {
     );
     tokio::time::sleep(Duration::from_secs(GRACE_SECS + 1)).await;
     let swept = remote_op(&mut a, None).await;
-    let (chunks, named) = bucket_contents(&garage).await;
+    let (chunks, named, _) = bucket_contents(&garage, "fleet").await;
     assert_eq!(
         chunks, named,
         "after the sweep: exactly the named chunks ({swept:?})"
