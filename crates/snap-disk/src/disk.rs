@@ -330,7 +330,7 @@ impl Disk {
         blocks: Range<u64>,
         slot: u64,
         in_block: usize,
-        dst: &[u8],
+        dst: &mut [u8],
     ) -> Result<(), DiskError> {
         let mut at = 0;
         let mut skip = in_block;
@@ -339,10 +339,13 @@ impl Disk {
             let len = (block_len - skip).min(dst.len() - at);
             if layer.needs_check(s) {
                 if len == block_len {
-                    layer.check_block(b, s, &dst[at..at + len])?;
+                    layer.check_block(b, s, &mut dst[at..at + len])?;
                 } else {
-                    // Not reached (see above); read the whole block rather than trust a part.
-                    layer.read_block(b, s, &mut vec![0u8; block_len])?;
+                    // Not reached (see above); read the whole block rather than trust a part
+                    // (a block that arrives on demand lands in `whole`).
+                    let mut whole = vec![0u8; block_len];
+                    layer.read_block(b, s, &mut whole)?;
+                    dst[at..at + len].copy_from_slice(&whole[skip..skip + len]);
                 }
             }
             at += len;

@@ -195,6 +195,26 @@ pub enum DiskError {
         /// The first failure.
         reason: String,
     },
+    /// A block of a layer whose blocks arrive on demand (see [`crate::fill`]) could not be had
+    /// from its source.
+    #[error("disk layer {}: block {block} could not be fetched: {problem}", path.display())]
+    Fetch {
+        /// The layer file.
+        path: PathBuf,
+        /// Block number on the disk.
+        block: u64,
+        /// Why: the source's error, or bytes that do not match the layer's map.
+        problem: String,
+    },
+    /// A layer whose blocks are still arriving (see [`crate::fill`]) cannot be written into.
+    #[error(
+        "disk layer {}: its blocks are still arriving from their source: it cannot be written into until it is whole",
+        path.display()
+    )]
+    Incomplete {
+        /// The layer file.
+        path: PathBuf,
+    },
 }
 
 fn show_parent(p: Option<&ParentRef>) -> String {
@@ -215,8 +235,11 @@ impl DiskError {
     ///   (unaligned or out of range I/O, bad options, unknown layers).
     /// - [`ReadOnlyFilesystem`](io::ErrorKind::ReadOnlyFilesystem) for writes to a sealed or
     ///   read-only chain.
+    /// - [`ResourceBusy`](io::ErrorKind::ResourceBusy) for a layer whose blocks are still
+    ///   arriving, opened to be written into.
     /// - the OS error's own kind for other I/O errors, and
-    ///   [`Other`](io::ErrorKind::Other) for a disk that refuses writes after an earlier failure.
+    ///   [`Other`](io::ErrorKind::Other) for a disk that refuses writes after an earlier failure
+    ///   or a block its source could not give.
     #[must_use]
     pub fn io_kind(&self) -> io::ErrorKind {
         use io::ErrorKind as K;
@@ -238,7 +261,8 @@ impl DiskError {
             | Self::NotInChain { .. }
             | Self::BadIndex { .. } => K::InvalidInput,
             Self::ReadOnly { .. } => K::ReadOnlyFilesystem,
-            Self::Broken { .. } => K::Other,
+            Self::Broken { .. } | Self::Fetch { .. } => K::Other,
+            Self::Incomplete { .. } => K::ResourceBusy,
         }
     }
 

@@ -4,11 +4,13 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use snap_core::{HEADER_LEN, Id, crc32c};
 
 use crate::error::DiskError;
+use crate::fill::Attached;
 use crate::format::{
     self, DATA_OFFSET, MapEntry, SB_LEN, SB_OFFSETS, Superblock, chunk_payload_len, decode_chunk,
     encode_chunk, entries_per_chunk, max_slots,
@@ -70,6 +72,8 @@ pub(crate) struct LayerFile {
     /// Names this layer's content while it is open: no two `LayerFile`s share one, and a layer
     /// whose checked blocks change (a merge writing into a sealed layer) takes a new one.
     uid: u64,
+    /// Where blocks the file does not hold yet come from (see [`crate::fill`]).
+    fill: Option<Arc<Attached>>,
 }
 
 fn next_uid() -> u64 {
@@ -169,12 +173,31 @@ impl LayerFile {
             preallocate: true,
             verified: None,
             uid: next_uid(),
+            fill: None,
         })
     }
 
     /// Opens the layer at `path`, checking its superblocks and map. `writable` opens the file
-    /// for writing and finds its free slots (for the top of a chain and for merge targets).
+    /// for writing and finds its free slots (for the top of a chain and for merge targets). A
+    /// layer whose blocks are still arriving takes its source (see [`crate::fill`]), and is
+    /// never opened for writing.
     pub fn open(path: &Path, writable: bool) -> Result<Self, DiskError> {
+        let mut layer = Self::open_unfilled_mode(path, writable)?;
+        layer.fill = crate::fill::lookup(path, layer.sb.id, layer.sb.digest);
+        if writable && layer.fill.is_some() {
+            return Err(DiskError::Incomplete {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(layer)
+    }
+
+    /// Opens the layer at `path` read-only, without a source for blocks still arriving.
+    pub fn open_unfilled(path: &Path) -> Result<Self, DiskError> {
+        Self::open_unfilled_mode(path, false)
+    }
+
+    fn open_unfilled_mode(path: &Path, writable: bool) -> Result<Self, DiskError> {
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -212,6 +235,7 @@ impl LayerFile {
             preallocate: true,
             verified: (!writable || sb.digest.is_some()).then(|| SlotBits::new(sb.slots)),
             uid: next_uid(),
+            fill: None,
         };
         layer.load_map()?;
         if let Some(stored) = sb.digest {
@@ -389,14 +413,33 @@ impl LayerFile {
             .map_err(DiskError::io(&self.path, "read block"))
     }
 
-    /// Reads the whole of `block` into `buf` (its block length) and checks its CRC.
+    /// Reads the whole of `block` into `buf` (its block length) and checks its CRC (fetching
+    /// it from the layer's source if it has one and the file does not hold the block yet).
     pub fn read_block_checked(&self, block: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         let e = self.map[&block];
         self.read_slot(e.slot, 0, buf)?;
         if !self.stale_crc.contains(&block) {
-            self.check_crc(block, e, buf)?;
+            self.check_or_fetch(block, e, buf)?;
         }
         Ok(())
+    }
+
+    /// Checks `data`, the whole of `block` as read from its slot, against its CRC. A block that
+    /// fails the check in a layer with a source is fetched from it into `data` instead (and
+    /// written into its slot). Returns whether the file now holds the block as checked.
+    fn check_or_fetch(&self, block: u64, e: MapEntry, data: &mut [u8]) -> Result<bool, DiskError> {
+        match (self.check_crc(block, e, data), &self.fill) {
+            (Ok(()), _) => Ok(true),
+            (Err(DiskError::BlockChecksum { .. }), Some(fill)) => {
+                fill.fetch(&self.path, block, e, self.slot_offset(e.slot), data)
+            }
+            (Err(err), _) => Err(err),
+        }
+    }
+
+    /// Blocks fetched from this layer's source so far (by every reader of the file).
+    pub fn fetched(&self) -> u64 {
+        self.fill.as_ref().map_or(0, |f| f.fetched())
     }
 
     fn check_crc(&self, block: u64, e: MapEntry, data: &[u8]) -> Result<(), DiskError> {
@@ -432,8 +475,9 @@ impl LayerFile {
     }
 
     /// Checks `data`, the whole of `block` as just read from `slot`, against the CRC its map
-    /// entry records, and remembers the slot as checked.
-    pub fn check_block(&self, block: u64, slot: u64, data: &[u8]) -> Result<(), DiskError> {
+    /// entry records (fetching it into `data` if the layer has a source and the file does not
+    /// hold it yet), and remembers the slot as checked.
+    pub fn check_block(&self, block: u64, slot: u64, data: &mut [u8]) -> Result<(), DiskError> {
         let e = match self.map.get(&block) {
             Some(e) if e.slot == slot => *e,
             _ => {
@@ -443,8 +487,9 @@ impl LayerFile {
                 ));
             }
         };
-        self.check_crc(block, e, data)?;
-        if let Some(v) = &self.verified {
+        if self.check_or_fetch(block, e, data)?
+            && let Some(v) = &self.verified
+        {
             v.insert(slot);
         }
         Ok(())
@@ -567,6 +612,17 @@ impl LayerFile {
         self.dirty.insert(block);
         self.stale_crc.remove(&block);
         Ok(slot)
+    }
+
+    /// Maps `block` to a fresh slot holding nothing yet, with `crc` as its data's CRC (a layer
+    /// whose blocks arrive later, see [`crate::fill`]).
+    pub fn put_entry(&mut self, block: u64, crc: u32) -> Result<(), DiskError> {
+        let slot = self.alloc_slot()?;
+        if let Some(old) = self.map.insert(block, MapEntry { slot, crc }) {
+            self.free.as_mut().expect("writable").insert(old.slot);
+        }
+        self.dirty.insert(block);
+        Ok(())
     }
 
     /// Writes `data` at `offset` inside `block`, in place. Only for dirty blocks: their slot is

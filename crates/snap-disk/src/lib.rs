@@ -167,6 +167,7 @@ mod check;
 mod copy;
 mod disk;
 mod error;
+pub mod fill;
 mod format;
 #[cfg(test)]
 mod hostile_tests;
