@@ -1,6 +1,6 @@
 //! Manifests: one per pushed snapshot, naming every chunk a restore of it reads.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! A manifest object is a snap-core file ([`MANIFEST`]: magic `SNAPMNFT`, version, CRC-32C of
 //! the header and payload) whose payload is a zstd frame (level 3) holding the postcard
@@ -14,9 +14,14 @@
 //!   bitmaps (snap-mem's frame table, see `snap_mem::layer`), and the chunk holding the frame's
 //!   data pages decompressed, in page order (none when no page has data);
 //! - its disks: name, size, block size, and each disk's chain of sealed layers, oldest first:
-//!   id, digest, and the blocks the layer holds with the chunk holding each one's data;
+//!   id, digest, and the blocks the layer holds with the chunk holding each one's data and the
+//!   CRC-32C of that data (the layer's own map entry: with it a host builds the layer's map,
+//!   and so its digest, before it has any block, and fetches the blocks as they are read);
 //! - its vCPU and device state, and its recorded working set if it has one, as [`Blob`]s
 //!   (bytes cut into chunks of [`MAX_CHUNK`]).
+//!
+//! Version 1 had no block CRCs; its manifests are still read (their layers' `crcs` are empty,
+//! and their disks are fetched whole before they are used).
 //!
 //! The encoding is deterministic: the same snapshot gives the same bytes, whoever pushes it.
 //! The manifest's [`ManifestId`] is the BLAKE3 digest of the whole object: the snapshot's remote
@@ -29,7 +34,8 @@
 //! format and CRC, the decoded size bound, and the structure (every bitmap shaped for its frame
 //! size, regions increasing and inside memory, data pages a subset of present ones, a chunk
 //! exactly where a frame has data, no zero entries in a layer without a parent, blocks increasing
-//! and inside the disk, one chunk per block, blobs cut into the right number of chunks).
+//! and inside the disk, one chunk and one CRC per block, blobs cut into the right number of
+//! chunks).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -47,7 +53,7 @@ pub const MAX_MANIFEST: usize = 256 << 20;
 pub const MANIFEST: FormatSpec = FormatSpec {
     name: "remote manifest",
     magic: *b"SNAPMNFT",
-    version: 1,
+    version: 2,
     min_version: 1,
     max_payload: MAX_MANIFEST as u64,
 };
@@ -179,6 +185,123 @@ pub struct DiskLayer {
     pub blocks: Vec<u64>,
     /// The chunk of each block, in the same order.
     pub chunks: Vec<ChunkId>,
+    /// The CRC-32C of each block's data, in the same order (empty in a version 1 manifest).
+    pub crcs: Vec<u32>,
+}
+
+impl DiskLayer {
+    /// The layer's map entries (block and CRC-32C), if the manifest records the CRCs.
+    #[must_use]
+    pub fn entries(&self) -> Option<Vec<(u64, u32)>> {
+        (self.crcs.len() == self.blocks.len() && (!self.crcs.is_empty() || self.blocks.is_empty()))
+            .then(|| {
+                self.blocks
+                    .iter()
+                    .copied()
+                    .zip(self.crcs.iter().copied())
+                    .collect()
+            })
+    }
+}
+
+/// Version 1 of the structures that changed since (no block CRCs).
+mod v1 {
+    use super::{Blob, ChunkId, MemoryLayer, RawId, SnapshotInfo};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct DiskLayer {
+        id: RawId,
+        digest: [u8; 32],
+        blocks: Vec<u64>,
+        chunks: Vec<ChunkId>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct DiskChain {
+        name: String,
+        size_bytes: u64,
+        block_size: u32,
+        layers: Vec<DiskLayer>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Manifest {
+        snapshot: SnapshotInfo,
+        memory: Vec<MemoryLayer>,
+        disks: Vec<DiskChain>,
+        state: Blob,
+        working_set: Option<Blob>,
+    }
+
+    /// `m` as a version 1 object (what an older daemon pushed), for tests.
+    #[cfg(test)]
+    pub fn encode(m: &super::Manifest) -> Vec<u8> {
+        let old = Manifest {
+            snapshot: m.snapshot.clone(),
+            memory: m.memory.clone(),
+            disks: m
+                .disks
+                .iter()
+                .map(|d| DiskChain {
+                    name: d.name.clone(),
+                    size_bytes: d.size_bytes,
+                    block_size: d.block_size,
+                    layers: d
+                        .layers
+                        .iter()
+                        .map(|l| DiskLayer {
+                            id: l.id,
+                            digest: l.digest,
+                            blocks: l.blocks.clone(),
+                            chunks: l.chunks.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            state: m.state.clone(),
+            working_set: m.working_set.clone(),
+        };
+        let plain = postcard::to_allocvec(&old).unwrap();
+        let packed = zstd::bulk::compress(&plain, 3).unwrap();
+        snap_core::FormatSpec {
+            version: 1,
+            ..super::MANIFEST
+        }
+        .encode(&packed)
+    }
+
+    impl From<Manifest> for super::Manifest {
+        fn from(m: Manifest) -> Self {
+            let disks = m
+                .disks
+                .into_iter()
+                .map(|d| super::DiskChain {
+                    name: d.name,
+                    size_bytes: d.size_bytes,
+                    block_size: d.block_size,
+                    layers: d
+                        .layers
+                        .into_iter()
+                        .map(|l| super::DiskLayer {
+                            id: l.id,
+                            digest: l.digest,
+                            blocks: l.blocks,
+                            chunks: l.chunks,
+                            crcs: Vec::new(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            Self {
+                snapshot: m.snapshot,
+                memory: m.memory,
+                disks,
+                state: m.state,
+                working_set: m.working_set,
+            }
+        }
+    }
 }
 
 /// One disk.
@@ -325,8 +448,12 @@ pub fn decode(id: &ManifestId, object: &[u8]) -> Result<Manifest, ManifestError>
     if plain.len() > MAX_MANIFEST {
         return Err(damaged(format!("decodes to over {MAX_MANIFEST} bytes")));
     }
-    let (manifest, rest): (Manifest, _) =
-        postcard::take_from_bytes(&plain).map_err(|e| damaged(format!("decoding: {e}")))?;
+    let (manifest, rest): (Manifest, _) = if decoded.version == 1 {
+        postcard::take_from_bytes::<v1::Manifest>(&plain).map(|(m, rest)| (m.into(), rest))
+    } else {
+        postcard::take_from_bytes(&plain)
+    }
+    .map_err(|e| damaged(format!("decoding: {e}")))?;
     if !rest.is_empty() {
         return Err(damaged(format!("{} bytes after the manifest", rest.len())));
     }
@@ -415,6 +542,9 @@ fn check(m: &Manifest) -> Result<(), String> {
         for (l, layer) in d.layers.iter().enumerate() {
             if layer.blocks.len() != layer.chunks.len() {
                 return Err(at(format!("layer {l}: one chunk per block")));
+            }
+            if !layer.crcs.is_empty() && layer.crcs.len() != layer.blocks.len() {
+                return Err(at(format!("layer {l}: one CRC per block, or none")));
             }
             if layer.blocks.windows(2).any(|w| w[0] >= w[1])
                 || layer.blocks.last().is_some_and(|&b| b >= blocks)
@@ -510,6 +640,7 @@ pub(crate) mod tests {
                     digest: [9; 32],
                     blocks: vec![0, 15],
                     chunks: vec![c(3), c(1)],
+                    crcs: vec![0x1234_5678, 7],
                 }],
             }],
             state: Blob {
@@ -536,6 +667,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn version_1_manifests_are_read_without_block_crcs() {
+        let m = sample();
+        let object = v1::encode(&m);
+        let id = ManifestId(*blake3::hash(&object).as_bytes());
+        let read = decode(&id, &object).unwrap();
+        assert!(read.disks[0].layers[0].crcs.is_empty());
+        assert_eq!(read.disks[0].layers[0].entries(), None);
+        assert_eq!(
+            m.disks[0].layers[0].entries(),
+            Some(vec![(0, 0x1234_5678), (15, 7)])
+        );
+        let mut without = m.clone();
+        without.disks[0].layers[0].crcs.clear();
+        assert_eq!(read, without);
+    }
+
+    #[test]
     fn overwritten_and_damaged_manifests_are_refused() {
         let (id, mut object) = encode(&sample()).unwrap();
         let (other, _) = encode(&Manifest {
@@ -554,7 +702,7 @@ pub(crate) mod tests {
     #[test]
     fn inconsistent_manifests_are_refused_by_what_is_wrong() {
         type Edit = fn(&mut Manifest);
-        let cases: [(Edit, &str); 12] = [
+        let cases: [(Edit, &str); 13] = [
             (|m| m.snapshot.memory_bytes = 4097, "multiple of 4096"),
             (|m| m.memory.clear(), "no memory layer"),
             (|m| m.memory[0].frame_size = 3 << 16, "frame size"),
@@ -574,6 +722,10 @@ pub(crate) mod tests {
             (
                 |m| m.disks[0].layers[0].chunks.pop().map(drop).unwrap_or(()),
                 "one chunk per block",
+            ),
+            (
+                |m| m.disks[0].layers[0].crcs.truncate(1),
+                "one CRC per block",
             ),
             (|m| m.state.len = 5 << 20, "state"),
         ];

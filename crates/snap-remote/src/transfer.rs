@@ -320,14 +320,18 @@ pub fn push(
             (chain.size_bytes, chain.block_size) =
                 (info.geometry.disk_bytes, info.geometry.block_size);
             let mut chunks = Vec::with_capacity(layer.blocks().len());
+            let mut crcs = Vec::with_capacity(layer.blocks().len());
             for &b in layer.blocks() {
-                chunks.push(up.put(layer.read_block(b).map_err(local)?, None)?);
+                let data = layer.read_block(b).map_err(local)?;
+                crcs.push(snap_core::crc32c(&data));
+                chunks.push(up.put(data, None)?);
             }
             chain.layers.push(DiskLayer {
                 id: info.id.0,
                 digest: info.digest.map(|d| d.0).unwrap_or_default(),
                 blocks: layer.blocks().to_vec(),
                 chunks,
+                crcs,
             });
         }
         disks.push(chain);

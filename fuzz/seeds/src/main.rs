@@ -129,6 +129,7 @@ fn remote_manifests(out: &Out) -> Result {
                 digest: [6; 32],
                 blocks: vec![0, 15],
                 chunks: vec![c(4), c(1)],
+                crcs: vec![0x0bad_cafe, 1],
             }],
         }],
         state: Blob {
