@@ -33,6 +33,18 @@ async fn host_at(
     tag: &str,
     secret: &str,
 ) -> (Snapd, Client) {
+    host_with(url, access_key, dir, tag, secret, "").await
+}
+
+/// A daemon configured with remote `fleet` at `url`, with `SNAPD_FAILPOINTS=failpoints`.
+async fn host_with(
+    url: &str,
+    access_key: &str,
+    dir: &std::path::Path,
+    tag: &str,
+    secret: &str,
+    failpoints: &str,
+) -> (Snapd, Client) {
     let creds = dir.join(format!("{tag}.creds"));
     std::fs::write(
         &creds,
@@ -44,7 +56,7 @@ async fn host_at(
     let remote = format!("fleet={url}");
     let grace = GRACE_SECS.to_string();
     start_with(
-        "",
+        failpoints,
         &[
             "--remote",
             &remote,
@@ -513,6 +525,82 @@ async fn a_host_restores_and_clones_straight_from_the_remote() {
     );
     assert_eq!(list_vms(&mut b).await.len(), vms_before, "no VM was made");
     assert_eq!(b_daemon.layer_files(), files_before, "no file was left");
+}
+
+/// The disks of a lazy restore straight from the remote are read lazily too: the restore
+/// publishes its VM with disk layers that hold no block yet (their files fail a check), the
+/// guest runs exactly on blocks fetched as it reads them, a snapshot of it builds on those
+/// layers, and across a kill -9 the layers still filling are taken up again: the snapshot
+/// restores exactly, and the filler then brings every block into the files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_blocks_arrive_as_the_guest_reads_them_and_across_kill_9() {
+    let test = "disk_blocks_arrive_as_the_guest_reads_them_and_across_kill_9";
+    if !kvm_available(test) || !garage_available(test) {
+        return;
+    }
+    let garage = Garage::single_node();
+    let dir = tempfile::tempdir().unwrap();
+    let (_a_daemon, mut a) = host(&garage, dir.path(), "a", &garage.secret_key).await;
+    let url = garage.url("fleet");
+    // B's background filler is held back, so the layers stay as the restore made them.
+    let (mut b_daemon, mut b) = host_with(
+        &url,
+        &garage.access_key,
+        dir.path(),
+        "b",
+        &garage.secret_key,
+        "filling.layer=fail:1000000",
+    )
+    .await;
+    let program = long_guest();
+    let model = model(&program);
+    let vm = create_vm_running(&mut a, "origin", true, program).await.id;
+    wait_lines(&mut a, &vm, 20).await;
+    let (snap, _) = snapshot_at(&mut a, &vm, "warm", &rid("snap")).await;
+    stop(&mut a, &vm).await;
+    push(&mut a, &snap.id).await;
+
+    let op = restore_remote(&mut b, &snap.id, "lazy", lazy()).await;
+    assert_eq!(op.state(), pb::OperationState::Succeeded, "{:?}", op.error);
+    let restored = op.result.unwrap().vms.remove(0).id;
+    let filling = b_daemon.filling_layers();
+    assert_eq!(filling.len(), 1, "the disk's one layer fills: {filling:?}");
+    let sparse = b_daemon.layer_path(&filling[0]);
+    let report = snap_disk::check_layer(&sparse).unwrap();
+    assert!(
+        !report.is_clean() && report.problems.iter().all(|p| p.contains("checksum")),
+        "the file holds no block yet: {report}"
+    );
+    // The guest reads its disk (each line hashes a sector read back): its blocks arrive.
+    wait_lines(&mut b, &restored, 30).await;
+    let (local, _) = snapshot_at(&mut b, &restored, "local", &rid("snap")).await;
+    continues_exactly(&mut b, &restored, &model, 60).await;
+    assert_eq!(b_daemon.filling_layers(), filling, "still filling");
+
+    b_daemon.kill9();
+    let mut b = respawn(&mut b_daemon, "").await;
+    let again = restore_new(&mut b, &local.id, "again", lazy()).await;
+    continues_exactly(&mut b, &again.id, &model, 40).await;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !b_daemon.filling_layers().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the layers never filled: {:?}",
+            b_daemon.filling_layers()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for f in b_daemon.layer_files() {
+        if f.ends_with(".dlayer") && !f.starts_with('.') {
+            let path = b_daemon.data().join("layers").join(&f);
+            let sealed = snap_disk::layer_info(&path).unwrap().digest.is_some();
+            if sealed {
+                let report = snap_disk::check_layer(&path).unwrap();
+                assert!(report.is_clean(), "{report}");
+            }
+        }
+    }
+    b_daemon.assert_files_match_catalog("after the layers filled");
 }
 
 /// Against a three-node Garage cluster (replication factor 3): with one node killed during a

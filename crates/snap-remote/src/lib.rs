@@ -28,7 +28,7 @@
 //! - [`chunk`], [`manifest`]: the formats, checked on every read (no I/O; fuzzed);
 //! - [`store`]: the S3 client (`object_store`): chunks, manifests, the sweep;
 //! - [`transfer`]: push a snapshot's layer files, pull them back layer by layer;
-//! - [`source`]: guest memory straight from a manifest, for the lazy restore;
+//! - [`source`]: guest memory and disk blocks straight from a manifest, for the lazy restore;
 //! - [`cache`]: the host's bounded on-disk chunk cache.
 #![forbid(unsafe_code)]
 

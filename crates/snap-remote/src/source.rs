@@ -326,3 +326,118 @@ impl WindowSource for RemoteMemory {
         Some(self.with_data.clone())
     }
 }
+
+/// Counters of a remote disk layer source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteBlocksStats {
+    /// Blocks fetched from the remote.
+    pub fetched: u64,
+    /// Blocks found in the host's cache.
+    pub cache_hits: u64,
+}
+
+/// The blocks of one disk layer of a manifest, fetched one chunk at a time through the host's
+/// [`ChunkCache`]: the source of a layer restored from a remote whose blocks arrive on demand
+/// (see `snap_disk::fill`). Each chunk is checked against its name when fetched, and the block
+/// against the layer's CRC when it lands.
+pub struct RemoteBlocks {
+    handle: Handle,
+    remote: Remote,
+    cache: Arc<ChunkCache>,
+    what: String,
+    blocks: Vec<u64>,
+    chunks: Vec<ChunkId>,
+    fetched: AtomicU64,
+    cache_hits: AtomicU64,
+    unreachable: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for RemoteBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteBlocks")
+            .field("what", &self.what)
+            .field("blocks", &self.blocks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteBlocks {
+    /// The blocks `blocks` (increasing) whose data chunk `chunks` names (same order), fetched
+    /// from `remote` through `cache`. `what` names the layer and snapshot in errors.
+    #[must_use]
+    pub fn new(
+        handle: Handle,
+        remote: Remote,
+        cache: Arc<ChunkCache>,
+        blocks: Vec<u64>,
+        chunks: Vec<ChunkId>,
+        what: String,
+    ) -> Self {
+        Self {
+            handle,
+            remote,
+            cache,
+            what,
+            blocks,
+            chunks,
+            fetched: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            unreachable: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The counters so far.
+    #[must_use]
+    pub fn stats(&self) -> RemoteBlocksStats {
+        RemoteBlocksStats {
+            fetched: self.fetched.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether a fetch failed because the store could not be reached.
+    #[must_use]
+    pub fn store_unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
+    }
+}
+
+impl snap_disk::fill::BlockSource for RemoteBlocks {
+    fn fetch(&self, block: u64, buf: &mut [u8]) -> Result<(), String> {
+        let i = self
+            .blocks
+            .binary_search(&block)
+            .map_err(|_| format!("{}: the manifest has no block {block}", self.what))?;
+        let id = self.chunks[i];
+        let content = match self.cache.get(&id) {
+            Some(c) => {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                c
+            }
+            None => {
+                let c = self
+                    .handle
+                    .block_on(self.remote.get_chunk(&id))
+                    .map_err(|e| {
+                        if matches!(e, crate::store::RemoteError::Unavailable { .. }) {
+                            self.unreachable.store(true, Ordering::Relaxed);
+                        }
+                        format!("{}: {e}", self.what)
+                    })?;
+                self.fetched.fetch_add(1, Ordering::Relaxed);
+                self.cache.put(&id, &c);
+                c
+            }
+        };
+        if content.len() != buf.len() {
+            return Err(format!(
+                "{}: chunk {id} of block {block} holds {} bytes, the block {}",
+                self.what,
+                content.len(),
+                buf.len()
+            ));
+        }
+        buf.copy_from_slice(&content);
+        Ok(())
+    }
+}

@@ -267,6 +267,17 @@ impl Snapd {
         );
     }
 
+    /// The disk layers whose blocks are still arriving from a remote (the catalog's `filling`
+    /// rows), sorted.
+    ///
+    /// # Panics
+    /// If the catalog cannot be read.
+    pub fn filling_layers(&self) -> Vec<String> {
+        let mut v = self.query("SELECT layer_id FROM filling");
+        v.sort();
+        v
+    }
+
     /// The file of layer `id` as the catalog names it.
     ///
     /// # Panics

@@ -61,6 +61,8 @@ pub struct Daemon {
     pub(crate) images: ImagePolicy,
     pub(crate) copy_mode: crate::snapshot::CopyMode,
     pub(crate) remotes: crate::remote::Remotes,
+    /// Disk layers restored from a remote whose blocks are still arriving.
+    pub(crate) filling: Arc<crate::filling::Filling>,
     stopping: AtomicBool,
     /// Held while VM states are reported or recorded at shutdown.
     reporting: std::sync::Mutex<()>,
@@ -90,10 +92,12 @@ impl Daemon {
             images: config.images,
             copy_mode: config.copy_mode,
             remotes: config.remotes,
+            filling: Arc::default(),
             stopping: AtomicBool::new(false),
             reporting: std::sync::Mutex::new(()),
         });
         daemon.recover().map_err(|e| e.to_string())?;
+        daemon.start_filler();
         Ok(daemon)
     }
 
@@ -110,6 +114,8 @@ impl Daemon {
             self.catalog
                 .write(|tx| tx.prune(now_ms() - OPERATION_RETENTION_MS).map(drop)),
         );
+        // Before anything reads a layer still filling from a remote.
+        self.resume_filling()?;
         let vms = self.catalog.read(|tx| tx.vms())?;
         for vm in &vms {
             self.vms.add(vm.id);

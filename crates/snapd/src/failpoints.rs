@@ -7,7 +7,9 @@
 //! (just before the catalog transaction), `snapshot.publish` (inside it, before its commit) and
 //! `snapshot.after-publish` (a sleep point after it);
 //! `restore.before-publish` (a restore or clone, its VMs built, before the transaction that
-//! records them) and `delete.before-commit` (a delete, admitted, before its transaction).
+//! records them), `delete.before-commit` (a delete, admitted, before its transaction) and
+//! `filling.layer` (the background filler, before it fills a disk layer restored lazily from a
+//! remote: a failure leaves the layer for the next round).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -22,6 +22,7 @@ pub mod delete_plan;
 pub mod disks;
 pub mod error;
 pub mod failpoints;
+pub mod filling;
 pub mod ids;
 pub mod images;
 pub mod lifecycle;

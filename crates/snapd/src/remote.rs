@@ -207,6 +207,16 @@ impl Remotes {
         }
     }
 
+    /// Remote `name`, the runtime that drives it and the host's chunk cache, if it is
+    /// configured.
+    pub(crate) fn store(
+        &self,
+        name: &str,
+    ) -> Option<(Remote, tokio::runtime::Handle, Arc<ChunkCache>)> {
+        let (remote, handle) = self.get(name).ok()?;
+        Some((remote.clone(), handle.clone(), self.cache.clone()?))
+    }
+
     /// The names configured.
     pub fn names(&self) -> Vec<String> {
         self.stores.keys().cloned().collect()
@@ -879,6 +889,48 @@ impl Daemon {
         Ok(())
     }
 
+    /// Builds the disk layers of `disks` not shared as sparse files whose blocks arrive from
+    /// remote `remote` as they are read (see `crate::filling`); returns their `filling` rows.
+    fn sparse_disks<'f>(
+        &'f self,
+        remote: &str,
+        id: SnapshotId,
+        manifest: &Manifest,
+        disks: &[Vec<PulledLayer>],
+        unpublished: &mut crate::filling::Unpublished<'f>,
+    ) -> Result<Vec<crate::catalog::FillingRecord>> {
+        let mut rows = Vec::new();
+        for (d, pulled) in manifest.disks.iter().zip(disks) {
+            let geometry = snap_disk::Geometry {
+                disk_bytes: d.size_bytes,
+                block_size: d.block_size,
+            };
+            let mut parent = None;
+            for (i, (l, p)) in d.layers.iter().zip(pulled).enumerate() {
+                parent = match p.own {
+                    Some(own) => Some(own),
+                    None => {
+                        let layer = crate::filling::SparseLayer {
+                            id: p.id,
+                            file: p.file.clone(),
+                            parent,
+                            geometry,
+                            layer: l,
+                            what: format!(
+                                "snapshot {id} in remote {remote:?}, disk {:?}, layer {i}",
+                                d.name
+                            ),
+                        };
+                        let (row, made) = self.build_sparse_layer(remote, &layer, unpublished)?;
+                        rows.push(row);
+                        made
+                    }
+                };
+            }
+        }
+        Ok(rows)
+    }
+
     /// Fetches `manifest`'s state into `state_file` and its working set, if it has one, into
     /// `wset_file`.
     fn fetch_state(
@@ -985,8 +1037,15 @@ impl Daemon {
                 .map(|l| l.file.clone())
                 .collect(),
         );
-        let total = Self::disk_bytes(&manifest, &disks)
-            + manifest.state.len
+        // A lazy restore leaves the disks' blocks in the remote until they are read (see
+        // `crate::filling`).
+        let lazy_disks =
+            spec.mode != snap_vmm::MemoryRestore::Eager && Self::disks_can_arrive_lazily(&manifest);
+        let total = if lazy_disks {
+            0
+        } else {
+            Self::disk_bytes(&manifest, &disks)
+        } + manifest.state.len
             + manifest.working_set.as_ref().map_or(0, |b| b.len);
         op.phase("fetching disks and state", 0, total);
         let meter = Meter::new(op, self, "remote.pull-chunk", total);
@@ -1002,7 +1061,13 @@ impl Daemon {
                 .error(name, e)
                 .context(format!("restoring snapshot {id} from remote {name:?}"))
         };
-        self.fetch_disks(&t, &manifest, &disks, &failed)?;
+        let mut unpublished = self.unpublished();
+        let filling = if lazy_disks {
+            self.sparse_disks(name, id, &manifest, &disks, &mut unpublished)?
+        } else {
+            self.fetch_disks(&t, &manifest, &disks, &failed)?;
+            Vec::new()
+        };
         self.fetch_state(&t, &manifest, &state_file, &wset_file, &failed)?;
         let state = snap_vmm::VmState::read_file(&self.store.path(&state_file))
             .map_err(|e| Error::precondition(format!("snapshot {id} in remote {name:?}: {e}")))?;
@@ -1113,6 +1178,9 @@ impl Daemon {
             .collect();
         self.catalog.write(|tx| {
             self.record_layers(tx, &kinds, id)?;
+            for f in &filling {
+                tx.insert_filling(f)?;
+            }
             for (rec, _, set) in &made {
                 set.insert_layers(tx)?;
                 tx.insert_vm(rec)?;
@@ -1120,6 +1188,7 @@ impl Daemon {
             op.succeeded_in(tx, &answer)
         })?;
         layer_claim.publish();
+        unpublished.published();
         drop(scratch_claim);
         let mut out = Vec::new();
         for (rec, vm, set) in made {

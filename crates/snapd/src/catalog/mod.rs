@@ -21,8 +21,8 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension};
 
 pub use records::{
-    DiskRecord, GuestSpec, LayerKind, LayerRecord, RequestRecord, SnapshotRecord, VmRecord,
-    VmStatus,
+    DiskRecord, FillingRecord, GuestSpec, LayerKind, LayerRecord, RequestRecord, SnapshotRecord,
+    VmRecord, VmStatus,
 };
 pub use tx::Tx;
 
@@ -113,11 +113,19 @@ CREATE TABLE IF NOT EXISTS operations (
     ended INTEGER NOT NULL,
     body BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS filling (
+    layer_id TEXT PRIMARY KEY,
+    remote TEXT NOT NULL,
+    what TEXT NOT NULL,
+    blocks BLOB NOT NULL
+);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0');
 ";
 
-/// Schema version this build writes and reads (1 had no generation counter; it is upgraded).
-const SCHEMA_VERSION: &str = "2";
+/// Schema version this build writes and reads (1 had no generation counter, 2 no `filling`
+/// table; both are upgraded). An older snapd refuses a catalog of this version: it would read
+/// layers whose blocks are still arriving as damaged.
+const SCHEMA_VERSION: &str = "3";
 
 impl Catalog {
     /// Opens (creating if needed) the catalog at `path`. `mark`, if given, is told the
@@ -138,7 +146,7 @@ impl Catalog {
             })
             .optional()?;
         match version.as_deref() {
-            None | Some("1") => {
+            None | Some("1" | "2") => {
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
                     [SCHEMA_VERSION],
@@ -147,7 +155,7 @@ impl Catalog {
             Some(SCHEMA_VERSION) => {}
             Some(v) => {
                 return Err(CatalogError::Damaged(format!(
-                    "{} has schema version {v}; this snapd reads versions 1 and {SCHEMA_VERSION}",
+                    "{} has schema version {v}; this snapd reads versions 1 to {SCHEMA_VERSION}",
                     path.display()
                 )));
             }

@@ -225,3 +225,47 @@ pub struct RequestRecord {
     /// The encoded response.
     pub response: Vec<u8>,
 }
+
+/// A disk layer restored from a remote whose blocks are still arriving (see `snap_disk::fill`):
+/// where they come from. The row goes once the layer file holds every block (synced), or with
+/// the layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FillingRecord {
+    /// The layer.
+    pub layer: LayerId,
+    /// The remote its blocks come from.
+    pub remote: String,
+    /// What it is, for messages (the snapshot in the remote, the disk and layer).
+    pub what: String,
+    /// The blocks it holds, increasing.
+    pub blocks: Vec<u64>,
+    /// The chunk holding each block's data, in the same order.
+    pub chunks: Vec<snap_remote::ChunkId>,
+}
+
+impl FillingRecord {
+    /// The blocks and chunks as stored: per block, its number (u64, little endian) and its
+    /// chunk's 32 bytes.
+    pub fn encode_blocks(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.blocks.len() * 40);
+        for (b, c) in self.blocks.iter().zip(&self.chunks) {
+            out.extend_from_slice(&b.to_le_bytes());
+            out.extend_from_slice(&c.0);
+        }
+        out
+    }
+
+    /// The blocks and chunks from their stored form, if it is well formed.
+    pub fn decode_blocks(bytes: &[u8]) -> Option<(Vec<u64>, Vec<snap_remote::ChunkId>)> {
+        if bytes.len() % 40 != 0 {
+            return None;
+        }
+        let mut blocks = Vec::with_capacity(bytes.len() / 40);
+        let mut chunks = Vec::with_capacity(bytes.len() / 40);
+        for e in bytes.chunks_exact(40) {
+            blocks.push(u64::from_le_bytes(e[..8].try_into().ok()?));
+            chunks.push(snap_remote::ChunkId(e[8..].try_into().ok()?));
+        }
+        Some((blocks, chunks))
+    }
+}

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 
-use super::records::{LayerKind, LayerRecord, RequestRecord, SnapshotRecord, VmRecord, VmStatus};
+use super::records::{
+    FillingRecord, LayerKind, LayerRecord, RequestRecord, SnapshotRecord, VmRecord, VmStatus,
+};
 use super::{CatalogError, Result};
 use crate::ids::{LayerId, OpId, SnapshotId, VmId};
 
@@ -454,8 +456,69 @@ impl<'c> Tx<'c> {
         for l in &unused {
             self.0
                 .execute("DELETE FROM layers WHERE id = ?1", [l.id.to_string()])?;
+            self.0.execute(
+                "DELETE FROM filling WHERE layer_id = ?1",
+                [l.id.to_string()],
+            )?;
         }
         Ok(unused)
+    }
+
+    /// Records that layer `f.layer`'s blocks are still arriving from a remote.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn insert_filling(&self, f: &FillingRecord) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO filling (layer_id, remote, what, blocks) VALUES (?1, ?2, ?3, ?4)",
+            params![f.layer.to_string(), f.remote, f.what, f.encode_blocks()],
+        )?;
+        Ok(())
+    }
+
+    /// Every layer whose blocks are still arriving.
+    ///
+    /// # Errors
+    /// SQLite's error or a damaged row.
+    pub fn filling(&self) -> Result<Vec<FillingRecord>> {
+        let mut st = self
+            .0
+            .prepare("SELECT layer_id, remote, what, blocks FROM filling")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (layer, remote, what, blocks) = row?;
+            let damaged = || CatalogError::Damaged(format!("filling row of layer {layer}"));
+            let layer = layer.parse().map_err(|_| damaged())?;
+            let (blocks, chunks) = FillingRecord::decode_blocks(&blocks).ok_or_else(damaged)?;
+            out.push(FillingRecord {
+                layer,
+                remote,
+                what,
+                blocks,
+                chunks,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records that layer `layer` holds every block now.
+    ///
+    /// # Errors
+    /// SQLite's error.
+    pub fn delete_filling(&self, layer: LayerId) -> Result<()> {
+        self.0.execute(
+            "DELETE FROM filling WHERE layer_id = ?1",
+            [layer.to_string()],
+        )?;
+        Ok(())
     }
 
     /// Forgets request ids answered before `before_ms` and operations that ended before it;
