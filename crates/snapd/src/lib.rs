@@ -7,7 +7,8 @@
 //!   operations, events, request ids;
 //! - one module per operation: [`create_vm`], [`snapshot`], [`restore`], [`clone`], [`delete`]
 //!   (with [`delete_plan`]), [`lifecycle`] (start, pause, resume, stop), [`remote`] (push, pull,
-//!   delete and sweep of remote stores);
+//!   delete and sweep of remote stores, restores straight from them), [`filling`] (disk
+//!   layers restored lazily from a remote);
 //! - [`daemon`] (start, recovery, housekeeping), [`vms`] (the running instances),
 //!   [`store`] (the data directory), [`catalog`] (what exists), [`disks`], [`pool`].
 

@@ -10,6 +10,9 @@
 //!   layers and the snapshot in one catalog transaction that first checks that every shared
 //!   layer is still what it was. The snapshot keeps its id, name, VM id and labels; its parent is
 //!   kept if that snapshot is here. A failure or a crash before the transaction leaves nothing.
+//! - **Restore straight from the remote** builds new VMs without pulling: memory through a
+//!   page source over the manifest, disks (lazy and prefetch modes) as layers whose blocks
+//!   arrive as they are read (see [`crate::filling`]), eager mode fetching both first.
 //! - **Delete** removes the snapshot's manifests from the remote; **sweep** removes the chunks
 //!   no manifest names once they are older than the grace period (`Remote::sweep` says why that
 //!   is safe while other hosts push).
