@@ -118,18 +118,24 @@ fn a_damaged_frame_stops_a_lazily_restored_vm() {
     assert_eq!(restored.serial_output().text(), "");
 }
 
-#[test]
-fn prefetch_records_the_working_set_then_installs_it_first() {
-    if !kvm_available("prefetch_records_the_working_set_then_installs_it_first") {
-        return;
-    }
+/// A one-vCPU guest's full snapshot after its fourth line (the snapshots' directory, the
+/// snapshot, and what the uninterrupted run printed after it).
+fn snapshot_after_four_lines() -> (Snapshots, Saved, String) {
     let (config, guest) = small(1);
     let model = guest.model(1).output;
     let vm = boot(config, &guest);
     let snaps = Snapshots::new();
     let cut = pause_after(&vm, 4);
     let saved = snaps.full(&vm);
-    drop(vm);
+    (snaps, saved, model[cut..].to_string())
+}
+
+#[test]
+fn prefetch_records_the_working_set_then_installs_it_first() {
+    if !kvm_available("prefetch_records_the_working_set_then_installs_it_first") {
+        return;
+    }
+    let (_snaps, saved, rest) = snapshot_after_four_lines();
     let prefetch = VmOptions {
         memory_restore: MemoryRestore::Prefetch,
         ..VmOptions::default()
@@ -138,7 +144,7 @@ fn prefetch_records_the_working_set_then_installs_it_first() {
     // First restore: lazy, recording.
     let first = saved.restore(&prefetch).unwrap();
     run_to_end(&first);
-    assert_eq!(first.serial_output().text(), model[cut..]);
+    assert_eq!(first.serial_output().text(), rest);
     first.wait_memory_resident().unwrap();
     let recorded = first.lazy_stats().unwrap();
     assert!(
@@ -172,7 +178,7 @@ fn prefetch_records_the_working_set_then_installs_it_first() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     run_to_end(&second);
-    assert_eq!(second.serial_output().text(), model[cut..]);
+    assert_eq!(second.serial_output().text(), rest);
     second.wait_memory_resident().unwrap();
     let stats = second.lazy_stats().unwrap();
     assert!(stats.prefetched > 0, "{stats:?}");
@@ -190,13 +196,7 @@ fn a_working_set_recorded_after_its_snapshot_was_deleted_is_removed() {
     if !kvm_available("a_working_set_recorded_after_its_snapshot_was_deleted_is_removed") {
         return;
     }
-    let (config, guest) = small(1);
-    let model = guest.model(1).output;
-    let vm = boot(config, &guest);
-    let snaps = Snapshots::new();
-    let cut = pause_after(&vm, 4);
-    let saved = snaps.full(&vm);
-    drop(vm);
+    let (_snaps, saved, rest) = snapshot_after_four_lines();
     let prefetch = VmOptions {
         memory_restore: MemoryRestore::Prefetch,
         ..VmOptions::default()
@@ -206,7 +206,7 @@ fn a_working_set_recorded_after_its_snapshot_was_deleted_is_removed() {
     std::fs::remove_file(&saved.state).unwrap();
     assert!(!saved.working_set.exists());
     run_to_end(&restored);
-    assert_eq!(restored.serial_output().text(), model[cut..]);
+    assert_eq!(restored.serial_output().text(), rest);
     // The recording ends before memory counts as complete.
     restored.wait_memory_resident().unwrap();
     assert!(restored.lazy_stats().unwrap().faults > 0);
