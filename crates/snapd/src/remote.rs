@@ -1165,42 +1165,26 @@ impl Daemon {
             };
             made.push((rec, vm, set));
         }
-        op.no_return()?;
-        self.failpoints.pass("restore.before-publish")?;
-        let answer = pb::OperationResult {
-            vms: made
-                .iter()
-                .map(|(rec, _, _)| convert::vm(rec, rec.state, None))
-                .collect(),
-            ..Default::default()
-        };
         let kinds: Vec<(&PulledLayer, LayerKind)> = disks
             .iter()
             .flatten()
             .map(|l| (l, LayerKind::Disk))
             .collect();
-        self.catalog.write(|tx| {
+        let extra = |tx: &crate::catalog::Tx<'_>| {
             self.record_layers(tx, &kinds, id)?;
             for f in &filling {
                 tx.insert_filling(f)?;
             }
-            for (rec, _, set) in &made {
-                set.insert_layers(tx)?;
-                tx.insert_vm(rec)?;
-            }
-            op.succeeded_in(tx, &answer)
-        })?;
-        layer_claim.publish();
-        unpublished.published();
-        drop(scratch_claim);
-        let mut out = Vec::new();
-        for (rec, vm, set) in made {
-            self.add_instance(rec.id, vm, set, !spec.leave_paused, false);
-            out.push(self.vm_to_pb(&rec));
-        }
-        op.phase("done", count, count);
+            Ok(())
+        };
+        let committed = || {
+            layer_claim.publish();
+            unpublished.published();
+            drop(scratch_claim);
+        };
+        let vms = self.publish_new_vms(op, made, spec.leave_paused, extra, committed)?;
         Ok(pb::OperationResult {
-            vms: out,
+            vms,
             ..Default::default()
         })
     }

@@ -16,7 +16,7 @@ use snap_mem::layer::LayerChain;
 use snap_vmm::{MemoryRestore, RunState, Vm, VmState, snapshot};
 
 use crate::api::convert;
-use crate::catalog::{SnapshotRecord, VmRecord, VmStatus};
+use crate::catalog::{CatalogError, SnapshotRecord, Tx, VmRecord, VmStatus};
 use crate::daemon::Daemon;
 use crate::disks::DiskSet;
 use crate::error::{Error, Result};
@@ -243,6 +243,21 @@ impl Daemon {
             };
             made.push((rec, vm, disks));
         }
+        self.publish_new_vms(op, made, leave_paused, |_| Ok(()), || {})
+    }
+
+    /// Publishes the new VMs `made` (built, not recorded yet), all or none: one catalog
+    /// transaction records them, with what `extra` writes in it, and the operation's success;
+    /// `committed` runs once it has committed; then the VMs run (unless `leave_paused`).
+    pub(crate) fn publish_new_vms(
+        &self,
+        op: &Progress<'_>,
+        made: Vec<(VmRecord, Vm, DiskSet)>,
+        leave_paused: bool,
+        extra: impl Fn(&Tx<'_>) -> std::result::Result<(), CatalogError>,
+        committed: impl FnOnce(),
+    ) -> Result<Vec<pb::Vm>> {
+        let count = made.len() as u64;
         op.no_return()?;
         self.failpoints.pass("restore.before-publish")?;
         let answer = pb::OperationResult {
@@ -253,12 +268,14 @@ impl Daemon {
             ..Default::default()
         };
         self.catalog.write(|tx| {
+            extra(tx)?;
             for (rec, _, disks) in &made {
                 disks.insert_layers(tx)?;
                 tx.insert_vm(rec)?;
             }
             op.succeeded_in(tx, &answer)
         })?;
+        committed();
         let mut out = Vec::new();
         for (rec, vm, disks) in made {
             self.add_instance(rec.id, vm, disks, !leave_paused, false);
