@@ -10,6 +10,7 @@ mod disk_full;
 mod failures;
 mod files;
 mod live;
+mod metrics;
 mod races;
 mod remote;
 mod scenario;

@@ -63,6 +63,8 @@ pub struct Daemon {
     pub(crate) remotes: crate::remote::Remotes,
     /// Disk layers restored from a remote whose blocks are still arriving.
     pub(crate) filling: Arc<crate::filling::Filling>,
+    /// What the daemon has done, for `--metrics`.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     stopping: AtomicBool,
     /// Held while VM states are reported or recorded at shutdown.
     reporting: std::sync::Mutex<()>,
@@ -78,6 +80,8 @@ impl Daemon {
     /// A message that says what is wrong with the data directory and what to do.
     pub fn open(config: Config) -> std::result::Result<Arc<Self>, String> {
         let (store, catalog) = Store::open(&config.data_dir, config.store)?;
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        catalog.set_metrics(Arc::clone(&metrics));
         let daemon = Arc::new(Self {
             store,
             catalog,
@@ -93,6 +97,7 @@ impl Daemon {
             copy_mode: config.copy_mode,
             remotes: config.remotes,
             filling: Arc::default(),
+            metrics,
             stopping: AtomicBool::new(false),
             reporting: std::sync::Mutex::new(()),
         });
@@ -199,6 +204,59 @@ impl Daemon {
         self.stopping.load(Ordering::Relaxed)
     }
 
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Sets the gauges the metrics take from the daemon's state (VMs by state, open
+    /// operations, data directory space), and tells them what running lazy restores did.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let mut counts: std::collections::HashMap<&'static str, i64> =
+            std::collections::HashMap::new();
+        for s in [
+            VmStatus::Created,
+            VmStatus::Running,
+            VmStatus::Paused,
+            VmStatus::Finished,
+            VmStatus::Stopped,
+            VmStatus::Failed,
+        ] {
+            counts.insert(s.as_str(), 0);
+        }
+        for (_, entry) in self.vms.all() {
+            if let Some(i) = entry.instance() {
+                i.tell_metrics();
+            }
+            *counts.entry(entry.status().0.as_str()).or_default() += 1;
+        }
+        for (state, n) in counts {
+            m.vms
+                .get_or_create(&crate::metrics::StateLabel { state })
+                .set(n);
+        }
+        let open = self
+            .ops
+            .list()
+            .iter()
+            .filter(|o| o.ended_unix_ms == 0)
+            .count();
+        m.operations_open.set(open as i64);
+        if let Some(c) = self.remotes.cache_stats() {
+            m.cache_counters(c.hits, c.misses);
+        }
+        let (used, free) = (
+            self.store.stored_bytes(),
+            self.store.free_bytes().unwrap_or(0),
+        );
+        for (r#use, n) in [("used", used), ("free", free)] {
+            m.data_dir_bytes
+                .get_or_create(&crate::metrics::UseLabel { r#use })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     /// The operations.
     pub fn operations(&self) -> &Operations {
         &self.ops
@@ -273,10 +331,7 @@ impl Daemon {
         let vm = Arc::new(vm);
         let entry = self.vms.add_running(
             id,
-            Instance {
-                vm: Arc::clone(&vm),
-                disks: disks.publish(),
-            },
+            Instance::new(Arc::clone(&vm), disks.publish(), &self.metrics),
             run || !fresh,
         );
         if run {

@@ -27,6 +27,7 @@ pub mod filling;
 pub mod ids;
 pub mod images;
 pub mod lifecycle;
+pub mod metrics;
 pub mod ops;
 pub mod pool;
 pub mod remote;

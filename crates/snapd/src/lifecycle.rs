@@ -143,10 +143,11 @@ impl Daemon {
         }
         let vm = Arc::new(vm);
         entry.set(
-            Some(Instance {
-                vm: Arc::clone(&vm),
-                disks: disks.publish(),
-            }),
+            Some(Instance::new(
+                Arc::clone(&vm),
+                disks.publish(),
+                &self.metrics,
+            )),
             true,
         );
         run_on(&vm)

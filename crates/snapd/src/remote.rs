@@ -220,6 +220,11 @@ impl Remotes {
         Some((remote.clone(), handle.clone(), self.cache.clone()?))
     }
 
+    /// The host's chunk cache's counters, if it has one.
+    pub fn cache_stats(&self) -> Option<snap_remote::cache::CacheStats> {
+        self.cache.as_ref().map(|c| c.stats())
+    }
+
     /// The names configured.
     pub fn names(&self) -> Vec<String> {
         self.stores.keys().cloned().collect()
@@ -465,6 +470,8 @@ impl Daemon {
         };
         let stats =
             transfer::push(&t, &source, self.remotes.grace_ms).map_err(|e| meter.error(name, e))?;
+        self.metrics
+            .pushed(name, stats.uploaded, stats.deduplicated);
         tracing::info!(
             snapshot = %snap.id, remote = name, manifest = %stats.manifest,
             chunks = stats.chunks, uploaded = stats.uploaded, deduplicated = stats.deduplicated,
@@ -1016,6 +1023,7 @@ impl Daemon {
     ) -> Result<pb::OperationResult> {
         let name = spec.remote.as_str();
         let id = spec.snapshot;
+        op.memory_mode(spec.mode);
         let (remote, handle) = self.remotes.get(name)?;
         let cache = self
             .remotes
@@ -1088,7 +1096,12 @@ impl Daemon {
         let mut made = Vec::new();
         for (i, vm_name) in spec.names.iter().enumerate() {
             op.check_cancel()?;
-            op.phase(&format!("restoring {vm_name}"), i as u64, count);
+            op.phase_as(
+                "restoring",
+                &format!("restoring {vm_name}"),
+                i as u64,
+                count,
+            );
             let mut set = crate::disks::DiskSet::new(&self.store);
             for (d, chain) in manifest.disks.iter().zip(&disks) {
                 let sealed = chain

@@ -218,10 +218,11 @@ impl Daemon {
         leave_paused: bool,
     ) -> Result<Vec<pb::Vm>> {
         let count = names.len() as u64;
+        op.memory_mode(mode);
         let mut made = Vec::new();
         for (i, name) in names.into_iter().enumerate() {
             op.check_cancel()?;
-            op.phase(&format!("restoring {name}"), i as u64, count);
+            op.phase_as("restoring", &format!("restoring {name}"), i as u64, count);
             let (vm, disks) = self.instance_from(s, mode)?;
             let rec = VmRecord {
                 id: VmId::random(),
@@ -372,10 +373,7 @@ impl Daemon {
             (Loaded::InPlace(..), None) => unreachable!("an in-place revert has a running VM"),
         };
         entry.set(
-            Some(Instance {
-                vm: Arc::clone(&vm),
-                disks,
-            }),
+            Some(Instance::new(Arc::clone(&vm), disks, &self.metrics)),
             true,
         );
         if !leave_paused {

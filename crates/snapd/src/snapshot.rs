@@ -340,7 +340,33 @@ impl Daemon {
             }
             Ok(snap)
         })?;
+        self.snapshot_metrics(&layer, mem.bytes, tops.iter().map(|(_, id, _)| *id));
         Ok((snap, layer))
+    }
+
+    /// Tells the metrics what a snapshot wrote: its memory layer (`stored` bytes on disk) and
+    /// the disk layers it sealed.
+    fn snapshot_metrics(
+        &self,
+        memory: &LayerInfo,
+        stored: u64,
+        sealed: impl Iterator<Item = LayerId>,
+    ) {
+        use crate::metrics::LayerKind as K;
+        let m = &self.metrics;
+        m.layer_written(K::Memory, memory.pages_stored * 4096, stored);
+        if memory.parent.is_some() {
+            m.diff_dirty_pages.observe(memory.pages_present as f64);
+        }
+        for id in sealed {
+            let Ok(Some(l)) = self.catalog.read(|tx| tx.layer(id)) else {
+                continue;
+            };
+            if let Ok(info) = snap_disk::layer_info(&self.store.path(&l.file)) {
+                let content = info.blocks * u64::from(info.geometry.block_size);
+                m.layer_written(K::Disk, content, self.store.file_len(&l.file));
+            }
+        }
     }
 
     /// The layer the VM's memory is based on (the parent of its next layer), if any.

@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use snap_disk::Disk;
 use snap_vmm::{RunState, Vm, VmExit};
 
+use snap_mem::lazy::LazyStats;
+
 use crate::catalog::VmStatus;
 use crate::error::{Error, Result};
 use crate::ids::VmId;
+use crate::metrics::Metrics;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -24,6 +27,59 @@ pub struct Instance {
     pub vm: Arc<Vm>,
     /// Its disks, in device order.
     pub disks: Vec<Arc<Disk>>,
+    /// What its lazy restore did, told to the metrics (if it came from one).
+    tally: Option<Arc<LazyTally>>,
+}
+
+impl Instance {
+    /// The instance of `vm` on `disks`; a lazily restored VM's faults count in `metrics`.
+    pub fn new(vm: Arc<Vm>, disks: Vec<Arc<Disk>>, metrics: &Arc<Metrics>) -> Self {
+        let tally = vm.lazy_stats().map(|_| {
+            Arc::new(LazyTally {
+                vm: Arc::clone(&vm),
+                metrics: Arc::clone(metrics),
+                told: Mutex::new(LazyStats::default()),
+            })
+        });
+        Self { vm, disks, tally }
+    }
+
+    /// Tells the metrics what its lazy restore did since they were last told.
+    pub fn tell_metrics(&self) {
+        if let Some(t) = &self.tally {
+            t.tell();
+        }
+    }
+}
+
+/// The counters of a lazy restore told to the metrics so far; the rest is told when the last
+/// copy of the instance goes.
+struct LazyTally {
+    vm: Arc<Vm>,
+    metrics: Arc<Metrics>,
+    told: Mutex<LazyStats>,
+}
+
+impl LazyTally {
+    fn tell(&self) {
+        let Some(now) = self.vm.lazy_stats() else {
+            return;
+        };
+        let mut told = lock(&self.told);
+        self.metrics.lazy_restore_done(&LazyStats {
+            faults: now.faults.saturating_sub(told.faults),
+            filled: now.filled.saturating_sub(told.filled),
+            zero_units: now.zero_units.saturating_sub(told.zero_units),
+            prefetched: now.prefetched.saturating_sub(told.prefetched),
+        });
+        *told = now;
+    }
+}
+
+impl Drop for LazyTally {
+    fn drop(&mut self) {
+        self.tell();
+    }
 }
 
 /// One VM's entry.

@@ -105,8 +105,11 @@ impl Service {
             let id = ctx.request_id.clone();
             let abandoned = Arc::clone(&ctx.abandoned);
             let result = match ctx.answered(daemon.catalog()) {
-                Ok(Some(stored)) => R::decode(stored.as_slice())
-                    .map_err(|e| Error::internal(format!("stored answer: {e}"))),
+                Ok(Some(stored)) => {
+                    daemon.metrics().request_id_hits.inc();
+                    R::decode(stored.as_slice())
+                        .map_err(|e| Error::internal(format!("stored answer: {e}")))
+                }
                 Ok(None) => {
                     let caller = ctx.caller.clone();
                     crate::auth::acting_as(&caller, || work(daemon, ctx))

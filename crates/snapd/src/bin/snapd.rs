@@ -109,13 +109,20 @@ struct Args {
     /// VM; least recently used first out), in GiB. It lives in <data-dir>/cache/chunks.
     #[arg(long, default_value_t = 16)]
     remote_cache_gib: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9725 (off by default;
+    /// plain HTTP without authentication: bind it where only the scraper reaches).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn main() {
+    // Each long operation is a span (its id, kind, VM and snapshot; its close is logged with its
+    // duration) with a child span per phase (logged too with RUST_LOG=snapd=debug).
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -319,6 +326,13 @@ async fn serve(daemon: Arc<Daemon>, args: &Args) -> Result<(), String> {
         }
         tracing::info!("shutting down");
     };
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--metrics {addr}: binding: {e}"))?;
+        tracing::info!(%addr, "serving metrics at /metrics");
+        tokio::spawn(snapd::metrics::serve(Arc::clone(&daemon), listener));
+    }
     let tls = tcp_tls(args)?;
     let tcp_listener = if tls.is_some() {
         Listener::Tls

@@ -58,6 +58,8 @@ pub trait CommitMark: Send + Sync {
 pub struct Catalog {
     conn: Mutex<Connection>,
     mark: Option<Box<dyn CommitMark>>,
+    /// Where transaction times go, once the daemon has set it.
+    metrics: std::sync::OnceLock<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 const SCHEMA: &str = "
@@ -163,6 +165,7 @@ impl Catalog {
         Ok(Self {
             conn: Mutex::new(conn),
             mark,
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -196,9 +199,20 @@ impl Catalog {
         .transpose()
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    /// Times every transaction from now on into `metrics`.
+    pub fn set_metrics(&self, metrics: std::sync::Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// Runs `f` on the connection (a transaction: timed from when the connection is had).
+    fn with<T>(&self, write: bool, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut c)
+        let started = std::time::Instant::now();
+        let out = f(&mut c);
+        if let Some(m) = self.metrics.get() {
+            m.catalog_transaction(write, started.elapsed());
+        }
+        out
     }
 
     /// Runs `f` in one read transaction: it sees one consistent state of the catalog.
@@ -206,7 +220,7 @@ impl Catalog {
     /// # Errors
     /// `f`'s error or SQLite's.
     pub fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
-        self.with(|c| {
+        self.with(false, |c| {
             let tx = Tx::new(c.transaction()?);
             let out = f(&tx)?;
             tx.finish()?;
@@ -220,7 +234,7 @@ impl Catalog {
     /// # Errors
     /// `f`'s error or the commit's.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
-        let (out, generation) = self.with(|c| {
+        let (out, generation) = self.with(true, |c| {
             let tx =
                 Tx::new(c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?);
             let out = f(&tx)?;

@@ -126,21 +126,77 @@ impl Operations {
 pub struct Progress<'a> {
     daemon: &'a Daemon,
     cell: &'a OpCell,
+    kind: pb::OperationKind,
+    timer: Mutex<PhaseTimer>,
 }
 
-impl Progress<'_> {
-    /// Sets the phase and byte counts, and tells watchers.
-    pub fn phase(&self, phase: &str, done: u64, total: u64) {
+/// The phase an operation is in: its name, since when, and its trace span (closed when the
+/// phase ends); and the memory mode of a restore.
+#[derive(Default)]
+struct PhaseTimer {
+    current: Option<(&'static str, Instant, tracing::Span)>,
+    mode: Option<&'static str>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(daemon: &'a Daemon, cell: &'a OpCell) -> Self {
+        let kind = lock(&cell.op).kind();
+        Self {
+            daemon,
+            cell,
+            kind,
+            timer: Mutex::default(),
+        }
+    }
+
+    /// Sets the phase `phase` and byte counts, and tells watchers.
+    pub fn phase(&self, phase: &'static str, done: u64, total: u64) {
+        self.phase_as(phase, phase, done, total);
+    }
+
+    /// Sets the phase, shown as `text` and measured as `name` (its fixed part: `text` may name
+    /// a VM), and byte counts, and tells watchers. The phase before it ends: its duration goes
+    /// to the operation's `phases` and the metrics, and its trace span closes.
+    pub fn phase_as(&self, name: &'static str, text: &str, done: u64, total: u64) {
+        let span = tracing::debug_span!("phase", phase = name);
+        let ended = lock(&self.timer)
+            .current
+            .replace((name, Instant::now(), span));
         let op = {
             let mut op = lock(&self.cell.op);
+            if let Some((name, since, _)) = ended {
+                self.phase_ended(&mut op, name, since.elapsed());
+            }
             op.progress = Some(pb::Progress {
-                phase: phase.into(),
+                phase: text.into(),
                 bytes_done: done,
                 bytes_total: total,
             });
             op.clone()
         };
         self.daemon.events.emit(pb::event::Kind::Operation(op));
+    }
+
+    fn phase_ended(&self, op: &mut pb::Operation, name: &'static str, took: Duration) {
+        op.phases.push(pb::PhaseTime {
+            name: name.into(),
+            duration_us: took.as_micros() as u64,
+        });
+        self.daemon.metrics.phase_ended(self.kind, name, took);
+    }
+
+    /// Ends the phase the operation is in (it is ending).
+    fn end_phase(&self) {
+        let ended = lock(&self.timer).current.take();
+        if let Some((name, since, _)) = ended {
+            self.phase_ended(&mut lock(&self.cell.op), name, since.elapsed());
+        }
+    }
+
+    /// Records that the operation restores memory as `mode` (its duration is then a restore's
+    /// latency in the metrics).
+    pub fn memory_mode(&self, mode: snap_vmm::MemoryRestore) {
+        lock(&self.timer).mode = Some(crate::metrics::mode_label(mode));
     }
 
     /// Moves the current phase's progress to `done` of `total` bytes; watchers hear of it at
@@ -371,7 +427,19 @@ impl Daemon {
             plan: Plan<T>,
             work: impl FnOnce(&Daemon, &Progress<'_>, T) -> Result<pb::OperationResult>,
         ) {
-            let progress = Progress { daemon, cell };
+            let started = Instant::now();
+            let progress = Progress::new(daemon, cell);
+            let span = {
+                let op = lock(&cell.op);
+                tracing::info_span!(
+                    "operation",
+                    id = %op.id,
+                    kind = crate::metrics::kind_label(op.kind()),
+                    vm = %op.vm_id,
+                    snapshot = %op.snapshot_id
+                )
+            };
+            let _in_span = span.enter();
             let result = match admitted {
                 Some((admission, found)) => {
                     let r = work(daemon, &progress, found);
@@ -380,7 +448,9 @@ impl Daemon {
                 }
                 None => daemon.run_when_admitted(&progress, holder, plan, work),
             };
-            daemon.end(cell, result);
+            progress.end_phase();
+            let mode = lock(&progress.timer).mode;
+            daemon.end(cell, result, started.elapsed(), mode);
         }
         std::thread::Builder::new()
             .name(format!("op-{}", &id.to_string()[..8]))
@@ -410,8 +480,15 @@ impl Daemon {
         result
     }
 
-    /// Records an operation's end and tells watchers.
-    fn end(&self, cell: &OpCell, result: Result<pb::OperationResult>) {
+    /// Records an operation's end (in the catalog and the metrics: it took `took`, restoring
+    /// memory as `mode` if it did) and tells watchers.
+    fn end(
+        &self,
+        cell: &OpCell,
+        result: Result<pb::OperationResult>,
+        took: Duration,
+        mode: Option<&'static str>,
+    ) {
         let op = {
             let mut op = lock(&cell.op);
             op.ended_unix_ms = now_ms();
@@ -432,6 +509,25 @@ impl Daemon {
             }
             op.clone()
         };
+        let outcome = match op.state() {
+            pb::OperationState::Succeeded => "succeeded",
+            pb::OperationState::Cancelled => "cancelled",
+            _ => "failed",
+        };
+        self.metrics.operation_ended(op.kind(), outcome, took);
+        if outcome == "succeeded" {
+            if op.kind() == pb::OperationKind::CreateSnapshot {
+                self.metrics
+                    .pause_seconds
+                    .observe(Duration::from_micros(op.pause_us).as_secs_f64());
+            }
+            if let Some(mode) = mode {
+                self.metrics
+                    .restore_seconds
+                    .get_or_create(&crate::metrics::ModeLabel { mode })
+                    .observe(took.as_secs_f64());
+            }
+        }
         let body = prost::Message::encode_to_vec(&op);
         let id = cell_id(&op);
         if let Err(e) = self
