@@ -338,6 +338,13 @@ async fn every_counter_moves_by_what_the_story_did() {
             &[("access", "write")]
         ) >= 5.0
     );
+    // The guests wrote their disks (sectors, each request counted) and flushed them.
+    for op in ["read", "write"] {
+        let bytes = want("snapd_disk_io_bytes_total", &[("op", op)]);
+        assert!(bytes > 0.0 && bytes % 512.0 == 0.0, "{op}: {bytes}");
+        assert!(want("snapd_disk_io_requests_total", &[("op", op)]) > 0.0);
+    }
+    assert!(want("snapd_disk_io_requests_total", &[("op", "flush")]) > 0.0);
     // Gauges: four VMs running, nothing open, space used and free.
     let running = list_vms(&mut c)
         .await

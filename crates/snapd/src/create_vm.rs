@@ -63,17 +63,23 @@ pub fn test_guest(g: &GuestSpec) -> TestGuest {
     }
 }
 
-/// A new VM booting the test guest `g` on `disks` (paused at its first instruction).
+/// A new VM booting the test guest `g` on `disks` (paused at its first instruction), their I/O
+/// counted in `metrics`.
 ///
 /// # Errors
 /// The VMM's error.
-pub fn boot(config: VmConfig, g: &GuestSpec, disks: &[Arc<Disk>]) -> Result<Vm> {
+pub fn boot(
+    config: VmConfig,
+    g: &GuestSpec,
+    disks: &[Arc<Disk>],
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> Result<Vm> {
     let mut guest = test_guest(g);
     if let Some(d) = disks.first() {
         guest.disk_sectors = (d.size() / 512).min(GUEST_DISK_SECTORS);
     }
     let options = VmOptions {
-        disks: crate::disks::backends(disks),
+        disks: crate::disks::backends(disks, metrics),
         ..VmOptions::default()
     };
     Ok(guest.create_vm(config, &options)?)
@@ -100,7 +106,7 @@ impl Daemon {
         // 2. The disks: images imported as sealed bases, each with a fresh top (claimed files).
         let disks = self.new_disks(&spec.disks, ctx)?;
         // 3. The VM, paused at its first instruction.
-        let vm = boot(config, &spec.guest, &disks.disks)?;
+        let vm = boot(config, &spec.guest, &disks.disks, &self.metrics)?;
         // 4. Publish: the layers, the VM and the answer, in one transaction.
         let rec = VmRecord {
             id: VmId::random(),

@@ -11,6 +11,7 @@ use snap_disk::{DEFAULT_BLOCK_SIZE, Disk, Geometry, NewLayer, create_layer};
 use crate::catalog::{CatalogError, DiskRecord, LayerKind, LayerRecord, Tx};
 use crate::error::{Error, Result, disk_error};
 use crate::ids::LayerId;
+use crate::metrics::Metrics;
 use crate::store::{FileClaim, Store};
 
 /// Disks opened for one VM instance, with the layers made for them: claimed files, not in the
@@ -37,8 +38,8 @@ impl DiskSet {
     }
 
     /// The disks as block backends for a VM.
-    pub fn backends(&self) -> Vec<Arc<dyn snap_vmm::BlockBackend>> {
-        backends(&self.disks)
+    pub fn backends(&self, metrics: &Arc<Metrics>) -> Vec<Arc<dyn snap_vmm::BlockBackend>> {
+        backends(&self.disks, metrics)
     }
 
     /// Inserts the new layers' rows (in the transaction that records the VM using them).
@@ -209,11 +210,59 @@ pub fn new_top(store: &Store, file: &str, parent: Option<&Path>, size: u64) -> R
 }
 
 /// `disks` as block backends for a VM.
-pub fn backends(disks: &[Arc<Disk>]) -> Vec<Arc<dyn snap_vmm::BlockBackend>> {
+pub fn backends(
+    disks: &[Arc<Disk>],
+    metrics: &Arc<Metrics>,
+) -> Vec<Arc<dyn snap_vmm::BlockBackend>> {
     disks
         .iter()
-        .map(|d| Arc::clone(d) as Arc<dyn snap_vmm::BlockBackend>)
+        .map(|d| {
+            Arc::new(Metered {
+                disk: Arc::clone(d),
+                io: metrics.disk_io_counters(),
+            }) as Arc<dyn snap_vmm::BlockBackend>
+        })
         .collect()
+}
+
+/// A disk under a VM whose guest I/O counts in the metrics.
+struct Metered {
+    disk: Arc<Disk>,
+    io: crate::metrics::DiskIo,
+}
+
+impl snap_vmm::BlockBackend for Metered {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        snap_vmm::BlockBackend::read_at(&*self.disk, offset, buf)?;
+        self.io.reads.inc();
+        self.io.read_bytes.inc_by(buf.len() as u64);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        snap_vmm::BlockBackend::write_at(&*self.disk, offset, buf)?;
+        self.io.writes.inc();
+        self.io.written_bytes.inc_by(buf.len() as u64);
+        Ok(())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        snap_vmm::BlockBackend::flush(&*self.disk)?;
+        self.io.flushes.inc();
+        Ok(())
+    }
+
+    fn seal(&self, new_top: &Path) -> std::io::Result<snap_vmm::block::Sealed> {
+        snap_vmm::BlockBackend::seal(&*self.disk, new_top)
+    }
+
+    fn undo_seal(&self) -> std::io::Result<PathBuf> {
+        snap_vmm::BlockBackend::undo_seal(&*self.disk)
+    }
 }
 
 /// Geometry of a disk of `size` bytes with the default block size.

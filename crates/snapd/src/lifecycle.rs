@@ -124,7 +124,10 @@ impl Daemon {
                     memory_bytes: rec.memory_bytes,
                     vcpus: rec.vcpus,
                 };
-                (boot(config, &rec.guest, &disks.disks)?, disks)
+                (
+                    boot(config, &rec.guest, &disks.disks, &self.metrics)?,
+                    disks,
+                )
             }
         };
         // The VM's memory is now its snapshot's (or new): its next snapshot builds on that.

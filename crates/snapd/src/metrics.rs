@@ -22,6 +22,8 @@
 //! | `snapd_lazy_faults_total` | counter | | guest page faults served by lazy restores |
 //! | `snapd_lazy_prefetched_total` | counter | | restore units installed ahead from working sets |
 //! | `snapd_lazy_filled_total` | counter | | restore units installed by the background filler |
+//! | `snapd_disk_io_bytes_total` | counter | op | bytes guests read and wrote through their disks' layers |
+//! | `snapd_disk_io_requests_total` | counter | op | guest disk requests (read, write, flush) |
 //! | `snapd_catalog_transaction_seconds` | histogram | access | catalog transactions (read, write) |
 //! | `snapd_request_id_hits_total` | counter | | calls answered from the catalog (retries) |
 //! | `snapd_vms` | gauge | state | VMs by state |
@@ -87,6 +89,13 @@ pub enum LayerKind {
 pub struct LayerLabel {
     /// `memory` or `disk`.
     pub kind: &'static str,
+}
+
+/// Labels of disk I/O.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// `read`, `write` or `flush`.
+    pub op: &'static str,
 }
 
 /// Labels of catalog access.
@@ -166,6 +175,10 @@ pub struct Metrics {
     pub lazy_filled: Counter,
     /// Catalog transactions.
     pub catalog_seconds: Histograms<AccessLabel>,
+    /// Guest disk bytes.
+    pub disk_io_bytes: Family<OpLabel, Counter>,
+    /// Guest disk requests.
+    pub disk_io_requests: Family<OpLabel, Counter>,
     /// Calls answered from the catalog.
     pub request_id_hits: Counter,
     /// VMs by state (set at each scrape).
@@ -206,6 +219,8 @@ impl Metrics {
             lazy_prefetched: Counter::default(),
             lazy_filled: Counter::default(),
             catalog_seconds: Family::new_with_constructor(seconds),
+            disk_io_bytes: Family::default(),
+            disk_io_requests: Family::default(),
             request_id_hits: Counter::default(),
             vms: Family::default(),
             operations_open: Gauge::default(),
@@ -270,6 +285,16 @@ impl Metrics {
             "lazy_filled",
             "Restore units installed by the background filler of lazy restores",
             m.lazy_filled.clone(),
+        );
+        r.register(
+            "disk_io_bytes",
+            "Bytes guests read and wrote through their disks' layers, by operation",
+            m.disk_io_bytes.clone(),
+        );
+        r.register(
+            "disk_io_requests",
+            "Guest disk requests (read, write, flush) served by their disks' layers",
+            m.disk_io_requests.clone(),
         );
         r.register(
             "catalog_transaction_seconds",
@@ -344,6 +369,18 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// The counters of guest disk I/O (kept by each disk, so a request costs no lookup).
+    pub fn disk_io_counters(&self) -> DiskIo {
+        let op = |op| OpLabel { op };
+        DiskIo {
+            reads: self.disk_io_requests.get_or_create_owned(&op("read")),
+            writes: self.disk_io_requests.get_or_create_owned(&op("write")),
+            flushes: self.disk_io_requests.get_or_create_owned(&op("flush")),
+            read_bytes: self.disk_io_bytes.get_or_create_owned(&op("read")),
+            written_bytes: self.disk_io_bytes.get_or_create_owned(&op("write")),
+        }
+    }
+
     /// Records a new layer of `kind` holding `content` bytes in a file of `stored` bytes.
     pub fn layer_written(&self, kind: LayerKind, content: u64, stored: u64) {
         let kind = match kind {
@@ -387,6 +424,21 @@ impl Metrics {
         }
         *told = (hits.max(told.0), misses.max(told.1));
     }
+}
+
+/// The counters of guest disk I/O.
+#[derive(Clone, Debug)]
+pub struct DiskIo {
+    /// Read requests.
+    pub reads: Counter,
+    /// Write requests.
+    pub writes: Counter,
+    /// Flush requests.
+    pub flushes: Counter,
+    /// Bytes read.
+    pub read_bytes: Counter,
+    /// Bytes written.
+    pub written_bytes: Counter,
 }
 
 /// An operation kind as a label value.

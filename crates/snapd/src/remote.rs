@@ -1111,7 +1111,7 @@ impl Daemon {
                 set.add(&self.store, &d.name, d.size_bytes, sealed)?;
             }
             let mut prepared = self.pool.take(state.config)?;
-            prepared.set_disks(set.backends())?;
+            prepared.set_disks(set.backends(&self.metrics))?;
             let source = Arc::new(RemoteMemory::new(
                 handle.clone(),
                 remote.clone(),

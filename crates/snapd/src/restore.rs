@@ -188,7 +188,7 @@ impl Daemon {
         let (state, chain) = self.open_snapshot(s, false)?;
         let disks = self.disks_over(s)?;
         let mut prepared = self.pool.take(state.config)?;
-        prepared.set_disks(disks.backends())?;
+        prepared.set_disks(disks.backends(&self.metrics))?;
         let (wset, owner) = (
             self.store.path(&Store::working_set_file(s.id)),
             self.store.path(&Store::state_file(s.id)),
@@ -343,7 +343,7 @@ impl Daemon {
             tx.collect()
         })?;
         op.phase("reverting", 0, snap.memory_bytes);
-        let backends = disks.backends();
+        let backends = disks.backends(&self.metrics);
         let disks = disks.publish();
         let vm = match (loaded, running) {
             (Loaded::InPlace(loaded), Some(inst)) => {
