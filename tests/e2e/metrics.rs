@@ -368,3 +368,182 @@ async fn every_counter_moves_by_what_the_story_did() {
         }
     }
 }
+
+/// The Grafana dashboard in `deploy/grafana/snapd.json` is well formed as far as the Grafana
+/// schema fields it uses go (panels on the 24-column grid without overlap, unique ids, a
+/// Prometheus query per target), and every query names metrics, labels and label values the
+/// daemon exports (a daemon with a remote configured, after one snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_queries_only_what_the_daemon_exports() {
+    let test = "the_dashboard_queries_only_what_the_daemon_exports";
+    if !kvm_available(test) || !python_parser(test) {
+        return;
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/grafana/snapd.json"
+    );
+    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let exprs = check_dashboard(&dash);
+    assert!(exprs.len() >= 20, "{} queries", exprs.len());
+
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::write(&creds, "AWS_ACCESS_KEY_ID=k\nAWS_SECRET_ACCESS_KEY=s\n").unwrap();
+    let addr = format!("127.0.0.1:{}", snap_testkit::free_port());
+    let (_daemon, mut c) = start_with(
+        "",
+        &[
+            "--metrics",
+            &addr,
+            "--remote",
+            "fleet=http://127.0.0.1:9/bucket",
+            "--remote-credentials",
+            creds.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let vm = create_vm_running(&mut c, "v", true, long_guest()).await.id;
+    wait_lines(&mut c, &vm, 2).await;
+    take_snapshot(&mut c, &vm, "s").await;
+    let samples = parse(&scrape(&addr).await.1);
+
+    for expr in &exprs {
+        for (name, matchers) in metrics_in(expr) {
+            let of_name: Vec<&BTreeMap<String, String>> = samples
+                .keys()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, l)| l)
+                .collect();
+            assert!(
+                !of_name.is_empty(),
+                "the dashboard queries {name}, which the daemon does not export ({expr})"
+            );
+            for (key, value) in matchers {
+                if key == "instance" {
+                    continue;
+                }
+                assert!(
+                    of_name.iter().any(|l| l.contains_key(&key)),
+                    "{name} has no label {key:?} ({expr})"
+                );
+                if let Some(v) = value {
+                    assert!(
+                        of_name.iter().any(|l| l.get(&key) == Some(&v)),
+                        "{name} has no series with {key}={v:?} ({expr})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Checks the Grafana fields the dashboard uses; returns every target's query.
+fn check_dashboard(d: &serde_json::Value) -> Vec<String> {
+    let s = |v: &serde_json::Value, k: &str| -> String {
+        v[k].as_str()
+            .unwrap_or_else(|| panic!("{k} must be a string in {v}"))
+            .to_string()
+    };
+    let n = |v: &serde_json::Value, k: &str| -> i64 {
+        v[k].as_i64()
+            .unwrap_or_else(|| panic!("{k} must be an integer in {v}"))
+    };
+    assert!(!s(d, "title").is_empty());
+    let uid = s(d, "uid");
+    assert!(
+        !uid.is_empty()
+            && uid.len() <= 40
+            && uid
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "uid {uid:?}"
+    );
+    assert!(n(d, "schemaVersion") >= 30);
+    assert!(d["time"]["from"].is_string() && d["time"]["to"].is_string());
+    let vars: Vec<String> = d["templating"]["list"]
+        .as_array()
+        .expect("templating.list")
+        .iter()
+        .map(|v| {
+            assert!(v["type"].is_string(), "a variable has a type: {v}");
+            s(v, "name")
+        })
+        .collect();
+    assert!(vars.contains(&"datasource".to_string()) && vars.contains(&"instance".to_string()));
+    let panels = d["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    let mut cells = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
+    for p in panels {
+        assert!(ids.insert(n(p, "id")), "panel ids are unique: {p}");
+        let kind = s(p, "type");
+        assert!(
+            ["row", "timeseries", "stat"].contains(&kind.as_str()),
+            "panel type {kind}"
+        );
+        assert!(!s(p, "title").is_empty());
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (n(g, "x"), n(g, "y"), n(g, "w"), n(g, "h"));
+        assert!(x >= 0 && y >= 0 && w > 0 && h > 0 && x + w <= 24, "{g}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(cells.insert((cx, cy)), "panels overlap at {cx},{cy}: {p}");
+            }
+        }
+        if kind == "row" {
+            continue;
+        }
+        assert_eq!(s(&p["datasource"], "type"), "prometheus");
+        assert!(p["fieldConfig"]["defaults"]["unit"].is_string());
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "a panel has a query: {p}");
+        let mut refs = std::collections::BTreeSet::new();
+        for t in targets {
+            assert!(refs.insert(s(t, "refId")), "refIds are unique: {p}");
+            let expr = s(t, "expr");
+            assert!(!expr.is_empty());
+            exprs.push(expr);
+        }
+    }
+    exprs
+}
+
+/// A label matcher: the key, and the value for an `=` matcher.
+type Matcher = (String, Option<String>);
+
+/// The metrics a PromQL query names (`snapd_...`), each with its label matchers.
+fn metrics_in(expr: &str) -> Vec<(String, Vec<Matcher>)> {
+    {
+        let b = expr.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while let Some(at) = expr[i..].find("snapd_") {
+            let start = i + at;
+            let mut end = start;
+            while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+                end += 1;
+            }
+            let name = expr[start..end].to_string();
+            let mut matchers = Vec::new();
+            if b.get(end) == Some(&b'{') {
+                let close = end + expr[end..].find('}').expect("a closed selector");
+                for m in expr[end + 1..close].split(',').filter(|m| !m.is_empty()) {
+                    let key_end = m.find(|c: char| "=!~".contains(c)).expect("a matcher");
+                    let key = m[..key_end].trim().to_string();
+                    let op = &m[key_end..];
+                    let value = op
+                        .strip_prefix('=')
+                        .filter(|v| !v.starts_with('~'))
+                        .map(|v| v.trim_matches('"').to_string());
+                    matchers.push((key, value));
+                }
+                end = close;
+            }
+            out.push((name, matchers));
+            i = end;
+        }
+        out
+    }
+}

@@ -81,6 +81,9 @@ impl Daemon {
     pub fn open(config: Config) -> std::result::Result<Arc<Self>, String> {
         let (store, catalog) = Store::open(&config.data_dir, config.store)?;
         let metrics = Arc::new(crate::metrics::Metrics::new());
+        for name in config.remotes.names() {
+            metrics.touch_remote(&name);
+        }
         catalog.set_metrics(Arc::clone(&metrics));
         let daemon = Arc::new(Self {
             store,

@@ -327,7 +327,50 @@ impl Metrics {
             "Reads of the host's chunk cache by restores from remotes, by result",
             m.cache_reads.clone(),
         );
+        m.touch();
         Self { registry, ..m }
+    }
+
+    /// Creates every series whose labels are known ahead, at zero, so that a scrape lists them
+    /// (and dashboards show zero rather than no data) before anything happened.
+    fn touch(&self) {
+        use pb::OperationKind as K;
+        for kind in [
+            K::CreateSnapshot,
+            K::RestoreSnapshot,
+            K::CloneSnapshot,
+            K::DeleteSnapshot,
+            K::DeleteVm,
+            K::PushSnapshot,
+            K::PullSnapshot,
+            K::DeleteRemoteSnapshot,
+            K::SweepRemote,
+        ] {
+            let kind = kind_label(kind);
+            for outcome in ["succeeded", "failed", "cancelled"] {
+                let _ = self
+                    .operations
+                    .get_or_create(&OutcomeLabels { kind, outcome });
+            }
+            let _ = self.operation_seconds.get_or_create(&KindLabel { kind });
+        }
+        for mode in ["eager", "lazy", "prefetch"] {
+            let _ = self.restore_seconds.get_or_create(&ModeLabel { mode });
+        }
+        for kind in ["memory", "disk"] {
+            let _ = self.layer_content_bytes.get_or_create(&LayerLabel { kind });
+            let _ = self.layer_stored_bytes.get_or_create(&LayerLabel { kind });
+        }
+        for access in ["read", "write"] {
+            let _ = self.catalog_seconds.get_or_create(&AccessLabel { access });
+        }
+        let _ = self.disk_io_counters();
+        self.cache_counters(0, 0);
+    }
+
+    /// Creates the series of remote `name` at zero.
+    pub fn touch_remote(&self, name: &str) {
+        self.pushed(name, 0, 0);
     }
 
     /// The metrics in the OpenMetrics text format.
