@@ -185,9 +185,9 @@ fn vms_and_snapshots_through_snapctl() {
     let text = d.ok(&["snapshot", "tree", "demo"]);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
-    assert!(lines[0].starts_with("  s1  "), "{text}");
+    assert!(lines[0].starts_with("s1  "), "{text}");
     assert!(
-        lines[1].starts_with("*   s2  "),
+        lines[1].starts_with("└── s2  ") && lines[1].ends_with("◀ current"),
         "s2 is current, under s1: {text}"
     );
 

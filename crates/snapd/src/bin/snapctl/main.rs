@@ -256,7 +256,7 @@ enum SnapshotCommand {
         #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
-    /// Print a VM's snapshots as a tree; `*` marks the one the VM runs from.
+    /// Draw a VM's snapshots as a tree (sizes, pauses; `◀ current` marks the one the VM runs from).
     Tree {
         /// The VM: its id or its name.
         vm: String,

@@ -236,8 +236,9 @@ pub(crate) fn snapshot_table(snaps: &[pb::Snapshot]) -> String {
     s
 }
 
-/// A VM's snapshots as an indented tree, children under their parent in the daemon's order;
-/// `*` marks the snapshot the VM runs from.
+/// A VM's snapshots as a tree drawn with box-drawing characters, children under their parent in
+/// the daemon's order, each with its size and pause; `◀ current` marks the snapshot the VM runs
+/// from (its next snapshot's parent).
 pub(crate) fn tree(t: &pb::SnapshotTree) -> String {
     let nodes: HashMap<&str, &pb::SnapshotNode> = t
         .nodes
@@ -249,24 +250,24 @@ pub(crate) fn tree(t: &pb::SnapshotTree) -> String {
         out.push_str("(no snapshots)\n");
         return out;
     }
-    // Depth-first, iteratively; a child named twice is printed once.
+    // Depth-first, iteratively: each entry is a snapshot, the branch drawn before its name and
+    // the lines drawn before its children's branches. A child named twice is drawn once.
     let mut seen = std::collections::HashSet::new();
-    let mut stack: Vec<(&str, usize)> = t.root_ids.iter().rev().map(|r| (r.as_str(), 0)).collect();
-    while let Some((id, depth)) = stack.pop() {
+    let mut stack: Vec<(&str, String, String)> = t
+        .root_ids
+        .iter()
+        .rev()
+        .map(|r| (r.as_str(), String::new(), String::new()))
+        .collect();
+    while let Some((id, branch, below)) = stack.pop() {
         if !seen.insert(id) {
             continue;
         }
         let Some(node) = nodes.get(id) else { continue };
         let Some(s) = &node.snapshot else { continue };
-        let mark = if s.id == t.current_snapshot_id {
-            "*"
-        } else {
-            " "
-        };
         let _ = writeln!(
             out,
-            "{mark} {}{}  {}  {} stored, paused {}{}",
-            "  ".repeat(depth),
+            "{branch}{}  {}  {} stored, paused {}{}{}",
             s.name,
             s.id,
             bytes(s.stored_bytes),
@@ -275,10 +276,27 @@ pub(crate) fn tree(t: &pb::SnapshotTree) -> String {
                 String::new()
             } else {
                 format!("  [{}]", labels(&s.labels))
+            },
+            if s.id == t.current_snapshot_id {
+                "  ◀ current"
+            } else {
+                ""
             }
         );
-        for c in node.child_ids.iter().rev() {
-            stack.push((c.as_str(), depth + 1));
+        let children: Vec<&str> = node
+            .child_ids
+            .iter()
+            .map(String::as_str)
+            .filter(|c| nodes.contains_key(c) && !seen.contains(c))
+            .collect();
+        for (i, c) in children.iter().enumerate().rev() {
+            let last = i + 1 == children.len();
+            let (fork, line) = if last {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
+            stack.push((c, format!("{below}{fork}"), format!("{below}{line}")));
         }
     }
     out
@@ -299,6 +317,14 @@ pub(crate) fn operation(op: &pb::Operation) -> String {
             bytes(p.bytes_done),
             bytes(p.bytes_total)
         );
+    }
+    if !op.phases.is_empty() {
+        let phases: Vec<String> = op
+            .phases
+            .iter()
+            .map(|p| format!("{} {}", p.name, micros(p.duration_us)))
+            .collect();
+        let _ = writeln!(s, "phases:      {}", phases.join(", "));
     }
     if op.pause_us > 0 {
         let _ = writeln!(s, "vm paused:   {}", micros(op.pause_us));
@@ -568,18 +594,18 @@ mod tests {
             current_snapshot_id: "c".into(),
         };
         let text = tree(&t);
-        let names: Vec<&str> = text
+        let starts: Vec<&str> = text
             .lines()
-            .map(|l| {
-                l.split_whitespace()
-                    .nth(if l.starts_with('*') { 1 } else { 0 })
-                    .unwrap()
-            })
+            .map(|l| l.split("  ").next().unwrap())
             .collect();
-        assert_eq!(names, ["base", "left", "leaf", "right"], "{text}");
+        assert_eq!(
+            starts,
+            ["base", "├── left", "│   └── leaf", "└── right"],
+            "{text}"
+        );
         let right = text.lines().find(|l| l.contains("right")).unwrap();
-        assert!(right.starts_with("*   right"), "{right:?}");
-        let leaf = text.lines().find(|l| l.contains("leaf")).unwrap();
-        assert!(leaf.starts_with("      leaf"), "{leaf:?}");
+        assert!(right.ends_with("◀ current"), "{right:?}");
+        assert_eq!(text.matches("current").count(), 1, "{text}");
+        assert!(right.contains("stored, paused"), "{right:?}");
     }
 }
