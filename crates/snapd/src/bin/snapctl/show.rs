@@ -594,15 +594,19 @@ mod tests {
             current_snapshot_id: "c".into(),
         };
         let text = tree(&t);
-        let starts: Vec<&str> = text
-            .lines()
-            .map(|l| l.split("  ").next().unwrap())
-            .collect();
-        assert_eq!(
-            starts,
-            ["base", "├── left", "│   └── leaf", "└── right"],
-            "{text}"
-        );
+        let want = [
+            "base  a  ",
+            "├── left  b  ",
+            "│   └── leaf  d  ",
+            "└── right  c  ",
+        ];
+        assert_eq!(text.lines().count(), want.len(), "{text}");
+        for (line, start) in text.lines().zip(want) {
+            assert!(
+                line.starts_with(start),
+                "{line:?} should start {start:?}:\n{text}"
+            );
+        }
         let right = text.lines().find(|l| l.contains("right")).unwrap();
         assert!(right.ends_with("◀ current"), "{right:?}");
         assert_eq!(text.matches("current").count(), 1, "{text}");
