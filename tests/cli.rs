@@ -253,14 +253,16 @@ fn vms_and_snapshots_through_snapctl() {
     assert_eq!(names(&d.json(&["vm", "list"])["vms"]), ["demo", "other"]);
 }
 
-/// A short load bench with two clients prints a line per kind of call, and the idle-VM memory
-/// measurement finds the daemon through the socket.
+/// A short load bench with two clients prints a line per kind of call and draws its plot, and
+/// the idle-VM memory measurement finds the daemon through the socket.
 #[test]
 fn bench_through_snapctl() {
     if !kvm_available("bench_through_snapctl") {
         return;
     }
     let d = Daemon::start();
+    let plot = tempfile::tempdir().unwrap();
+    let svg = plot.path().join("bench.svg");
     let out = d.ok(&[
         "bench",
         "--clients",
@@ -269,7 +271,15 @@ fn bench_through_snapctl() {
         "2",
         "--memory-mib",
         "32",
+        "--plot",
+        svg.to_str().unwrap(),
     ]);
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.starts_with("<svg") && drawn.contains("VM pause per snapshot"));
+    assert!(
+        drawn.contains("create_snapshot ("),
+        "a curve per kind of call"
+    );
     for call in [
         "create_vm",
         "create_snapshot",

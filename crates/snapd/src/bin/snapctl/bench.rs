@@ -52,6 +52,9 @@ pub(crate) struct BenchArgs {
     /// Seed of the clients' choices.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
+    /// Also draw the latency distributions and the pause histogram into this SVG file.
+    #[arg(long, value_name = "FILE", conflicts_with = "idle_vms")]
+    pub(crate) plot: Option<std::path::PathBuf>,
     /// Measure memory instead: create this many idle VMs.
     #[arg(long, value_name = "N", conflicts_with_all = ["clients", "duration_secs", "vms_per_client"])]
     pub(crate) idle_vms: Option<usize>,
@@ -413,6 +416,17 @@ pub(crate) async fn run(cli: &Cli, args: &BenchArgs) -> Result<(), CliError> {
         ran = ran.max(r);
     }
     report(cli, &args, &stats, ran, &failures);
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "snapctl bench: {} client(s) for {:.0} s, {} MiB guests",
+            args.clients,
+            ran.as_secs_f64(),
+            args.memory_mib
+        );
+        crate::plot::write(path, &title, &stats.latencies(), &stats.pause_us)
+            .map_err(|e| CliError::new(Code::InvalidArgument, e))?;
+        eprintln!("plot: {}", path.display());
+    }
     Ok(())
 }
 

@@ -81,6 +81,21 @@ impl Stats {
             .or_default() += 1;
     }
 
+    /// Each kind of call's latencies of successful calls (microseconds), in report order.
+    pub(crate) fn latencies(&self) -> Vec<(&'static str, Vec<u64>)> {
+        Call::ALL
+            .iter()
+            .map(|c| {
+                let ok = self
+                    .calls
+                    .get(c)
+                    .map(|s| s.ok_us.clone())
+                    .unwrap_or_default();
+                (c.name(), ok)
+            })
+            .collect()
+    }
+
     pub(crate) fn merge(&mut self, other: Stats) {
         for (call, s) in other.calls {
             let mine = self.calls.entry(call).or_default();

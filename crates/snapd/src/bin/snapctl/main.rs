@@ -7,6 +7,7 @@ mod bench_report;
 mod commands;
 mod error;
 mod idle;
+mod plot;
 mod resolve;
 mod show;
 mod wait;
