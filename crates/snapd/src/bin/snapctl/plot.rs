@@ -66,7 +66,8 @@ fn latencies(area: &DrawingArea<SVGBackend<'_>, Shift>, calls: &[(&str, Vec<u64>
         .configure_mesh()
         .x_desc("latency (ms, log scale)")
         .y_desc("% of calls")
-        .x_label_formatter(&|v| format!("{v:.3}"))
+        .x_label_formatter(&|v| milliseconds(*v))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (i, (name, us)) in calls.iter().enumerate() {
         if us.is_empty() {
@@ -151,6 +152,16 @@ fn bins(values: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
+/// A tick of the latency axis: whole milliseconds from 1 ms up, three digits below.
+fn milliseconds(ms: f64) -> String {
+    if ms >= 1.0 {
+        format!("{ms:.0}")
+    } else {
+        let s = format!("{ms:.3}");
+        s.trim_end_matches('0').to_string()
+    }
+}
+
 fn micros(us: u64) -> String {
     if us >= 1_000_000 {
         format!("{} s", us / 1_000_000)
@@ -164,6 +175,14 @@ fn micros(us: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_ticks_are_short() {
+        assert_eq!(milliseconds(100.0), "100");
+        assert_eq!(milliseconds(1.0), "1");
+        assert_eq!(milliseconds(0.25), "0.25");
+        assert_eq!(milliseconds(0.001), "0.001");
+    }
 
     #[test]
     fn pauses_fall_into_doubling_bins() {
