@@ -16,7 +16,7 @@ type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
 
 /// Whether Python's `prometheus_client` is installed; `.ci/run` installs it with grpcio and sets
 /// SNAP_REQUIRE_GRPCIO=1, so there its absence fails the test.
-fn python_parser(test: &str) -> bool {
+pub(crate) fn python_parser(test: &str) -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import prometheus_client.openmetrics.parser"])
         .output()
@@ -32,7 +32,7 @@ fn python_parser(test: &str) -> bool {
 }
 
 /// GET `/metrics` from `addr`: the content type and the body.
-async fn scrape(addr: &str) -> (String, String) {
+pub(crate) async fn scrape(addr: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
@@ -56,7 +56,7 @@ async fn scrape(addr: &str) -> (String, String) {
 }
 
 /// The samples of `text`, parsed strictly as OpenMetrics (a parse error fails the test).
-fn parse(text: &str) -> Samples {
+pub(crate) fn parse(text: &str) -> Samples {
     const PY: &str = r#"
 import json, sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -101,7 +101,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// The value of `name{pairs}` in `s` (0 if absent).
-fn value(s: &Samples, name: &str, pairs: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(s: &Samples, name: &str, pairs: &[(&str, &str)]) -> f64 {
     s.get(&(name.to_string(), labels(pairs)))
         .copied()
         .unwrap_or(0.0)

@@ -33,10 +33,11 @@ async fn host_at(
     tag: &str,
     secret: &str,
 ) -> (Snapd, Client) {
-    host_with(url, access_key, dir, tag, secret, "").await
+    host_with(url, access_key, dir, tag, secret, "", &[]).await
 }
 
-/// A daemon configured with remote `fleet` at `url`, with `SNAPD_FAILPOINTS=failpoints`.
+/// A daemon configured with remote `fleet` at `url`, with `SNAPD_FAILPOINTS=failpoints` and
+/// the arguments `extra`.
 async fn host_with(
     url: &str,
     access_key: &str,
@@ -44,6 +45,7 @@ async fn host_with(
     tag: &str,
     secret: &str,
     failpoints: &str,
+    extra: &[&str],
 ) -> (Snapd, Client) {
     let creds = dir.join(format!("{tag}.creds"));
     std::fs::write(
@@ -55,18 +57,16 @@ async fn host_with(
     .unwrap();
     let remote = format!("fleet={url}");
     let grace = GRACE_SECS.to_string();
-    start_with(
-        failpoints,
-        &[
-            "--remote",
-            &remote,
-            "--remote-credentials",
-            creds.to_str().unwrap(),
-            "--remote-grace-secs",
-            &grace,
-        ],
-    )
-    .await
+    let mut args = vec![
+        "--remote",
+        &remote,
+        "--remote-credentials",
+        creds.to_str().unwrap(),
+        "--remote-grace-secs",
+        &grace,
+    ];
+    args.extend_from_slice(extra);
+    start_with(failpoints, &args).await
 }
 
 fn bucket(garage: &Garage) -> Remote {
@@ -404,6 +404,27 @@ async fn remote_failures_change_nothing_and_say_what_failed() {
     );
 }
 
+/// Restores a remote snapshot lazily into a new VM left paused, without pulling it.
+async fn restore_remote_paused(c: &mut Client, snapshot: &str, name: &str) -> pb::Operation {
+    let op = c
+        .restore_snapshot(pb::RestoreSnapshotRequest {
+            request_id: rid("rrestore"),
+            snapshot_id: snapshot.into(),
+            target: Some(pb::restore_snapshot_request::Target::NewVm(pb::NewVm {
+                name: name.into(),
+                ..Default::default()
+            })),
+            memory_mode: lazy() as i32,
+            leave_paused: true,
+            remote: "fleet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_op(c, op).await
+}
+
 /// Restores a remote snapshot into a new VM without pulling it.
 async fn restore_remote(
     c: &mut Client,
@@ -540,8 +561,22 @@ async fn disk_blocks_arrive_as_the_guest_reads_them_and_across_kill_9() {
     }
     let garage = Garage::single_node();
     let dir = tempfile::tempdir().unwrap();
-    let (_a_daemon, mut a) = host(&garage, dir.path(), "a", &garage.secret_key).await;
     let url = garage.url("fleet");
+    // Both hosts serve metrics: what the push and the restore did shows there.
+    let (a_metrics, b_metrics) = (
+        format!("127.0.0.1:{}", snap_testkit::free_port()),
+        format!("127.0.0.1:{}", snap_testkit::free_port()),
+    );
+    let (_a_daemon, mut a) = host_with(
+        &url,
+        &garage.access_key,
+        dir.path(),
+        "a",
+        &garage.secret_key,
+        "",
+        &["--metrics", &a_metrics],
+    )
+    .await;
     // B's background filler is held back, so the layers stay as the restore made them.
     let (mut b_daemon, mut b) = host_with(
         &url,
@@ -550,6 +585,7 @@ async fn disk_blocks_arrive_as_the_guest_reads_them_and_across_kill_9() {
         "b",
         &garage.secret_key,
         "filling.layer=fail:1000000",
+        &["--metrics", &b_metrics],
     )
     .await;
     let program = long_guest();
@@ -558,9 +594,25 @@ async fn disk_blocks_arrive_as_the_guest_reads_them_and_across_kill_9() {
     wait_lines(&mut a, &vm, 20).await;
     let (snap, _) = snapshot_at(&mut a, &vm, "warm", &rid("snap")).await;
     stop(&mut a, &vm).await;
-    push(&mut a, &snap.id).await;
+    let pushed = push(&mut a, &snap.id).await;
+    let metrics = super::metrics::python_parser(test);
+    if metrics {
+        use super::metrics::{parse, scrape, value};
+        let s = parse(&scrape(&a_metrics).await.1);
+        let chunks = |result| {
+            value(
+                &s,
+                "snapd_remote_chunks_total",
+                &[("remote", "fleet"), ("result", result)],
+            )
+        };
+        assert_eq!(chunks("uploaded"), pushed.chunks_uploaded as f64);
+        assert_eq!(chunks("deduplicated"), pushed.chunks_deduplicated as f64);
+        assert!(pushed.chunks_uploaded > 0);
+    }
 
-    let op = restore_remote(&mut b, &snap.id, "lazy", lazy()).await;
+    // Restored paused, so that the guest reads nothing before the layer is looked at.
+    let op = restore_remote_paused(&mut b, &snap.id, "lazy").await;
     assert_eq!(op.state(), pb::OperationState::Succeeded, "{:?}", op.error);
     let restored = op.result.unwrap().vms.remove(0).id;
     let filling = b_daemon.filling_layers();
@@ -568,9 +620,19 @@ async fn disk_blocks_arrive_as_the_guest_reads_them_and_across_kill_9() {
     let sparse = b_daemon.layer_path(&filling[0]);
     let report = snap_disk::check_layer(&sparse).unwrap();
     assert!(
-        !report.is_clean() && report.problems.iter().all(|p| p.contains("checksum")),
+        report.problems.len() as u64 == report.blocks_checked
+            && report.problems.iter().all(|p| p.contains("checksum")),
         "the file holds no block yet: {report}"
     );
+    resume(&mut b, &restored).await;
+    if metrics {
+        use super::metrics::{parse, scrape, value};
+        let s = parse(&scrape(&b_metrics).await.1);
+        let restores = "snapd_restore_duration_seconds_count";
+        assert_eq!(value(&s, restores, &[("mode", "lazy")]), 1.0);
+        // A host that never saw the snapshot finds nothing in its cache at first.
+        assert!(value(&s, "snapd_remote_cache_reads_total", &[("result", "miss")]) > 0.0);
+    }
     // The guest reads its disk (each line hashes a sector read back): its blocks arrive.
     wait_lines(&mut b, &restored, 30).await;
     let (local, _) = snapshot_at(&mut b, &restored, "local", &rid("snap")).await;
