@@ -174,6 +174,18 @@ async fn remote_op(c: &mut Client, delete: Option<&str>) -> pb::RemoteTransfer {
     succeeded(c, op).await.remote.unwrap()
 }
 
+/// On host `a`: VM `origin` (with a disk) runs 20 lines, is snapshotted as `name` and stopped;
+/// the snapshot, and the output the uninterrupted run prints.
+async fn stopped_origin(a: &mut Client, name: &str) -> (pb::Snapshot, String) {
+    let program = long_guest();
+    let model = model(&program);
+    let vm = create_vm_running(a, "origin", true, program).await.id;
+    wait_lines(a, &vm, 20).await;
+    let (snap, _) = snapshot_at(a, &vm, name, &rid("snap")).await;
+    stop(a, &vm).await;
+    (snap, model)
+}
+
 fn lazy() -> pb::MemoryRestoreMode {
     pb::MemoryRestoreMode::Lazy
 }
@@ -460,12 +472,7 @@ async fn a_host_restores_and_clones_straight_from_the_remote() {
     let dir = tempfile::tempdir().unwrap();
     let (a_daemon, mut a) = host(&garage, dir.path(), "a", &garage.secret_key).await;
     let (b_daemon, mut b) = host(&garage, dir.path(), "b", &garage.secret_key).await;
-    let program = long_guest();
-    let model = model(&program);
-    let vm = create_vm_running(&mut a, "origin", true, program).await.id;
-    wait_lines(&mut a, &vm, 20).await;
-    let (snap, _) = snapshot_at(&mut a, &vm, "warm", &rid("snap")).await;
-    stop(&mut a, &vm).await;
+    let (snap, model) = stopped_origin(&mut a, "warm").await;
     // A prefetch restore on A records the snapshot's working set, which the push carries.
     let warm = restore_new(&mut a, &snap.id, "warm-a", pb::MemoryRestoreMode::Prefetch).await;
     let wset = a_daemon.data().join(format!("states/{}.wset", snap.id));
@@ -588,12 +595,7 @@ async fn disk_blocks_arrive_as_the_guest_reads_them_and_across_kill_9() {
         &["--metrics", &b_metrics],
     )
     .await;
-    let program = long_guest();
-    let model = model(&program);
-    let vm = create_vm_running(&mut a, "origin", true, program).await.id;
-    wait_lines(&mut a, &vm, 20).await;
-    let (snap, _) = snapshot_at(&mut a, &vm, "warm", &rid("snap")).await;
-    stop(&mut a, &vm).await;
+    let (snap, model) = stopped_origin(&mut a, "warm").await;
     let pushed = push(&mut a, &snap.id).await;
     let metrics = super::metrics::python_parser(test);
     if metrics {
@@ -683,12 +685,7 @@ async fn restores_survive_one_of_three_nodes_and_fail_cleanly_without_two() {
     );
     let (_a_daemon, mut a) = host_at(&url, &key, dir.path(), "a", &secret).await;
     let (b_daemon, mut b) = host_at(&url, &key, dir.path(), "b", &secret).await;
-    let program = long_guest();
-    let model = model(&program);
-    let vm = create_vm_running(&mut a, "origin", true, program).await.id;
-    wait_lines(&mut a, &vm, 20).await;
-    let (snap, _) = snapshot_at(&mut a, &vm, "s", &rid("snap")).await;
-    stop(&mut a, &vm).await;
+    let (snap, model) = stopped_origin(&mut a, "s").await;
     push(&mut a, &snap.id).await;
 
     // One node down right as the lazy restore starts: the guest's memory still arrives whole.
