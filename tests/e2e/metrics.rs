@@ -191,8 +191,8 @@ async fn the_metrics_listener_is_off_by_default_and_binds_where_told() {
 }
 
 /// A scripted story (a VM created, a snapshot that fails, one that succeeds and is asked for
-/// again with the same request id, a lazy restore, a clone of two, a delete) moves each counter
-/// and histogram by exactly what it did, and nothing else.
+/// again with the same request id, a diff, a lazy restore, a clone of two, a delete) moves each
+/// counter and histogram by exactly what it did, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_counter_moves_by_what_the_story_did() {
     let test = "every_counter_moves_by_what_the_story_did";
@@ -213,15 +213,6 @@ async fn every_counter_moves_by_what_the_story_did() {
     );
     let request_id = rid("snap");
     let (snap, _) = snapshot_at(&mut c, &vm, "a", &request_id).await;
-    let memory_files: Vec<String> = daemon
-        .catalog_layer_files()
-        .into_iter()
-        .filter(|f| f.ends_with(".mlayer"))
-        .collect();
-    assert_eq!(memory_files.len(), 1, "{memory_files:?}");
-    let memory_stored = std::fs::metadata(daemon.data().join("layers").join(&memory_files[0]))
-        .unwrap()
-        .len();
     // The same request again: answered from the catalog, no second snapshot.
     let again = c
         .create_snapshot(pb::CreateSnapshotRequest {
@@ -241,6 +232,23 @@ async fn every_counter_moves_by_what_the_story_did() {
         phases.contains(&"pausing") && phases.last() == Some(&"publishing"),
         "the operation lists its phases: {phases:?}"
     );
+    // A diff on top of it.
+    wait_lines(&mut c, &vm, 4).await;
+    take_snapshot(&mut c, &vm, "b").await;
+    let memory_files: Vec<String> = daemon
+        .catalog_layer_files()
+        .into_iter()
+        .filter(|f| f.ends_with(".mlayer"))
+        .collect();
+    assert_eq!(memory_files.len(), 2, "{memory_files:?}");
+    let memory_stored: u64 = memory_files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(daemon.data().join("layers").join(f))
+                .unwrap()
+                .len()
+        })
+        .sum();
     let restored = restore_new(&mut c, &snap.id, "r", pb::MemoryRestoreMode::Lazy).await;
     let op = start_clone(&mut c, &snap.id, "k", 2).await.unwrap();
     let clones = succeeded(&mut c, op).await.vms;
@@ -261,7 +269,7 @@ async fn every_counter_moves_by_what_the_story_did() {
             ops,
             &[("kind", "create_snapshot"), ("outcome", "succeeded")]
         ),
-        1.0,
+        2.0,
         "{d:#?}"
     );
     assert_eq!(
@@ -291,42 +299,43 @@ async fn every_counter_moves_by_what_the_story_did() {
         .filter(|(k, _)| k.starts_with("snapd_operations_total"))
         .map(|(_, v)| v)
         .sum();
-    assert_eq!(ended, 5.0, "no other operation ended: {d:#?}");
+    assert_eq!(ended, 6.0, "no other operation ended: {d:#?}");
     let took = "snapd_operation_duration_seconds_count";
-    assert_eq!(want(took, &[("kind", "create_snapshot")]), 2.0);
+    assert_eq!(want(took, &[("kind", "create_snapshot")]), 3.0);
     assert_eq!(want(took, &[("kind", "restore_snapshot")]), 1.0);
     assert_eq!(want(took, &[("kind", "clone_snapshot")]), 1.0);
     assert_eq!(want(took, &[("kind", "delete_snapshot")]), 1.0);
-    // Both snapshots went through writing memory; only the one published paused the VM for
-    // the pause histogram.
+    // All three snapshots went through writing memory; the two published paused the VM for the
+    // pause histogram.
     let phase = "snapd_operation_phase_duration_seconds_count";
     assert_eq!(
         want(
             phase,
             &[("kind", "create_snapshot"), ("phase", "writing memory")]
         ),
-        2.0
+        3.0
     );
     assert_eq!(
         want(phase, &[("kind", "clone_snapshot"), ("phase", "restoring")]),
         2.0,
         "one phase per clone"
     );
-    assert_eq!(want("snapd_snapshot_pause_seconds_count", &[]), 1.0);
+    assert_eq!(want("snapd_snapshot_pause_seconds_count", &[]), 2.0);
     assert!(want("snapd_snapshot_pause_seconds_sum", &[]) > 0.0);
     // The restore and the clone both restored lazily.
     let restore = "snapd_restore_duration_seconds_count";
     assert_eq!(want(restore, &[("mode", "lazy")]), 2.0);
     assert_eq!(want(restore, &[("mode", "eager")]), 0.0);
     assert_eq!(want("snapd_request_id_hits_total", &[]), 1.0);
-    // A full snapshot: one memory layer (the failed one's was removed), no diff.
+    // A full snapshot and a diff: two memory layers (the failed one's was removed).
     assert_eq!(
         want("snapd_layer_stored_bytes_total", &[("kind", "memory")]),
         memory_stored as f64
     );
     assert!(want("snapd_layer_content_bytes_total", &[("kind", "memory")]) > 0.0);
     assert!(want("snapd_layer_stored_bytes_total", &[("kind", "disk")]) > 0.0);
-    assert_eq!(want("snapd_diff_dirty_pages_count", &[]), 0.0);
+    assert_eq!(want("snapd_diff_dirty_pages_count", &[]), 1.0);
+    assert!(want("snapd_diff_dirty_pages_sum", &[]) > 0.0);
     // Three lazily restored VMs installed their memory by faults, the filler or ahead.
     let installed = want("snapd_lazy_faults_total", &[])
         + want("snapd_lazy_filled_total", &[])
