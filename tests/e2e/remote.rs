@@ -616,7 +616,14 @@ async fn disk_blocks_arrive_as_the_guest_reads_them_and_across_kill_9() {
     // Restored paused, so that the guest reads nothing before the layer is looked at.
     let op = restore_remote_paused(&mut b, &snap.id, "lazy").await;
     assert_eq!(op.state(), pb::OperationState::Succeeded, "{:?}", op.error);
-    let restored = op.result.unwrap().vms.remove(0).id;
+    let mut result = op.result.unwrap();
+    let t = result.remote.unwrap();
+    assert_eq!(
+        (t.remote.as_str(), &t.manifest_id),
+        ("fleet", &pushed.manifest_id)
+    );
+    assert!(t.content_bytes > 0 && t.stored_bytes > 0, "{t:?}");
+    let restored = result.vms.remove(0).id;
     let filling = b_daemon.filling_layers();
     assert_eq!(filling.len(), 1, "the disk's one layer fills: {filling:?}");
     let sparse = b_daemon.layer_path(&filling[0]);

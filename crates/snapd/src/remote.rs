@@ -1031,7 +1031,7 @@ impl Daemon {
             .clone()
             .ok_or_else(|| Error::internal("the remotes have no chunk cache"))?;
         op.phase("reading the manifest", 0, 0);
-        let (_, manifest) = self.fetch_manifest(name, id, None)?;
+        let (stored, manifest) = self.fetch_manifest(name, id, None)?;
         let (_, disks) = self.plan_layers(&manifest, false)?;
         // The state and working set are only read here: temporary files, removed at the end.
         let scratch = SnapshotId::random();
@@ -1195,11 +1195,26 @@ impl Daemon {
             unpublished.published();
             drop(scratch_claim);
         };
-        let vms = self.publish_new_vms(op, made, spec.leave_paused, extra, committed)?;
-        Ok(pb::OperationResult {
-            vms,
+        // What was fetched before the VMs run (the rest arrives as they touch it).
+        let layers = disks.iter().flatten();
+        let shared = layers.clone().filter(|l| l.shared()).count() as u64;
+        let filling_bytes = layers
+            .filter(|l| !l.shared())
+            .map(|l| self.store.file_len(&l.file))
+            .sum();
+        let result = pb::OperationResult {
+            remote: Some(pb::RemoteTransfer {
+                remote: name.to_string(),
+                manifest_id: stored.id.to_string(),
+                chunks: manifest.chunks().len() as u64,
+                content_bytes: meter.done.load(Ordering::Relaxed),
+                stored_bytes: filling_bytes,
+                layers_shared: shared,
+                ..Default::default()
+            }),
             ..Default::default()
-        })
+        };
+        self.publish_new_vms(op, made, spec.leave_paused, result, extra, committed)
     }
 
     /// Starts a delete of snapshot `snapshot`'s manifests from remote `remote`.

@@ -244,20 +244,25 @@ impl Daemon {
             };
             made.push((rec, vm, disks));
         }
-        self.publish_new_vms(op, made, leave_paused, |_| Ok(()), || {})
+        let result = pb::OperationResult::default();
+        Ok(self
+            .publish_new_vms(op, made, leave_paused, result, |_| Ok(()), || {})?
+            .vms)
     }
 
     /// Publishes the new VMs `made` (built, not recorded yet), all or none: one catalog
-    /// transaction records them, with what `extra` writes in it, and the operation's success;
-    /// `committed` runs once it has committed; then the VMs run (unless `leave_paused`).
+    /// transaction records them, with what `extra` writes in it, and the operation's success
+    /// (`result` with the VMs); `committed` runs once it has committed; then the VMs run (unless
+    /// `leave_paused`). Returns `result` with the VMs as they are then.
     pub(crate) fn publish_new_vms(
         &self,
         op: &Progress<'_>,
         made: Vec<(VmRecord, Vm, DiskSet)>,
         leave_paused: bool,
+        mut result: pb::OperationResult,
         extra: impl Fn(&Tx<'_>) -> std::result::Result<(), CatalogError>,
         committed: impl FnOnce(),
-    ) -> Result<Vec<pb::Vm>> {
+    ) -> Result<pb::OperationResult> {
         let count = made.len() as u64;
         op.no_return()?;
         self.failpoints.pass("restore.before-publish")?;
@@ -266,7 +271,7 @@ impl Daemon {
                 .iter()
                 .map(|(rec, _, _)| convert::vm(rec, rec.state, None))
                 .collect(),
-            ..Default::default()
+            ..result.clone()
         };
         self.catalog.write(|tx| {
             extra(tx)?;
@@ -277,13 +282,12 @@ impl Daemon {
             op.succeeded_in(tx, &answer)
         })?;
         committed();
-        let mut out = Vec::new();
         for (rec, vm, disks) in made {
             self.add_instance(rec.id, vm, disks, !leave_paused, false);
-            out.push(self.vm_to_pb(&rec));
+            result.vms.push(self.vm_to_pb(&rec));
         }
         op.phase("done", count, count);
-        Ok(out)
+        Ok(result)
     }
 
     /// Reverts VM `vm_id` to `snap`: checks every frame first, records the VM's new chains, then
