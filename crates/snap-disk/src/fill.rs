@@ -219,32 +219,68 @@ pub struct Completed {
     pub fetched: u64,
 }
 
-/// Reads every block of the layer at `path` in order, fetching from its attached source those
-/// the file does not hold, then syncs the file: once this returns, the file holds the whole
-/// layer and the caller may record that and [`detach`] the source. `progress` gets each block
-/// as it is done and stops the work by returning `false`.
+/// Blocks [`complete`] reads at once (each a fetch from the source when the file lacks it).
+const COMPLETE_THREADS: usize = 8;
+
+/// Reads every block of the layer at `path` (in order, [`COMPLETE_THREADS`] at a time),
+/// fetching from its attached source those the file does not hold, then syncs the file: once
+/// this returns, the file holds the whole layer and the caller may record that and [`detach`]
+/// the source. `progress` gets each block as it is started and stops the work by returning
+/// `false`.
 ///
 /// # Errors
 /// The errors of opening the layer, [`DiskError::Fetch`] for a block the source cannot give,
 /// [`DiskError::BlockChecksum`] for a damaged block when no source is attached, or
-/// [`DiskError::Io`] with `op` `"stopped"` when `progress` stopped it.
-pub fn complete(path: &Path, progress: &dyn Fn(u64) -> bool) -> Result<Completed, DiskError> {
+/// [`DiskError::Io`] with `op` `"stopped"` when `progress` stopped it. The first error stops
+/// the other readers.
+pub fn complete(
+    path: &Path,
+    progress: &(dyn Fn(u64) -> bool + Sync),
+) -> Result<Completed, DiskError> {
     let layer = LayerFile::open(path, false)?;
     let mut blocks: Vec<u64> = layer.map().keys().copied().collect();
     blocks.sort_unstable();
     let before = layer.fetched();
     let geometry = layer.geometry();
-    let mut buf = vec![0u8; geometry.block_size as usize];
-    for &b in &blocks {
-        if !progress(b) {
-            return Err(DiskError::Io {
-                path: path.to_path_buf(),
-                op: "stopped",
-                error: std::io::Error::other("the filling was stopped"),
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed: Mutex<Option<DiskError>> = Mutex::new(None);
+    let fail = |e: DiskError| {
+        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert(e);
+    };
+    let stopped = || {
+        failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    };
+    std::thread::scope(|s| {
+        for _ in 0..COMPLETE_THREADS.min(blocks.len()) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; geometry.block_size as usize];
+                while !stopped() {
+                    let Some(&b) = blocks.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    if !progress(b) {
+                        fail(DiskError::Io {
+                            path: path.to_path_buf(),
+                            op: "stopped",
+                            error: std::io::Error::other("the filling was stopped"),
+                        });
+                        return;
+                    }
+                    let len = geometry.block_len(b);
+                    if let Err(e) = layer.read_block_checked(b, &mut buf[..len]) {
+                        fail(e);
+                        return;
+                    }
+                }
             });
         }
-        let len = geometry.block_len(b);
-        layer.read_block_checked(b, &mut buf[..len])?;
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
     }
     if let Some(a) = lookup(path, layer.info().id, layer.info().digest) {
         a.file
