@@ -60,6 +60,13 @@ pub fn model(g: &pb::GuestProgram) -> String {
         .output
 }
 
+/// Writes a file only its owner may read (a remote's credentials), as snapd requires.
+pub fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 pub fn rid(tag: &str) -> String {
     snap_testkit::request_id(tag)
 }

@@ -438,14 +438,13 @@ fn mix_remote(
     }
     let garage = snap_testkit::garage::Garage::single_node();
     let creds = dir.join("remote.creds");
-    std::fs::write(
+    write_private(
         &creds,
-        format!(
+        &format!(
             "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
             garage.access_key, garage.secret_key
         ),
-    )
-    .unwrap();
+    );
     let args = vec![
         "--remote".to_string(),
         format!("fleet={}", garage.url("mix")),

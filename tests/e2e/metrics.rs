@@ -399,7 +399,7 @@ async fn the_dashboard_queries_only_what_the_daemon_exports() {
 
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("creds");
-    std::fs::write(&creds, "AWS_ACCESS_KEY_ID=k\nAWS_SECRET_ACCESS_KEY=s\n").unwrap();
+    write_private(&creds, "AWS_ACCESS_KEY_ID=k\nAWS_SECRET_ACCESS_KEY=s\n");
     let addr = format!("127.0.0.1:{}", snap_testkit::free_port());
     let (_daemon, mut c) = start_with(
         "",

@@ -48,13 +48,12 @@ async fn host_with(
     extra: &[&str],
 ) -> (Snapd, Client) {
     let creds = dir.join(format!("{tag}.creds"));
-    std::fs::write(
+    write_private(
         &creds,
-        format!(
+        &format!(
             "# the remote's key\nAWS_ACCESS_KEY_ID={access_key}\nAWS_SECRET_ACCESS_KEY={secret}\n"
         ),
-    )
-    .unwrap();
+    );
     let remote = format!("fleet={url}");
     let grace = GRACE_SECS.to_string();
     let mut args = vec![
@@ -770,14 +769,13 @@ async fn ten_vms_from_one_image_store_the_image_once() {
         .collect();
     std::fs::write(images.join("base.img"), &image).unwrap();
     let creds = dir.path().join("creds");
-    std::fs::write(
+    write_private(
         &creds,
-        format!(
+        &format!(
             "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
             garage.access_key, garage.secret_key
         ),
-    )
-    .unwrap();
+    );
     let remote = format!("fleet={}", garage.url("fleet"));
     let (_d, mut c) = start_with(
         "",

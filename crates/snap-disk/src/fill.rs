@@ -248,12 +248,7 @@ pub fn complete(
         let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
         f.get_or_insert(e);
     };
-    let stopped = || {
-        failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-    };
+    let stopped = || failed.lock().unwrap_or_else(|p| p.into_inner()).is_some();
     std::thread::scope(|s| {
         for _ in 0..COMPLETE_THREADS.min(blocks.len()) {
             s.spawn(|| {

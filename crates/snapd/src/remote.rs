@@ -165,6 +165,18 @@ impl Remotes {
     /// # Errors
     /// A message naming the file and what is missing.
     pub fn credentials_file(path: &std::path::Path) -> std::result::Result<Credentials, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| format!("--remote-credentials {}: {e}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "--remote-credentials {}: its mode {:o} lets other users read the remote's secret key: chmod 600 it",
+                path.display(),
+                mode & 0o777
+            ));
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("--remote-credentials {}: {e}", path.display()))?;
         let mut values = HashMap::new();
@@ -1300,5 +1312,27 @@ impl Daemon {
                 ..Default::default()
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_credentials_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("creds");
+        std::fs::write(&path, "AWS_ACCESS_KEY_ID=k\nAWS_SECRET_ACCESS_KEY=s\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Remotes::credentials_file(&path).unwrap_err();
+        assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Remotes::credentials_file(&path).unwrap();
+        assert_eq!((c.access_key.as_str(), c.secret_key.as_str()), ("k", "s"));
+        std::fs::write(&path, "AWS_ACCESS_KEY_ID=k\n").unwrap();
+        let e = Remotes::credentials_file(&path).unwrap_err();
+        assert!(e.contains("no AWS_SECRET_ACCESS_KEY"), "{e}");
     }
 }

@@ -97,7 +97,8 @@ struct Args {
     #[arg(long = "remote", value_name = "NAME=URL")]
     remotes: Vec<String>,
     /// A file with the remotes' credentials: lines AWS_ACCESS_KEY_ID=... and
-    /// AWS_SECRET_ACCESS_KEY=... (instead of the environment).
+    /// AWS_SECRET_ACCESS_KEY=... (instead of the environment). Only its owner may read it
+    /// (mode 600 or stricter): snapd refuses it otherwise.
     #[arg(long, value_name = "FILE", requires = "remotes")]
     remote_credentials: Option<PathBuf>,
     /// A remote's chunks that no manifest names are swept only once older than this (and a push
