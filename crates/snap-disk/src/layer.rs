@@ -442,6 +442,11 @@ impl LayerFile {
         self.fill.as_ref().map_or(0, |f| f.fetched())
     }
 
+    /// The source the layer took when it was opened, if its blocks are still arriving.
+    pub fn source(&self) -> Option<&Arc<Attached>> {
+        self.fill.as_ref()
+    }
+
     fn check_crc(&self, block: u64, e: MapEntry, data: &[u8]) -> Result<(), DiskError> {
         let found = crc32c(data);
         if found != e.crc {

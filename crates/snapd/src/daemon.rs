@@ -217,17 +217,7 @@ impl Daemon {
     pub fn refresh_gauges(&self) {
         let m = &self.metrics;
         let mut counts: std::collections::HashMap<&'static str, i64> =
-            std::collections::HashMap::new();
-        for s in [
-            VmStatus::Created,
-            VmStatus::Running,
-            VmStatus::Paused,
-            VmStatus::Finished,
-            VmStatus::Stopped,
-            VmStatus::Failed,
-        ] {
-            counts.insert(s.as_str(), 0);
-        }
+            VmStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for (_, entry) in self.vms.all() {
             if let Some(i) = entry.instance() {
                 i.tell_metrics();

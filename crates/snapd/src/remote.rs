@@ -882,6 +882,31 @@ impl Daemon {
         total
     }
 
+    /// Makes each disk layer of `disks` not shared with `make` (given its disk, index in the
+    /// chain, manifest entry, plan and parent), oldest first, chaining each to the one below.
+    fn make_disk_layers(
+        manifest: &Manifest,
+        disks: &[Vec<PulledLayer>],
+        mut make: impl FnMut(
+            &snap_remote::manifest::DiskChain,
+            usize,
+            &snap_remote::manifest::DiskLayer,
+            &PulledLayer,
+            Option<snap_disk::ParentRef>,
+        ) -> Result<Option<snap_disk::ParentRef>>,
+    ) -> Result<()> {
+        for (d, pulled) in manifest.disks.iter().zip(disks) {
+            let mut parent = None;
+            for (i, (l, p)) in d.layers.iter().zip(pulled).enumerate() {
+                parent = match p.own {
+                    Some(own) => Some(own),
+                    None => make(d, i, l, p, parent)?,
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// Fetches the disk layers of `disks` not shared.
     fn fetch_disks(
         &self,
@@ -890,25 +915,12 @@ impl Daemon {
         disks: &[Vec<PulledLayer>],
         failed: &dyn Fn(TransferError) -> Error,
     ) -> Result<()> {
-        for (d, pulled) in manifest.disks.iter().zip(disks) {
-            let mut parent = None;
-            for (l, p) in d.layers.iter().zip(pulled) {
-                parent = match p.own {
-                    Some(own) => Some(own),
-                    None => transfer::pull_disk_layer(
-                        t,
-                        d,
-                        l,
-                        p.id.0,
-                        parent,
-                        &self.store.path(&p.file),
-                    )
-                    .map_err(failed)?
-                    .as_parent(),
-                };
-            }
-        }
-        Ok(())
+        Self::make_disk_layers(manifest, disks, |d, _, l, p, parent| {
+            let path = self.store.path(&p.file);
+            Ok(transfer::pull_disk_layer(t, d, l, p.id.0, parent, &path)
+                .map_err(failed)?
+                .as_parent())
+        })
     }
 
     /// Builds the disk layers of `disks` not shared as sparse files whose blocks arrive from
@@ -922,34 +934,25 @@ impl Daemon {
         unpublished: &mut crate::filling::Unpublished<'f>,
     ) -> Result<Vec<crate::catalog::FillingRecord>> {
         let mut rows = Vec::new();
-        for (d, pulled) in manifest.disks.iter().zip(disks) {
-            let geometry = snap_disk::Geometry {
-                disk_bytes: d.size_bytes,
-                block_size: d.block_size,
+        Self::make_disk_layers(manifest, disks, |d, i, l, p, parent| {
+            let layer = crate::filling::SparseLayer {
+                id: p.id,
+                file: p.file.clone(),
+                parent,
+                geometry: snap_disk::Geometry {
+                    disk_bytes: d.size_bytes,
+                    block_size: d.block_size,
+                },
+                layer: l,
+                what: format!(
+                    "snapshot {id} in remote {remote:?}, disk {:?}, layer {i}",
+                    d.name
+                ),
             };
-            let mut parent = None;
-            for (i, (l, p)) in d.layers.iter().zip(pulled).enumerate() {
-                parent = match p.own {
-                    Some(own) => Some(own),
-                    None => {
-                        let layer = crate::filling::SparseLayer {
-                            id: p.id,
-                            file: p.file.clone(),
-                            parent,
-                            geometry,
-                            layer: l,
-                            what: format!(
-                                "snapshot {id} in remote {remote:?}, disk {:?}, layer {i}",
-                                d.name
-                            ),
-                        };
-                        let (row, made) = self.build_sparse_layer(remote, &layer, unpublished)?;
-                        rows.push(row);
-                        made
-                    }
-                };
-            }
-        }
+            let (row, made) = self.build_sparse_layer(remote, &layer, unpublished)?;
+            rows.push(row);
+            Ok(made)
+        })?;
         Ok(rows)
     }
 

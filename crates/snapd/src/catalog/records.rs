@@ -51,18 +51,19 @@ impl VmStatus {
         }
     }
 
+    /// Every state.
+    pub const ALL: [Self; 6] = [
+        Self::Created,
+        Self::Running,
+        Self::Paused,
+        Self::Finished,
+        Self::Stopped,
+        Self::Failed,
+    ];
+
     /// From the catalog's text.
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Created,
-            Self::Running,
-            Self::Paused,
-            Self::Finished,
-            Self::Stopped,
-            Self::Failed,
-        ]
-        .into_iter()
-        .find(|v| v.as_str() == s)
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
     }
 }
 
