@@ -229,13 +229,7 @@ impl Daemon {
                 .get_or_create(&crate::metrics::StateLabel { state })
                 .set(n);
         }
-        let open = self
-            .ops
-            .list()
-            .iter()
-            .filter(|o| o.ended_unix_ms == 0)
-            .count();
-        m.operations_open.set(open as i64);
+        m.operations_open.set(self.ops.open() as i64);
         if let Some(c) = self.remotes.cache_stats() {
             m.cache_counters(c.hits, c.misses);
         }

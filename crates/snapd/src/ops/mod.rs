@@ -96,6 +96,14 @@ impl Operations {
         ops
     }
 
+    /// How many operations have not ended (pending or running).
+    pub fn open(&self) -> usize {
+        lock(&self.cells)
+            .values()
+            .filter(|c| lock(&c.op).ended_unix_ms == 0)
+            .count()
+    }
+
     /// Asks an operation to stop before its point of no return.
     ///
     /// # Errors
