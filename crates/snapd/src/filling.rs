@@ -60,11 +60,6 @@ impl Filling {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LayerId, Attached>> {
         self.attached.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// Layers whose sources are attached now.
-    pub fn attached(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 /// A source for a layer whose remote this daemon is not configured with.
